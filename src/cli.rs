@@ -1,0 +1,56 @@
+//! The command line: `check` and `run`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "apptainer-supervisor",
+    version,
+    about = "Run an Apptainer service container (instance start --boot) as a Type=notify systemd service"
+)]
+pub struct Cli {
+    /// Directory of service files (NAME.toml).
+    #[arg(long, global = true, value_name = "DIR", default_value = crate::config::DEFAULT_CONFIG_DIR)]
+    pub config_dir: PathBuf,
+    /// Log debug events too.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a service file and print the argv and files `run` would use.
+    Check {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Also check what depends on this host (image, bind sources, env file, other services).
+        #[arg(long)]
+        host: bool,
+    },
+    /// Start, supervise and stop the service's instance (the unit's ExecStart=).
+    Run {
+        #[command(flatten)]
+        target: Target,
+        /// Runtime directory for locks and run records [default: $RUNTIME_DIRECTORY or /run/apptainer-supervisor].
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
+    },
+}
+
+/// A service by name (looked up in --config-dir) or by file.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct Target {
+    /// Service name: reads CONFIG_DIR/NAME.toml.
+    pub name: Option<String>,
+    /// Service file to read instead.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}

@@ -1,0 +1,1173 @@
+//! Service files: TOML in, a validated [`Service`] out.
+//!
+//! One file per service (`/etc/apptainer-supervisor/<name>.toml`). Parsing happens in two
+//! steps: serde reads the text into `Raw*` structs (`deny_unknown_fields`, values kept as
+//! [`toml::Spanned`] so a later check can still point at a line), then [`validate`] turns
+//! them into a [`Service`] with every path absolute and every default filled in, collecting
+//! all problems before it gives up. Nothing here touches the host: checks that need the
+//! host (does the image exist?) live in `host.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::keys;
+
+/// Where `run NAME` and `check NAME` look for `NAME.toml`.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/apptainer-supervisor";
+pub const DEFAULT_APPTAINER: &str = "/usr/bin/apptainer";
+pub const DEFAULT_IMAGE: &str = "${service_dir}/containers/container.sif";
+pub const DEFAULT_OVERLAY: &str = "${service_dir}/overlay/overlay.img";
+/// The seed's start.sh sourced this file when present; we read it instead (never a shell).
+pub const DEFAULT_ENV_FILE: &str = "${service_dir}/bin/.service_env";
+/// Ansible's default (`overlay_size | default(1024)`).
+pub const DEFAULT_OVERLAY_MIB: u64 = 1024;
+/// Apptainer refuses smaller overlays (`overlay create`: "overlay size must be >= 64 MiB").
+pub const MIN_OVERLAY_MIB: u64 = 64;
+pub const DEFAULT_START_SEC: u64 = 300;
+/// Above systemd's own per-unit `DefaultTimeoutStopSec=90s` inside the container, so an
+/// orderly halt has the time it needs before we escalate (README "Timeouts").
+pub const DEFAULT_STOP_SEC: u64 = 120;
+pub const DEFAULT_KILL_SEC: u64 = 15;
+pub const DEFAULT_WATCHDOG_SEC: u64 = 60;
+
+// ---------------------------------------------------------------------------------------
+// The validated service
+
+/// One service, validated: all paths absolute, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// The file it came from (for messages).
+    pub file: PathBuf,
+    pub name: String,
+    pub service_dir: PathBuf,
+    pub image: PathBuf,
+    pub image_url: Option<String>,
+    pub boot: bool,
+    pub hostname: Option<String>,
+    pub binds: Vec<Bind>,
+    pub env_file: EnvFile,
+    pub env: BTreeMap<String, String>,
+    pub networks: Vec<Network>,
+    pub overlay: Overlay,
+    pub apptainer: Apptainer,
+    pub timeouts: Timeouts,
+    /// Line of each key the file sets explicitly (absent: the default was used), so host
+    /// checks that fail later can still point at the line.
+    pub lines: BTreeMap<&'static str, usize>,
+}
+
+impl Service {
+    /// `file:line: key` for messages; the line is omitted for defaults.
+    pub fn locate(&self, key: &str) -> String {
+        match self.lines.get(key) {
+            Some(l) => format!("{}:{l}: {key}", self.file.display()),
+            None => format!("{}: {key} (default)", self.file.display()),
+        }
+    }
+}
+
+/// One `-B src[:dst[:opts]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub src: PathBuf,
+    pub dst: Option<PathBuf>,
+    pub opts: Option<BindOpt>,
+    /// Line of the entry in the service file, for host checks that fail later.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindOpt {
+    Ro,
+    Rw,
+}
+
+impl Bind {
+    /// Where it appears inside the container.
+    pub fn target(&self) -> &Path {
+        self.dst.as_deref().unwrap_or(&self.src)
+    }
+
+    /// The spec as Apptainer's `--bind` takes it.
+    pub fn spec(&self) -> String {
+        let mut s = self.src.display().to_string();
+        if let Some(dst) = &self.dst {
+            s.push(':');
+            s.push_str(&dst.display().to_string());
+            if let Some(opt) = self.opts {
+                s.push(':');
+                s.push_str(match opt {
+                    BindOpt::Ro => "ro",
+                    BindOpt::Rw => "rw",
+                });
+            }
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvFile {
+    pub path: PathBuf,
+    /// Set in the file: then it must exist. The default may be absent, as in start.sh.
+    pub explicit: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub name: String,
+    /// `--network-args` for this network, without the `name:` prefix (Apptainer adds it
+    /// back per network: `"[<net>:]K=V;K2=V2"`).
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub path: PathBuf,
+    pub size_mib: u64,
+    pub sparse: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Apptainer {
+    pub binary: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub start_sec: u64,
+    pub stop_sec: u64,
+    pub kill_sec: u64,
+    pub watchdog_sec: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            start_sec: DEFAULT_START_SEC,
+            stop_sec: DEFAULT_STOP_SEC,
+            kill_sec: DEFAULT_KILL_SEC,
+            watchdog_sec: DEFAULT_WATCHDOG_SEC,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+/// One problem in a service file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub reason: String,
+    pub hint: Option<String>,
+    /// The offending source line with a caret under the column.
+    pub snippet: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read service file: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(path, issues))]
+    Invalid { path: PathBuf, issues: Vec<Issue> },
+}
+
+fn render_issues(path: &Path, issues: &[Issue]) -> String {
+    let mut out = String::new();
+    for (i, issue) in issues.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "{}:{}:{}: {}: {}",
+            path.display(),
+            issue.line,
+            issue.column,
+            issue.key,
+            issue.reason
+        ));
+        if !issue.snippet.is_empty() {
+            out.push('\n');
+            out.push_str(&issue.snippet);
+        }
+        if let Some(hint) = &issue.hint {
+            out.push_str(&format!("\n  hint: {hint}"));
+        }
+    }
+    out
+}
+
+impl ConfigError {
+    pub fn issues(&self) -> &[Issue] {
+        match self {
+            ConfigError::Invalid { issues, .. } => issues,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The file as serde sees it
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<Spanned<String>>,
+    service_dir: Spanned<String>,
+    image: Option<Spanned<String>>,
+    image_url: Option<String>,
+    #[serde(default = "yes")]
+    boot: bool,
+    hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    binds: Vec<Spanned<String>>,
+    env_file: Option<Spanned<String>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, String>,
+    #[serde(default)]
+    network: Vec<RawNetwork>,
+    #[serde(default)]
+    overlay: RawOverlay,
+    #[serde(default)]
+    apptainer: RawApptainer,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    name: Spanned<String>,
+    #[serde(default)]
+    args: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverlay {
+    path: Option<Spanned<String>>,
+    size_mib: Option<Spanned<u64>>,
+    sparse: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApptainer {
+    binary: Option<Spanned<String>>,
+    #[serde(default)]
+    extra_args: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    start_sec: Option<Spanned<u64>>,
+    stop_sec: Option<Spanned<u64>>,
+    kill_sec: Option<Spanned<u64>>,
+    watchdog_sec: Option<Spanned<u64>>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading
+
+/// Reads and validates one service file. `expected_name` is the `NAME` the file was
+/// looked up by (`run NAME`); the file's own `name`, when set, must agree with it.
+pub fn load(path: &Path, expected_name: Option<&str>) -> Result<Service, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, path, expected_name)
+}
+
+/// Path of `NAME.toml` in `dir`; the name is checked first so that no name can point
+/// outside the directory.
+pub fn path_for(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    check_name(name)?;
+    Ok(dir.join(format!("{name}.toml")))
+}
+
+/// Parses service-file text; `path` is used for messages and for the default name.
+pub fn parse(text: &str, path: &Path, expected_name: Option<&str>) -> Result<Service, ConfigError> {
+    let raw: RawService = toml::from_str(text).map_err(|e| {
+        let (line, column, key) = match e.span() {
+            Some(span) => {
+                let (l, c) = line_col(text, span.start);
+                (l, c, error_key(text, span.start, e.message()))
+            }
+            None => (1, 1, String::from("(file)")),
+        };
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            issues: vec![Issue {
+                line,
+                column,
+                key,
+                reason: e.message().trim_end().to_owned(),
+                hint: None,
+                snippet: e.span().map(|s| snippet(text, s.start)).unwrap_or_default(),
+            }],
+        }
+    })?;
+    let mut v = Validator {
+        text,
+        issues: Vec::new(),
+    };
+    let service = v.service(raw, path, expected_name);
+    if v.issues.is_empty() {
+        Ok(service)
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            issues: v.issues,
+        })
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    issues: Vec<Issue>,
+}
+
+impl Validator<'_> {
+    fn push(&mut self, offset: usize, key: &str, reason: impl Into<String>, hint: Option<&str>) {
+        let (line, column) = line_col(self.text, offset);
+        self.issues.push(Issue {
+            line,
+            column,
+            key: key.to_owned(),
+            reason: reason.into(),
+            hint: hint.map(str::to_owned),
+            snippet: snippet(self.text, offset),
+        });
+    }
+
+    fn service(&mut self, raw: RawService, path: &Path, expected: Option<&str>) -> Service {
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = match &raw.name {
+            Some(n) => {
+                if let Err(reason) = check_name(n.get_ref()) {
+                    self.push(n.span().start, keys::NAME, reason, None);
+                }
+                if let Some(expected) = expected {
+                    if n.get_ref() != expected {
+                        self.push(
+                            n.span().start,
+                            keys::NAME,
+                            format!(
+                                "is {:?}, but the file was loaded as {expected:?}",
+                                n.get_ref()
+                            ),
+                            Some("the file name (NAME.toml) and `name` must agree"),
+                        );
+                    }
+                }
+                n.get_ref().clone()
+            }
+            None => {
+                if let Err(reason) = check_name(&stem) {
+                    self.push(
+                        0,
+                        keys::NAME,
+                        format!("not set, and the file name {reason}"),
+                        None,
+                    );
+                }
+                stem
+            }
+        };
+
+        let subst = Subst {
+            name: &name,
+            service_dir: None,
+        };
+        let service_dir = self
+            .abs_path(&raw.service_dir, keys::SERVICE_DIR, &subst, None)
+            .unwrap_or_default();
+        let subst = Subst {
+            name: &name,
+            service_dir: Some(&service_dir),
+        };
+
+        let image = self.opt_path(
+            raw.image.as_ref(),
+            DEFAULT_IMAGE,
+            keys::IMAGE,
+            &subst,
+            &service_dir,
+        );
+
+        let hostname = raw.hostname.as_ref().map(|h| {
+            if let Err(reason) = check_hostname(h.get_ref()) {
+                self.push(h.span().start, keys::HOSTNAME, reason, None);
+            }
+            h.get_ref().clone()
+        });
+
+        let binds = self.binds(&raw.binds, &subst);
+
+        let env_file = EnvFile {
+            path: self.opt_path(
+                raw.env_file.as_ref(),
+                DEFAULT_ENV_FILE,
+                keys::ENV_FILE,
+                &subst,
+                &service_dir,
+            ),
+            explicit: raw.env_file.is_some(),
+        };
+
+        let mut env = BTreeMap::new();
+        for (k, value) in raw.env {
+            if let Err(reason) = check_env_name(k.get_ref()) {
+                self.push(k.span().start, keys::ENV, reason, None);
+            }
+            env.insert(k.into_inner(), value);
+        }
+
+        let networks = self.networks(&raw.network);
+
+        let overlay = Overlay {
+            path: self.opt_path(
+                raw.overlay.path.as_ref(),
+                DEFAULT_OVERLAY,
+                keys::OVERLAY_PATH,
+                &subst,
+                &service_dir,
+            ),
+            size_mib: match &raw.overlay.size_mib {
+                Some(s) => {
+                    if *s.get_ref() < MIN_OVERLAY_MIB {
+                        self.push(
+                            s.span().start,
+                            keys::OVERLAY_SIZE_MIB,
+                            format!(
+                                "{} MiB is below Apptainer's minimum of {MIN_OVERLAY_MIB} MiB",
+                                s.get_ref()
+                            ),
+                            None,
+                        );
+                    }
+                    *s.get_ref()
+                }
+                None => DEFAULT_OVERLAY_MIB,
+            },
+            sparse: raw.overlay.sparse.unwrap_or(true),
+        };
+
+        let apptainer = Apptainer {
+            binary: match &raw.apptainer.binary {
+                Some(b) => self
+                    .abs_path(b, keys::APPTAINER_BINARY, &subst, None)
+                    .unwrap_or_default(),
+                None => PathBuf::from(DEFAULT_APPTAINER),
+            },
+            extra_args: raw
+                .apptainer
+                .extra_args
+                .iter()
+                .map(|a| {
+                    if a.get_ref().is_empty() || a.get_ref().contains('\0') {
+                        self.push(
+                            a.span().start,
+                            keys::APPTAINER_EXTRA_ARGS,
+                            "empty or NUL argument",
+                            None,
+                        );
+                    }
+                    a.get_ref().clone()
+                })
+                .collect(),
+        };
+
+        let timeouts = self.timeouts(&raw.timeouts);
+
+        let mut lines = BTreeMap::new();
+        for (key, v) in [
+            (keys::IMAGE, raw.image.as_ref()),
+            (keys::ENV_FILE, raw.env_file.as_ref()),
+            (keys::OVERLAY_PATH, raw.overlay.path.as_ref()),
+            (keys::APPTAINER_BINARY, raw.apptainer.binary.as_ref()),
+            (keys::SERVICE_DIR, Some(&raw.service_dir)),
+        ] {
+            if let Some(v) = v {
+                lines.insert(key, line_col(self.text, v.span().start).0);
+            }
+        }
+
+        Service {
+            file: path.to_owned(),
+            name,
+            service_dir,
+            image,
+            image_url: raw.image_url,
+            boot: raw.boot,
+            hostname,
+            binds,
+            env_file,
+            env,
+            networks,
+            overlay,
+            apptainer,
+            timeouts,
+            lines,
+        }
+    }
+
+    /// A path that must come out absolute after substitution. `base` allows a relative
+    /// value, resolved against it (the service directory).
+    fn abs_path(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        subst: &Subst,
+        base: Option<&Path>,
+    ) -> Option<PathBuf> {
+        let at = value.span().start;
+        let expanded = match subst.apply(value.get_ref()) {
+            Ok(s) => s,
+            Err(reason) => {
+                self.push(at, key, reason, None);
+                return None;
+            }
+        };
+        let p = PathBuf::from(&expanded);
+        let p = if p.is_absolute() {
+            p
+        } else if let Some(base) = base {
+            base.join(p)
+        } else {
+            self.push(
+                at,
+                key,
+                format!("{expanded:?} is not an absolute path"),
+                None,
+            );
+            return None;
+        };
+        if let Err(reason) = check_path(&p) {
+            self.push(at, key, reason, None);
+            return None;
+        }
+        Some(p)
+    }
+
+    fn opt_path(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: &str,
+        key: &str,
+        subst: &Subst,
+        service_dir: &Path,
+    ) -> PathBuf {
+        match value {
+            Some(v) => self
+                .abs_path(v, key, subst, Some(service_dir))
+                .unwrap_or_default(),
+            None => PathBuf::from(subst.apply(default).unwrap_or_default()),
+        }
+    }
+
+    fn binds(&mut self, raw: &[Spanned<String>], subst: &Subst) -> Vec<Bind> {
+        let mut out: Vec<Bind> = Vec::new();
+        for spec in raw {
+            let at = spec.span().start;
+            let expanded = match subst.apply(spec.get_ref()) {
+                Ok(s) => s,
+                Err(reason) => {
+                    self.push(at, keys::BINDS, reason, None);
+                    continue;
+                }
+            };
+            match parse_bind(&expanded) {
+                Ok(mut bind) => {
+                    bind.line = line_col(self.text, at).0;
+                    if let Some(prev) = out.iter().find(|b| b.target() == bind.target()) {
+                        self.push(
+                            at,
+                            keys::BINDS,
+                            format!(
+                                "{:?} is mounted at {} already (line {})",
+                                expanded,
+                                bind.target().display(),
+                                prev.line
+                            ),
+                            Some("each container path may be the target of one bind"),
+                        );
+                    }
+                    out.push(bind);
+                }
+                Err((reason, hint)) => {
+                    self.push(at, keys::BINDS, format!("{expanded:?}: {reason}"), hint)
+                }
+            }
+        }
+        out
+    }
+
+    fn networks(&mut self, raw: &[RawNetwork]) -> Vec<Network> {
+        let mut out: Vec<Network> = Vec::new();
+        for n in raw {
+            let at = n.name.span().start;
+            if let Err(reason) = check_network_name(n.name.get_ref()) {
+                self.push(at, keys::NETWORK_NAME, reason, None);
+            } else if out.iter().any(|o| &o.name == n.name.get_ref()) {
+                self.push(
+                    at,
+                    keys::NETWORK_NAME,
+                    format!("{:?} is listed twice", n.name.get_ref()),
+                    None,
+                );
+            }
+            let mut args = Vec::new();
+            for a in &n.args {
+                let s = a.get_ref();
+                if !s.contains('=') || s.contains(';') || s.starts_with('=') {
+                    self.push(
+                        a.span().start,
+                        keys::NETWORK_ARGS,
+                        format!("{s:?} is not one KEY=VALUE"),
+                        Some("one entry per argument, e.g. args = [\"IP=10.1.225.1/16\"]"),
+                    );
+                }
+                args.push(s.clone());
+            }
+            out.push(Network {
+                name: n.name.get_ref().clone(),
+                args,
+            });
+        }
+        out
+    }
+
+    fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {
+        let d = Timeouts::default();
+        let mut get = |v: &Option<Spanned<u64>>, key: &str, default: u64, min: u64| match v {
+            Some(s) if *s.get_ref() < min => {
+                self.push(s.span().start, key, format!("must be at least {min}"), None);
+                default
+            }
+            Some(s) => *s.get_ref(),
+            None => default,
+        };
+        Timeouts {
+            start_sec: get(&raw.start_sec, keys::TIMEOUTS_START_SEC, d.start_sec, 1),
+            stop_sec: get(&raw.stop_sec, keys::TIMEOUTS_STOP_SEC, d.stop_sec, 1),
+            kill_sec: get(&raw.kill_sec, keys::TIMEOUTS_KILL_SEC, d.kill_sec, 1),
+            // 0 turns the watchdog off in generated units.
+            watchdog_sec: get(
+                &raw.watchdog_sec,
+                keys::TIMEOUTS_WATCHDOG_SEC,
+                d.watchdog_sec,
+                0,
+            ),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Small pure checks
+
+/// `${service_dir}` and `${name}` — the places where start.sh used `$DIRNAME` and the
+/// service name. Nothing else is expanded, and no shell ever sees the value.
+struct Subst<'a> {
+    name: &'a str,
+    service_dir: Option<&'a Path>,
+}
+
+impl Subst<'_> {
+    fn apply(&self, s: &str) -> Result<String, String> {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let Some(end) = after.find('}') else {
+                return Err(format!("{s:?}: unclosed \"${{\""));
+            };
+            match &after[..end] {
+                "name" => out.push_str(self.name),
+                "service_dir" => match self.service_dir {
+                    Some(d) => out.push_str(&d.display().to_string()),
+                    None => {
+                        return Err("${service_dir} cannot be used in service_dir itself".into())
+                    }
+                },
+                other => {
+                    return Err(format!(
+                    "unknown substitution ${{{other}}}: only ${{service_dir}} and ${{name}} exist"
+                ))
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+/// Apptainer's instance-name rule (`^[a-zA-Z0-9._-]+$`, internal/pkg/instance), minus the
+/// two names that are path components of their own.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".into());
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a usable name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; Apptainer instance names allow only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn check_hostname(h: &str) -> Result<(), String> {
+    if h.is_empty() || h.len() > 64 {
+        return Err(format!("{h:?} must be 1 to 64 characters"));
+    }
+    if h.chars()
+        .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
+    {
+        return Err(format!(
+            "{h:?} may contain only letters, digits, '-' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// CNI network names: what `--network` selects by the conflist's `"name"`. A comma would
+/// split the `--network a,b` list.
+fn check_network_name(n: &str) -> Result<(), String> {
+    if n.is_empty() {
+        return Err("is empty".into());
+    }
+    if n.chars()
+        .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{n:?} may contain only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn check_env_name(k: &str) -> Result<(), String> {
+    let mut chars = k.chars();
+    match chars.next() {
+        Some(c) if c.is_ascii_alphabetic() || c == '_' => {}
+        _ => return Err(format!("{k:?} is not a valid environment variable name")),
+    }
+    if chars.any(|c| !(c.is_ascii_alphanumeric() || c == '_')) {
+        return Err(format!("{k:?} is not a valid environment variable name"));
+    }
+    Ok(())
+}
+
+/// No `..`, no NUL, no ':' or ',' (Apptainer's `--bind`/`--overlay` lists split on them).
+fn check_path(p: &Path) -> Result<(), String> {
+    let s = p.to_string_lossy();
+    if s.contains('\0') {
+        return Err("contains a NUL byte".into());
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{s:?} contains \"..\""));
+    }
+    if s.contains(':') || s.contains(',') {
+        return Err(format!(
+            "{s:?} contains ':' or ',', which Apptainer's option lists split on"
+        ));
+    }
+    Ok(())
+}
+
+/// `src[:dst[:opts]]` as `apptainer --bind` documents it.
+fn parse_bind(spec: &str) -> Result<Bind, (String, Option<&'static str>)> {
+    let mut parts = spec.split(':');
+    let src = PathBuf::from(parts.next().unwrap_or_default());
+    let dst = parts.next().map(PathBuf::from);
+    let opts = parts.next();
+    if parts.next().is_some() {
+        return Err(("has more than three ':'-separated fields".into(), None));
+    }
+    if !src.is_absolute() {
+        return Err((
+            "the source is not an absolute path".into(),
+            Some("bind sources are host paths; write them in full, or use ${service_dir}/…"),
+        ));
+    }
+    if let Some(dst) = &dst {
+        if !dst.is_absolute() {
+            return Err(("the destination is not an absolute path".into(), None));
+        }
+    }
+    for p in std::iter::once(&src).chain(dst.iter()) {
+        let s = p.to_string_lossy();
+        if s.contains(',') || s.contains('\0') {
+            return Err((
+                "contains ',' or NUL, which Apptainer's --bind splits on".into(),
+                None,
+            ));
+        }
+        if p.components().any(|c| c == Component::ParentDir) {
+            return Err(("contains \"..\"".into(), None));
+        }
+    }
+    let opts = match opts {
+        None => None,
+        Some("ro") => Some(BindOpt::Ro),
+        Some("rw") => Some(BindOpt::Rw),
+        Some(other) => {
+            return Err((
+                format!("unknown bind option {other:?}"),
+                Some("options are \"ro\" or \"rw\"; pass others through apptainer.extra_args"),
+            ))
+        }
+    };
+    Ok(Bind {
+        src,
+        dst,
+        opts,
+        line: 0,
+    })
+}
+
+/// The key a toml error is about. For "missing field `x`" the span is the enclosing
+/// table (or the whole file), so the key is that table's plus the field.
+fn error_key(text: &str, offset: usize, message: &str) -> String {
+    let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next())
+    else {
+        return key_at(text, offset);
+    };
+    let line = text[offset.min(text.len())..]
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim_start();
+    if line.starts_with('[') {
+        format!("{}.{field}", key_at(text, offset))
+    } else {
+        field.to_owned()
+    }
+}
+
+/// `   | line` and `   |   ^` under the column, like toml's own errors.
+fn snippet(text: &str, offset: usize) -> String {
+    let (line, col) = line_col(text, offset);
+    let Some(src) = text.lines().nth(line - 1) else {
+        return String::new();
+    };
+    format!("{line:>4} | {src}\n     | {}^", " ".repeat(col - 1))
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The dotted key at a byte offset: the `key =` on that line, inside the nearest
+/// `[table]` or `[[table]]` header above it. Used to name the key in toml's own errors,
+/// which carry a span but not always the key.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text[line_start..line_end].trim();
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = if line.starts_with('[') {
+        return line
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_owned();
+    } else {
+        line.split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .trim_matches('"')
+            .to_owned()
+    };
+    match (table, key.is_empty()) {
+        (_, true) => "(file)".into(),
+        (Some(t), false) => format!("{t}.{key}"),
+        (None, false) => key,
+    }
+}
+
+impl fmt::Display for BindOpt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BindOpt::Ro => "ro",
+            BindOpt::Rw => "rw",
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The env file (`.service_env`)
+
+/// Parses `KEY=VALUE` lines as start.sh's `source` would have set them, without a shell:
+/// `#` comments and blank lines are skipped, an `export ` prefix is allowed, a value in
+/// matching single or double quotes loses them. Nothing is expanded. Errors name the line.
+pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let lineno = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").map_or(line, str::trim_start);
+        let Some((k, v)) = line.split_once('=') else {
+            return Err((lineno, format!("{line:?} is not KEY=VALUE")));
+        };
+        check_env_name(k).map_err(|e| (lineno, e))?;
+        let v = unquote(v).ok_or_else(|| (lineno, format!("unbalanced quotes in {v:?}")))?;
+        if v.contains("$(") || v.contains('`') {
+            return Err((
+                lineno,
+                format!("{k}: command substitution is not supported (the file is read, not run by a shell)"),
+            ));
+        }
+        out.push((k.to_owned(), v));
+    }
+    Ok(out)
+}
+
+fn unquote(v: &str) -> Option<String> {
+    let v = v.trim();
+    for q in ['"', '\''] {
+        if let Some(rest) = v.strip_prefix(q) {
+            return rest.strip_suffix(q).map(str::to_owned);
+        }
+    }
+    if v.ends_with('"') || v.ends_with('\'') {
+        return None;
+    }
+    Some(v.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OOD: &str = r#"
+name = "ood001"
+service_dir = "/shared/services/ood/ood001"
+binds = ["/shared", "${service_dir}/root:/root"]
+[[network]]
+name = "macvlan_ood001"
+"#;
+
+    fn p(text: &str) -> Result<Service, ConfigError> {
+        parse(
+            text,
+            Path::new("/etc/apptainer-supervisor/ood001.toml"),
+            None,
+        )
+    }
+
+    fn one_error(text: &str) -> String {
+        let e = p(text).expect_err("must fail");
+        assert_eq!(e.issues().len(), 1, "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn defaults_fill_the_service_directory_layout() {
+        let s = p(OOD).unwrap();
+        assert_eq!(
+            s.image,
+            Path::new("/shared/services/ood/ood001/containers/container.sif")
+        );
+        assert_eq!(
+            s.overlay.path,
+            Path::new("/shared/services/ood/ood001/overlay/overlay.img")
+        );
+        assert_eq!(s.overlay.size_mib, 1024);
+        assert!(s.overlay.sparse);
+        assert!(s.boot);
+        assert_eq!(
+            s.env_file.path,
+            Path::new("/shared/services/ood/ood001/bin/.service_env")
+        );
+        assert!(!s.env_file.explicit);
+        assert_eq!(s.binds[1].spec(), "/shared/services/ood/ood001/root:/root");
+        assert_eq!(s.timeouts, Timeouts::default());
+    }
+
+    #[test]
+    fn name_defaults_to_file_stem() {
+        let s = p("service_dir = \"/srv/x\"").unwrap();
+        assert_eq!(s.name, "ood001");
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_key() {
+        let e = one_error("service_dir = \"/x\"\n[overlay]\nsize = 3\n");
+        assert!(
+            e.starts_with(
+                "/etc/apptainer-supervisor/ood001.toml:3:1: overlay.size: unknown field `size`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = one_error("service_dir = \"/x\"\n[overlay]\nsize_mib = \"big\"\n");
+        assert!(
+            e.starts_with(
+                "/etc/apptainer-supervisor/ood001.toml:3:12: overlay.size_mib: invalid type"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = one_error("service_dir = \"/x\n");
+        assert!(
+            e.starts_with("/etc/apptainer-supervisor/ood001.toml:1:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn relative_bind_source_is_refused_with_hint() {
+        let e = one_error("service_dir = \"/x\"\nbinds = [\"shared:/shared\"]\n");
+        assert_eq!(
+            e,
+            "/etc/apptainer-supervisor/ood001.toml:2:10: binds: \"shared:/shared\": the source is not an absolute path\n   2 | binds = [\"shared:/shared\"]\n     |          ^\n  hint: bind sources are host paths; write them in full, or use ${service_dir}/…"
+        );
+    }
+
+    #[test]
+    fn duplicate_bind_target_is_refused() {
+        let e = one_error("service_dir = \"/x\"\nbinds = [\"/a:/data\", \"/b:/data\"]\n");
+        assert!(
+            e.contains("2:22: binds: \"/b:/data\" is mounted at /data already (line 2)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        for bad in ["../x", "a b", "..", "x/y", ""] {
+            let e = one_error(&format!("name = {bad:?}\nservice_dir = \"/x\"\n"));
+            assert!(e.contains(":1:8: name: "), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn name_must_match_lookup() {
+        let e = parse(
+            "name = \"ood002\"\nservice_dir = \"/x\"",
+            Path::new("/e/ood001.toml"),
+            Some("ood001"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("name: is \"ood002\", but the file was loaded as \"ood001\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn all_errors_are_collected() {
+        let e = p(
+            "name = \"a b\"\nservice_dir = \"rel\"\nbinds = [\"x\"]\n[overlay]\nsize_mib = 10\n",
+        )
+        .unwrap_err();
+        let keys: Vec<_> = e.issues().iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(keys, ["name", "service_dir", "binds", "overlay.size_mib"]);
+    }
+
+    #[test]
+    fn relative_overlay_resolves_in_service_dir() {
+        let s = p("service_dir = \"/srv/ww001\"\n[overlay]\npath = \"overlay.img\"\n").unwrap();
+        assert_eq!(s.overlay.path, Path::new("/srv/ww001/overlay.img"));
+    }
+
+    #[test]
+    fn unknown_substitution_is_refused() {
+        let e = one_error("service_dir = \"/x\"\nimage = \"${DIRNAME}/c.sif\"\n");
+        assert!(e.contains("image: unknown substitution ${DIRNAME}"), "{e}");
+    }
+
+    #[test]
+    fn parent_dir_is_refused() {
+        let e = one_error("service_dir = \"/srv/../etc\"\n");
+        assert!(
+            e.contains("service_dir: \"/srv/../etc\" contains \"..\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn network_names_unique_and_args_checked() {
+        let e = p("service_dir = \"/x\"\n[[network]]\nname = \"a\"\n[[network]]\nname = \"a\"\nargs = [\"nokv\"]\n").unwrap_err();
+        let r: Vec<_> = e
+            .issues()
+            .iter()
+            .map(|i| (i.line, i.key.as_str()))
+            .collect();
+        assert_eq!(r, [(5, "network.name"), (6, "network.args")]);
+    }
+
+    #[test]
+    fn env_file_parses_without_a_shell() {
+        let env = parse_env_file("# c\n\nexport A=1\nB=\"two words\"\nC='$HOME'\nD=\n").unwrap();
+        assert_eq!(
+            env,
+            [("A", "1"), ("B", "two words"), ("C", "$HOME"), ("D", "")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        assert_eq!(parse_env_file("A=1\nnot a line\n").unwrap_err().0, 2);
+        assert_eq!(parse_env_file("X=$(rm -rf /)\n").unwrap_err().0, 1);
+        assert_eq!(parse_env_file("1X=a\n").unwrap_err().0, 1);
+        assert_eq!(parse_env_file("X=\"a\n").unwrap_err().0, 1);
+    }
+
+    #[test]
+    fn key_at_finds_tables() {
+        let t = "a = 1\n[[network]]\nname = 2\n";
+        assert_eq!(key_at(t, t.find("2").unwrap()), "network.name");
+        assert_eq!(key_at(t, 0), "a");
+    }
+}

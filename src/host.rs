@@ -1,0 +1,138 @@
+//! Checks that depend on this host: do the image, bind sources, env file and apptainer
+//! binary exist, is the overlay path usable, and does another service on this host claim
+//! the same overlay. `check --host` and `run` both use them; plain `check` does not, so it
+//! passes on any machine.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{self, Service};
+use crate::keys;
+
+/// One host problem, already located (`file:line: key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostIssue {
+    pub at: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .issues.iter().map(|i| format!("{}: {}", i.at, i.reason)).collect::<Vec<_>>().join("\n"))]
+pub struct HostError {
+    pub issues: Vec<HostIssue>,
+}
+
+/// What the env file yields, when it is read.
+pub type EnvPairs = Vec<(String, String)>;
+
+/// Runs every host check; returns the env file's variables when all pass.
+pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
+    let mut issues = Vec::new();
+    let mut push = |at: String, reason: String| issues.push(HostIssue { at, reason });
+
+    if !s.image.exists() {
+        push(
+            s.locate(keys::IMAGE),
+            format!("image {} does not exist", s.image.display()),
+        );
+    }
+    if !is_executable(&s.apptainer.binary) {
+        push(
+            s.locate(keys::APPTAINER_BINARY),
+            format!("{} is not an executable file", s.apptainer.binary.display()),
+        );
+    }
+    for b in &s.binds {
+        if !b.src.exists() {
+            push(
+                format!("{}:{}: {}", s.file.display(), b.line, keys::BINDS),
+                format!("bind source {} does not exist", b.src.display()),
+            );
+        }
+    }
+    match crate::overlay::inspect(&s.overlay.path) {
+        Ok(crate::overlay::Found::NotAFile(what)) => push(
+            s.locate(keys::OVERLAY_PATH),
+            format!(
+                "{} exists but is {what}; it is left untouched",
+                s.overlay.path.display()
+            ),
+        ),
+        Ok(crate::overlay::Found::Missing) => {
+            let dir = crate::overlay::parent_dir(&s.overlay.path);
+            if !dir.is_dir() {
+                push(
+                    s.locate(keys::OVERLAY_PATH),
+                    format!(
+                        "the overlay is missing and its directory {} does not exist",
+                        dir.display()
+                    ),
+                );
+            }
+        }
+        Ok(crate::overlay::Found::Image { .. }) => {}
+        Err(e) => push(
+            s.locate(keys::OVERLAY_PATH),
+            format!("{}: {e}", s.overlay.path.display()),
+        ),
+    }
+    let env = match std::fs::read_to_string(&s.env_file.path) {
+        Ok(text) => match config::parse_env_file(&text) {
+            Ok(env) => env,
+            Err((line, reason)) => {
+                push(format!("{}:{line}", s.env_file.path.display()), reason);
+                Vec::new()
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !s.env_file.explicit => Vec::new(),
+        Err(e) => {
+            push(
+                s.locate(keys::ENV_FILE),
+                format!("{}: {e}", s.env_file.path.display()),
+            );
+            Vec::new()
+        }
+    };
+    for (other, file) in other_services(config_dir, &s.name) {
+        if other.overlay.path == s.overlay.path {
+            push(
+                s.locate(keys::OVERLAY_PATH),
+                format!(
+                    "{} is also the overlay of service {} ({}); an overlay must never be mounted twice",
+                    s.overlay.path.display(),
+                    other.name,
+                    file.display()
+                ),
+            );
+        }
+    }
+    if issues.is_empty() {
+        Ok(env)
+    } else {
+        Err(HostError { issues })
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The other services configured in `dir` that parse (a broken neighbour is its own
+/// service's problem, reported when that one is checked).
+fn other_services(dir: &Path, me: &str) -> Vec<(Service, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "toml") && p.file_stem().is_some_and(|n| n != me) {
+            if let Ok(s) = config::load(&p, None) {
+                if s.name != me {
+                    out.push((s, p));
+                }
+            }
+        }
+    }
+    out
+}

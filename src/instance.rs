@@ -1,0 +1,261 @@
+//! Processes we track: the container's init and Apptainer's master.
+//!
+//! A PID alone can be reused, so a process is identified by its PID *and* its start time
+//! (field 22 of `/proc/<pid>/stat`). The pair is kept in a run record under
+//! `/run/apptainer-supervisor/` so that a later start can tell "our orphan" from "someone
+//! else's instance" and from "a dead PID now used by another process".
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A process as identified across PID reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcId {
+    pub pid: i32,
+    /// Clock ticks since boot at which it started (`/proc/<pid>/stat` field 22).
+    pub start_time: u64,
+}
+
+impl ProcId {
+    /// The process now running under `pid`, if any.
+    pub fn of(pid: i32) -> Option<ProcId> {
+        start_time(pid).map(|start_time| ProcId { pid, start_time })
+    }
+
+    /// The live (not zombie) process under `pid`, if any.
+    pub fn live(pid: i32) -> Option<ProcId> {
+        ProcId::of(pid).filter(|_| !is_zombie(pid))
+    }
+
+    /// Still the same process (alive and not a reused PID). A zombie counts as gone.
+    pub fn is_alive(&self) -> bool {
+        ProcId::live(self.pid) == Some(*self)
+    }
+}
+
+/// Field 22 (`starttime`) of `/proc/<pid>/stat`. The command name (field 2) may contain
+/// spaces and parentheses, so fields are counted after the last `)`.
+pub fn start_time(pid: i32) -> Option<u64> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start_time(&stat)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // after ")" come field 3 (state) onwards; starttime is field 22 → index 19.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// `/proc/<pid>/cmdline`, raw.
+pub fn cmdline(pid: i32) -> Option<Vec<u8>> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).ok()
+}
+
+/// Whether the process has a handler installed for `sig` (`SigCgt` in `/proc/<pid>/status`).
+/// The init of a PID namespace drops signals it has no handler for, so a halt signal sent
+/// before systemd installed its handlers is lost and must be sent again.
+pub fn catches(pid: i32, sig: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| parse_sigcgt(&s))
+        .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1u64 << (sig - 1)) != 0)
+}
+
+fn parse_sigcgt(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("SigCgt:"))?;
+    u64::from_str_radix(line["SigCgt:".len()..].trim(), 16).ok()
+}
+
+/// `SIGRTMIN+3`: the clean halt of a containerised systemd (systemd(1), CONTAINER_INTERFACE).
+pub fn sig_halt() -> i32 {
+    libc::SIGRTMIN() + 3
+}
+
+/// Sends `sig` to the process if it is still the same one. Returns false when it is gone.
+pub fn signal(p: &ProcId, sig: i32) -> bool {
+    if !p.is_alive() {
+        return false;
+    }
+    // SAFETY: kill(2) with a plain pid and signal number has no memory-safety preconditions.
+    unsafe { libc::kill(p.pid, sig) == 0 }
+}
+
+/// A pidfd for a process (pidfd_open(2)): readable once it exits, without polling, and
+/// immune to PID reuse. Linux ≥ 5.3.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Opens a pidfd and checks it refers to `p` (the PID may have been reused in between).
+pub fn pidfd_for(p: &ProcId) -> io::Result<OwnedFd> {
+    let fd = pidfd_open(p.pid)?;
+    if !p.is_alive() {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    }
+    Ok(fd)
+}
+
+/// How a process ended, as waitpid reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit status {c}"),
+            Exit::Signal(s) => write!(
+                f,
+                "killed by signal {s} ({})",
+                nix::sys::signal::Signal::try_from(*s).map_or("?", |s| s.as_str())
+            ),
+        }
+    }
+}
+
+/// Reaps one child without blocking. `Ok(None)`: it has not exited (or is not our child).
+pub fn try_reap(pid: i32) -> Option<Exit> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    match waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, c)) => Some(Exit::Code(c)),
+        Ok(WaitStatus::Signaled(_, s, _)) => Some(Exit::Signal(s as i32)),
+        _ => None,
+    }
+}
+
+/// Reaps every exited child we have (we are a subreaper, so orphans of the apptainer CLI
+/// land here). Returns the ones reaped.
+pub fn reap_all() -> Vec<(i32, Exit)> {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut out = Vec::new();
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(p, c)) => out.push((p.as_raw(), Exit::Code(c))),
+            Ok(WaitStatus::Signaled(p, s, _)) => out.push((p.as_raw(), Exit::Signal(s as i32))),
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    out
+}
+
+/// Makes this process the reaper of its orphaned descendants, so Apptainer's master —
+/// which setsid()s and is orphaned when the CLI exits — is reparented to us and we can
+/// wait for its exit status.
+pub fn become_subreaper() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) only sets a flag on this process.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What identifies a running instance of a service, kept in `<run dir>/<name>.run`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub name: String,
+    pub container: ProcId,
+    pub master: ProcId,
+    pub state_file: PathBuf,
+    pub overlay: PathBuf,
+    pub supervisor_pid: u32,
+}
+
+impl RunRecord {
+    pub fn path(run_dir: &Path, name: &str) -> PathBuf {
+        run_dir.join(format!("{name}.run"))
+    }
+
+    pub fn read(path: &Path) -> Option<RunRecord> {
+        let text = std::fs::read(path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    pub fn write(&self, path: &Path) -> io::Result<()> {
+        let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        crate::fsutil::write_atomic(path, &text, 0o644)
+    }
+}
+
+/// A pidfd registered with the event loop: `readable()` resolves once the process exited.
+pub type ExitWatch = tokio::io::unix::AsyncFd<OwnedFd>;
+
+fn register(fd: OwnedFd) -> io::Result<ExitWatch> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and
+    // refers to the same pidfd for the AsyncFd's whole life.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}
+
+/// Watches `p` for exit (checked against PID reuse). Needs the runtime.
+pub fn watch(p: &ProcId) -> io::Result<ExitWatch> {
+    register(pidfd_for(p)?)
+}
+
+/// Watches our own child `pid` for exit (a child cannot be reused before we reap it).
+pub fn watch_child(pid: i32) -> io::Result<ExitWatch> {
+    register(pidfd_open(pid)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_odd_comm() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 1 2";
+        assert_eq!(parse_start_time(stat), Some(12345));
+    }
+
+    #[test]
+    fn own_process_is_alive_and_identified() {
+        let me = ProcId::of(std::process::id() as i32).unwrap();
+        assert!(me.is_alive());
+        let reused = ProcId {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(
+            !reused.is_alive(),
+            "a different start time is a different process"
+        );
+    }
+
+    #[test]
+    fn sigcgt_bits() {
+        let status = "Name:\tx\nSigCgt:\t0000001000000002\n";
+        let mask = parse_sigcgt(status).unwrap();
+        assert_eq!(mask & (1 << 1), 2, "SIGINT (2) is bit 1");
+        assert_ne!(mask & (1 << 36), 0, "SIGRTMIN+3 (37) is bit 36");
+    }
+
+    #[test]
+    fn pidfd_of_self() {
+        assert!(pidfd_open(std::process::id() as i32).is_ok());
+    }
+}

@@ -1,0 +1,60 @@
+//! The configuration's key names, in one place.
+//!
+//! The parser's error messages, the argv table, `check --json` and the man page test all
+//! use these constants, so a key is spelled one way everywhere (firecracker's jailer keeps
+//! its resource-limit names the same way).
+
+pub const NAME: &str = "name";
+pub const SERVICE_DIR: &str = "service_dir";
+pub const IMAGE: &str = "image";
+pub const IMAGE_URL: &str = "image_url";
+pub const BOOT: &str = "boot";
+pub const HOSTNAME: &str = "hostname";
+pub const BINDS: &str = "binds";
+pub const ENV_FILE: &str = "env_file";
+pub const ENV: &str = "env";
+
+pub const NETWORK: &str = "network";
+pub const NETWORK_NAME: &str = "network.name";
+pub const NETWORK_ARGS: &str = "network.args";
+
+pub const OVERLAY: &str = "overlay";
+pub const OVERLAY_PATH: &str = "overlay.path";
+pub const OVERLAY_SIZE_MIB: &str = "overlay.size_mib";
+pub const OVERLAY_SPARSE: &str = "overlay.sparse";
+
+pub const APPTAINER: &str = "apptainer";
+pub const APPTAINER_BINARY: &str = "apptainer.binary";
+pub const APPTAINER_EXTRA_ARGS: &str = "apptainer.extra_args";
+
+pub const TIMEOUTS: &str = "timeouts";
+pub const TIMEOUTS_START_SEC: &str = "timeouts.start_sec";
+pub const TIMEOUTS_STOP_SEC: &str = "timeouts.stop_sec";
+pub const TIMEOUTS_KILL_SEC: &str = "timeouts.kill_sec";
+pub const TIMEOUTS_WATCHDOG_SEC: &str = "timeouts.watchdog_sec";
+
+/// Every key a service file may set, in the order the man page documents them.
+/// `tests/docs.rs` fails when one of them is missing from
+/// `man/apptainer-supervisor.toml.5`.
+pub const ALL: &[&str] = &[
+    NAME,
+    SERVICE_DIR,
+    IMAGE,
+    IMAGE_URL,
+    BOOT,
+    HOSTNAME,
+    BINDS,
+    ENV_FILE,
+    ENV,
+    NETWORK_NAME,
+    NETWORK_ARGS,
+    OVERLAY_PATH,
+    OVERLAY_SIZE_MIB,
+    OVERLAY_SPARSE,
+    APPTAINER_BINARY,
+    APPTAINER_EXTRA_ARGS,
+    TIMEOUTS_START_SEC,
+    TIMEOUTS_STOP_SEC,
+    TIMEOUTS_KILL_SEC,
+    TIMEOUTS_WATCHDOG_SEC,
+];

@@ -1,0 +1,938 @@
+//! `run NAME`: the one event loop that starts, watches and stops a service's instance.
+//!
+//! Order of work (each step sends `STATUS=`):
+//! 1. fork-sensitive setup before the runtime exists: subreaper, the service lock;
+//! 2. leftovers of an earlier run are judged by the *container* pid (see [`judge`]);
+//! 3. the overlay is created if missing (never touched otherwise) and must not be attached
+//!    to a loop device already;
+//! 4. `apptainer instance start` runs from an argv (no shell); on success the state file
+//!    names the container init and the master, which are recorded with their start times;
+//! 5. one `select!` loop waits on SIGTERM/SIGINT, the container's pidfd, the master's pidfd
+//!    and the watchdog tick — nothing polls.
+//!
+//! Apptainer moves the container into a cgroup of its own (`apptainer-<pid>.scope`), outside
+//! this unit, so systemd's `KillMode` never reaches it: stopping it is our job, here.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::{timeout, Instant};
+use tracing::{debug, error, info, warn};
+
+use crate::apptainer::{self, InstancePaths, StateFile};
+use crate::argv;
+use crate::config::Service;
+use crate::instance::{self, Exit, ExitWatch, ProcId, RunRecord};
+use crate::lock;
+use crate::notify::Notifier;
+use crate::overlay;
+
+/// Exit codes; documented in apptainer-supervisor(8).
+pub mod exit {
+    /// Stopped on request, cleanly.
+    pub const OK: i32 = 0;
+    /// The instance ended by itself (or its master vanished): systemd's `Restart=on-failure`.
+    pub const INSTANCE_ENDED: i32 = 1;
+    /// Bad command line (clap).
+    pub const USAGE: i32 = 2;
+    /// `apptainer instance start` or `overlay create` failed.
+    pub const UNAVAILABLE: i32 = 69;
+    /// A bug or an unexpected state.
+    pub const SOFTWARE: i32 = 70;
+    /// An operating-system call failed (fork, pidfd, mkdir…).
+    pub const OSERR: i32 = 71;
+    /// The overlay path is unusable (exists but is not a regular file).
+    pub const CANTCREAT: i32 = 73;
+    /// The service is already running: lock held, overlay in use, or a live instance of that
+    /// name that this supervisor did not start.
+    pub const TEMPFAIL: i32 = 75;
+    /// Invalid service file or host setup.
+    pub const CONFIG: i32 = 78;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    #[error("{what}: {source}")]
+    Os {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("overlay {path} exists but is {what}; it is left untouched\n  hint: move it aside or point overlay.path at the image")]
+    OverlayNotAFile { path: PathBuf, what: &'static str },
+    #[error("overlay {path} is attached to /dev/{device}: a container is using it\n  hint: find it with `losetup -j {path}` and `apptainer instance list`")]
+    OverlayInUse { path: PathBuf, device: String },
+    #[error("creating overlay {path} failed ({status}):\n{stderr}")]
+    CreateOverlay {
+        path: PathBuf,
+        status: String,
+        stderr: String,
+    },
+    #[error("an instance named {name} is running (container pid {pid}) that this supervisor did not start; it is left alone\n  hint: stop it the way it was started (e.g. its stop.sh or `apptainer instance stop {name}`), then start this service again")]
+    ForeignInstance { name: String, pid: i32 },
+    #[error("apptainer instance start failed ({status}):\n{stderr}")]
+    StartInstance { status: String, stderr: String },
+    #[error("apptainer instance start did not return within {secs} s (timeouts.start_sec)")]
+    StartTimeout { secs: u64 },
+    #[error(transparent)]
+    State(#[from] apptainer::StateError),
+    #[error("apptainer instance start succeeded but wrote no state file at {path}")]
+    NoStateFile { path: PathBuf },
+    #[error(
+        "process {ppid} named as master in {path} is not an Apptainer master (cmdline {cmdline:?})"
+    )]
+    NotAMaster {
+        ppid: i32,
+        path: PathBuf,
+        cmdline: String,
+    },
+    #[error("instance {name} (container pid {pid}) ended by itself: {exit}{tail}")]
+    InstanceEnded {
+        name: String,
+        pid: i32,
+        exit: String,
+        tail: String,
+    },
+    #[error("the Apptainer master (pid {pid}) of {name} died; its container {container}")]
+    MasterDied {
+        name: String,
+        pid: i32,
+        container: &'static str,
+    },
+    #[error("stopped during start-up; nothing was left running")]
+    StoppedDuringStart,
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        use RunError::*;
+        match self {
+            Host(_) => exit::CONFIG,
+            Lock(lock::LockError::Held { .. }) | OverlayInUse { .. } | ForeignInstance { .. } => {
+                exit::TEMPFAIL
+            }
+            Lock(_) | Os { .. } => exit::OSERR,
+            OverlayNotAFile { .. } => exit::CANTCREAT,
+            CreateOverlay { .. } | StartInstance { .. } | StartTimeout { .. } => exit::UNAVAILABLE,
+            State(_) | NoStateFile { .. } | NotAMaster { .. } => exit::SOFTWARE,
+            InstanceEnded { .. } | MasterDied { .. } => exit::INSTANCE_ENDED,
+            StoppedDuringStart => exit::OK,
+        }
+    }
+}
+
+fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
+    let what = what.into();
+    move |source| RunError::Os { what, source }
+}
+
+/// Where the supervisor keeps its own runtime files: systemd's `RuntimeDirectory=`
+/// (`$RUNTIME_DIRECTORY`), else `/run/apptainer-supervisor`.
+pub fn default_run_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .map(|d| {
+            // RuntimeDirectory= with several entries gives a ':'-separated list.
+            let d = d.to_string_lossy().into_owned();
+            PathBuf::from(d.split(':').next().unwrap_or_default())
+        })
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/run/apptainer-supervisor"))
+}
+
+/// What was found from an earlier run, judged by the container pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leftover {
+    /// Nothing.
+    Clean,
+    /// Files of a dead instance: remove them.
+    Stale,
+    /// Our container is alive without its supervisor (the master may be gone): halt it.
+    Orphan {
+        container: ProcId,
+        master: Option<ProcId>,
+    },
+    /// A live instance of that name that we did not start: never touch it.
+    Foreign { pid: i32 },
+}
+
+/// Pure: decides what to do with an earlier run's traces. `now(pid)` is the process that
+/// has `pid` now; `is_master(ppid)` says whether `ppid` is a live Apptainer master of this
+/// instance (its cmdline is `Apptainer instance: <user> [<name>]`).
+pub fn judge(
+    state: Option<&StateFile>,
+    record: Option<&RunRecord>,
+    now: impl Fn(i32) -> Option<ProcId>,
+    is_master: impl Fn(i32) -> bool,
+) -> Leftover {
+    if let Some(r) = record {
+        if now(r.container.pid) == Some(r.container) {
+            let master = Some(r.master).filter(|m| now(m.pid) == Some(*m));
+            return Leftover::Orphan {
+                container: r.container,
+                master,
+            };
+        }
+    }
+    match state {
+        // A live instance that our record does not know: someone else's (an old start.sh).
+        // Apptainer's own test for a live instance is its master (instance_linux.go, ghost
+        // cleanup): a pid in a state file left over from before a reboot may belong to
+        // anything now, even another service's container.
+        Some(s) if now(s.pid).is_some() && is_master(s.ppid) => Leftover::Foreign { pid: s.pid },
+        Some(_) => Leftover::Stale,
+        None if record.is_some() => Leftover::Stale,
+        None => Leftover::Clean,
+    }
+}
+
+/// Whether `ppid` is alive and is Apptainer's master for instance `name`.
+pub fn is_master_of(ppid: i32, name: &str) -> bool {
+    instance::cmdline(ppid).is_some_and(|c| master_cmdline_names(&c, name))
+}
+
+fn master_cmdline_names(cmdline: &[u8], name: &str) -> bool {
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    argv0.starts_with(apptainer::MASTER_CMDLINE_PREFIX)
+        && argv0.ends_with(format!("[{name}]").as_bytes())
+}
+
+/// Everything `run` needs besides the service.
+pub struct RunContext {
+    pub run_dir: PathBuf,
+    pub config_dir: PathBuf,
+    pub paths: InstancePaths,
+}
+
+/// Entry point of `run`. Sets up what must precede the runtime, then runs the loop.
+pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
+    let env_file = crate::host::check(service, &ctx.config_dir)?;
+    // Before any thread exists and before the first child: orphans of the CLI (the master)
+    // must be reparented to us.
+    instance::become_subreaper().map_err(os("PR_SET_CHILD_SUBREAPER"))?;
+    let _lock = lock::acquire(&ctx.run_dir, &service.name)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(os("creating the event loop"))?;
+    rt.block_on(async {
+        let mut sup = Supervisor::new(service, ctx, env_file)?;
+        sup.main().await
+    })
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// The running instance as we track it.
+struct Tracked {
+    container: ProcId,
+    master: ProcId,
+    container_fd: ExitWatch,
+    master_fd: ExitWatch,
+}
+
+struct Supervisor<'a> {
+    s: &'a Service,
+    ctx: &'a RunContext,
+    env: Vec<(OsString, OsString)>,
+    notify: Notifier,
+    signals: Signals,
+    record_path: PathBuf,
+}
+
+impl<'a> Supervisor<'a> {
+    fn new(
+        s: &'a Service,
+        ctx: &'a RunContext,
+        env_file: Vec<(String, String)>,
+    ) -> Result<Self, RunError> {
+        let signals = Signals {
+            term: signal(SignalKind::terminate()).map_err(os("installing the SIGTERM handler"))?,
+            int: signal(SignalKind::interrupt()).map_err(os("installing the SIGINT handler"))?,
+        };
+        Ok(Supervisor {
+            s,
+            ctx,
+            env: argv::child_env(std::env::vars_os(), &env_file, s),
+            notify: Notifier::from_env(),
+            signals,
+            record_path: RunRecord::path(&ctx.run_dir, &s.name),
+        })
+    }
+
+    async fn main(&mut self) -> Result<(), RunError> {
+        self.clear_leftovers().await?;
+        self.ensure_overlay().await?;
+        let Some(t) = self.start().await? else {
+            return Err(RunError::StoppedDuringStart);
+        };
+        self.watch(t).await
+    }
+
+    fn status(&self, msg: &str) {
+        debug!(status = msg, "status");
+        self.notify.status(msg);
+    }
+
+    // --- 2. leftovers -------------------------------------------------------------------
+
+    async fn clear_leftovers(&mut self) -> Result<(), RunError> {
+        let state = StateFile::read(&self.ctx.paths.state_file).unwrap_or_else(|e| {
+            warn!(error = %e, "unreadable instance state file; treating it as stale");
+            None
+        });
+        let record = RunRecord::read(&self.record_path);
+        let name = self.s.name.clone();
+        match judge(state.as_ref(), record.as_ref(), ProcId::live, |ppid| {
+            is_master_of(ppid, &name)
+        }) {
+            Leftover::Clean => Ok(()),
+            Leftover::Stale => {
+                info!(
+                    state_file = %self.ctx.paths.state_file.display(),
+                    "removing leftovers of an instance that is no longer running"
+                );
+                self.remove_leftovers();
+                Ok(())
+            }
+            Leftover::Foreign { pid } => Err(RunError::ForeignInstance {
+                name: self.s.name.clone(),
+                pid,
+            }),
+            Leftover::Orphan { container, master } => {
+                warn!(
+                    INSTANCE_PID = container.pid,
+                    master_alive = master.is_some(),
+                    "found this service's container still running without its supervisor; halting it before starting fresh"
+                );
+                self.status("halting an orphaned instance from an earlier run");
+                let container_fd = match instance::watch(&container) {
+                    Ok(fd) => fd,
+                    // It exited between judging and here: only its leftovers remain.
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                        self.remove_leftovers();
+                        return Ok(());
+                    }
+                    Err(e) => return Err(os("pidfd_open(container)")(e)),
+                };
+                // A master that exits between judging and here is simply not waited for.
+                let master_fd = master.and_then(|m| instance::watch(&m).ok());
+                self.halt(
+                    &container,
+                    &container_fd,
+                    master.as_ref(),
+                    master_fd.as_ref(),
+                )
+                .await;
+                self.remove_leftovers();
+                info!(INSTANCE_PID = container.pid, "orphaned instance halted");
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes the run record and, when its master is gone, Apptainer's instance directory
+    /// (Apptainer's own ghost cleanup would do the same on its next `instance list`).
+    fn remove_leftovers(&self) {
+        let _ = std::fs::remove_file(&self.record_path);
+        if let Ok(Some(st)) = StateFile::read(&self.ctx.paths.state_file) {
+            if is_master_of(st.ppid, &self.s.name) {
+                return;
+            }
+        }
+        match std::fs::remove_dir_all(&self.ctx.paths.dir) {
+            Ok(()) => debug!(dir = %self.ctx.paths.dir.display(), "removed instance directory"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(dir = %self.ctx.paths.dir.display(), error = %e, "cannot remove instance directory")
+            }
+        }
+    }
+
+    // --- 3. overlay ---------------------------------------------------------------------
+
+    async fn ensure_overlay(&mut self) -> Result<(), RunError> {
+        let path = &self.s.overlay.path;
+        match overlay::inspect(path).map_err(os(format!("inspecting {}", path.display())))? {
+            overlay::Found::NotAFile(what) => {
+                return Err(RunError::OverlayNotAFile {
+                    path: path.clone(),
+                    what,
+                })
+            }
+            overlay::Found::Image { .. } => {
+                if let Some(device) = overlay::attached_loop(path) {
+                    return Err(RunError::OverlayInUse {
+                        path: path.clone(),
+                        device,
+                    });
+                }
+                return Ok(());
+            }
+            overlay::Found::Missing => {}
+        }
+        info!(overlay = %path.display(), size_mib = self.s.overlay.size_mib, "creating overlay image");
+        self.status(&format!(
+            "creating overlay {} ({} MiB)",
+            path.display(),
+            self.s.overlay.size_mib
+        ));
+        let argv = argv::overlay_create(self.s, path);
+        // mkfs of a large image can outlast the start timeout: keep asking for more.
+        let extend = Duration::from_secs(30);
+        let out = self.run_cli(&argv, Some(extend), None).await?;
+        match out {
+            CliResult::Done(status, _) if status.success() => {
+                info!(overlay = %path.display(), "overlay image created");
+                Ok(())
+            }
+            CliResult::Done(status, stderr) => Err(RunError::CreateOverlay {
+                path: path.clone(),
+                status: describe(status),
+                stderr,
+            }),
+            CliResult::TimedOut => unreachable!("no deadline was given"),
+        }
+    }
+
+    // --- 4. start -----------------------------------------------------------------------
+
+    /// Starts the instance. `Ok(None)`: SIGTERM arrived during start and the half-started
+    /// instance was stopped.
+    async fn start(&mut self) -> Result<Option<Tracked>, RunError> {
+        let argv = argv::instance_start(self.s);
+        info!(argv = ?argv, "starting instance");
+        self.status("starting instance");
+        let deadline = Instant::now() + Duration::from_secs(self.s.timeouts.start_sec);
+        let out = self
+            .run_cli(&argv, Some(Duration::from_secs(30)), Some(deadline))
+            .await;
+        let stop_requested = matches!(out, Err(RunError::StoppedDuringStart));
+        let out = match out {
+            Err(RunError::StoppedDuringStart) => None,
+            Err(e) => return Err(e),
+            Ok(o) => Some(o),
+        };
+        match out {
+            Some(CliResult::Done(status, stderr)) if !status.success() => {
+                error!(exit = %describe(status), stderr = %stderr.trim_end(), "apptainer instance start failed");
+                self.cleanup_failed_start().await;
+                return Err(RunError::StartInstance {
+                    status: describe(status),
+                    stderr: stderr.trim_end().to_owned(),
+                });
+            }
+            Some(CliResult::TimedOut) => {
+                self.cleanup_failed_start().await;
+                return Err(RunError::StartTimeout {
+                    secs: self.s.timeouts.start_sec,
+                });
+            }
+            _ => {}
+        }
+        if stop_requested {
+            // The CLI was left to finish so that nothing half-made is left; now undo it.
+            self.cleanup_failed_start().await;
+            return Ok(None);
+        }
+        let t = self.adopt()?;
+        Ok(Some(t))
+    }
+
+    /// After `instance start` returned 0: read the state file, check the master, record
+    /// both processes, open their pidfds.
+    fn adopt(&mut self) -> Result<Tracked, RunError> {
+        let path = &self.ctx.paths.state_file;
+        let st =
+            StateFile::read(path)?.ok_or_else(|| RunError::NoStateFile { path: path.clone() })?;
+        let cmdline = instance::cmdline(st.ppid).unwrap_or_default();
+        if !cmdline.starts_with(apptainer::MASTER_CMDLINE_PREFIX) {
+            return Err(RunError::NotAMaster {
+                ppid: st.ppid,
+                path: path.clone(),
+                cmdline: String::from_utf8_lossy(&cmdline).replace('\0', " "),
+            });
+        }
+        let gone = |what: &str| RunError::Os {
+            what: format!("{what} exited right after start"),
+            source: io::Error::from_raw_os_error(libc::ESRCH),
+        };
+        let container = ProcId::of(st.pid).ok_or_else(|| gone("the container"))?;
+        let master = ProcId::of(st.ppid).ok_or_else(|| gone("the master"))?;
+        let container_fd = instance::watch(&container).map_err(os("pidfd_open(container)"))?;
+        let master_fd = instance::watch(&master).map_err(os("pidfd_open(master)"))?;
+        RunRecord {
+            name: self.s.name.clone(),
+            container,
+            master,
+            state_file: path.clone(),
+            overlay: self.s.overlay.path.clone(),
+            supervisor_pid: std::process::id(),
+        }
+        .write(&self.record_path)
+        .map_err(os(format!("writing {}", self.record_path.display())))?;
+        tracing::Span::current().record("INSTANCE_PID", container.pid);
+        Ok(Tracked {
+            container,
+            master,
+            container_fd,
+            master_fd,
+        })
+    }
+
+    /// A start that failed or was interrupted may have left an instance behind (the CLI
+    /// timed out, or SIGTERM came while it worked): stop what is there.
+    async fn cleanup_failed_start(&mut self) {
+        if let Ok(Some(st)) = StateFile::read(&self.ctx.paths.state_file) {
+            if let (Some(c), true) = (ProcId::of(st.pid), is_master_of(st.ppid, &self.s.name)) {
+                let m = ProcId::of(st.ppid);
+                if let Ok(cfd) = instance::watch(&c) {
+                    let mfd = m.and_then(|m| instance::watch(&m).ok());
+                    self.halt(&c, &cfd, m.as_ref(), mfd.as_ref()).await;
+                }
+            }
+        }
+        self.remove_leftovers();
+    }
+
+    // --- 5. watch -----------------------------------------------------------------------
+
+    async fn watch(&mut self, t: Tracked) -> Result<(), RunError> {
+        let pid = t.container.pid;
+        info!(
+            INSTANCE_PID = pid,
+            master_pid = t.master.pid,
+            "instance running"
+        );
+        self.notify.ready(&format!("running: instance pid {pid}"));
+        self.check_watchdog_setting();
+        let mut watchdog = self.notify.watchdog_interval.map(|d| {
+            let mut i = tokio::time::interval(d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        loop {
+            tokio::select! {
+                sig = self.signals.recv() => {
+                    info!(INSTANCE_PID = pid, signal = sig, "stop requested");
+                    self.notify.stopping("stopping: halting the container");
+                    self.halt(&t.container, &t.container_fd, Some(&t.master), Some(&t.master_fd)).await;
+                    self.remove_leftovers();
+                    info!(INSTANCE_PID = pid, "stopped");
+                    return Ok(());
+                }
+                _ = t.container_fd.readable() => {
+                    return Err(self.container_ended(&t).await);
+                }
+                _ = t.master_fd.readable() => {
+                    let exit = instance::try_reap(t.master.pid);
+                    let container_alive = t.container.is_alive();
+                    error!(
+                        INSTANCE_PID = pid,
+                        master_pid = t.master.pid,
+                        exit = ?exit,
+                        container_alive,
+                        "the Apptainer master died; its cleanup did not run"
+                    );
+                    // From here on we are stopping: tell systemd, so that the watchdog
+                    // does not fire while the container halts.
+                    self.notify.stopping("master died: halting the container");
+                    self.halt(&t.container, &t.container_fd, None, None).await;
+                    self.remove_leftovers();
+                    return Err(RunError::MasterDied {
+                        name: self.s.name.clone(),
+                        pid: t.master.pid,
+                        container: if container_alive { "was halted" } else { "died with it" },
+                    });
+                }
+                _ = tick(&mut watchdog) => {
+                    // Both pidfds not readable ⇒ both alive; the loop itself answered.
+                    self.notify.watchdog();
+                }
+            }
+        }
+    }
+
+    /// `timeouts.watchdog_sec` is what generated units set as `WatchdogSec=`; under the
+    /// template unit systemd's own setting rules, so a difference is worth a warning.
+    fn check_watchdog_setting(&self) {
+        let unit = self
+            .notify
+            .watchdog_interval
+            .map_or(0, |d| (d * 2).as_secs());
+        let want = self.s.timeouts.watchdog_sec;
+        if unit != want {
+            warn!(
+                unit_watchdog_sec = unit,
+                config_watchdog_sec = want,
+                "the unit's WatchdogSec= differs from timeouts.watchdog_sec; the unit's value is used (set it with a drop-in)"
+            );
+        }
+    }
+
+    /// The container exited without being asked: collect why, let the master clean up.
+    async fn container_ended(&mut self, t: &Tracked) -> RunError {
+        let pid = t.container.pid;
+        // The master's exit status is the container's (Apptainer re-raises its signal).
+        let grace = Duration::from_secs(self.s.timeouts.kill_sec);
+        let master_exit = match timeout(grace, t.master_fd.readable()).await {
+            Ok(_) => instance::try_reap(t.master.pid),
+            Err(_) => {
+                warn!(
+                    master_pid = t.master.pid,
+                    "the master did not exit after its container; killing it"
+                );
+                instance::signal(&t.master, libc::SIGKILL);
+                let _ = t.master_fd.readable().await;
+                instance::try_reap(t.master.pid)
+            }
+        };
+        // If the master died first the container became our child: reap it too.
+        let container_exit = instance::try_reap(pid);
+        let exit = container_exit
+            .or(master_exit)
+            .map_or_else(|| "unknown status".to_owned(), |e: Exit| e.to_string());
+        let tail = apptainer::log_tail(&self.ctx.paths.err_log, 10);
+        error!(INSTANCE_PID = pid, EXIT_STATUS = %exit, err_log_tail = %tail, "instance ended by itself");
+        self.status(&format!("instance ended: {exit}"));
+        self.remove_leftovers();
+        RunError::InstanceEnded {
+            name: self.s.name.clone(),
+            pid,
+            exit,
+            tail: if tail.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "\nlast lines of {}:\n{tail}",
+                    self.ctx.paths.err_log.display()
+                )
+            },
+        }
+    }
+
+    // --- stop ---------------------------------------------------------------------------
+
+    /// Orderly halt with escalation. Never returns early: when it returns, the container and
+    /// the master are gone (or SIGKILLed and reaped as far as we can).
+    async fn halt(
+        &mut self,
+        container: &ProcId,
+        container_fd: &ExitWatch,
+        master: Option<&ProcId>,
+        master_fd: Option<&ExitWatch>,
+    ) {
+        let to = self.s.timeouts;
+        let stop = Duration::from_secs(to.stop_sec);
+        let kill = Duration::from_secs(to.kill_sec);
+        // Room for the orderly halt plus both escalation steps.
+        self.notify.extend(stop + kill * 2 + Duration::from_secs(5));
+        let deadline = Instant::now() + stop;
+        let sig = instance::sig_halt();
+        let halted = async {
+            // The init of a PID namespace drops a signal it has no handler for yet: wait
+            // (bounded) until systemd has installed its handlers, then send.
+            let mut sent = false;
+            loop {
+                if !sent && instance::catches(container.pid, sig) {
+                    sent = instance::signal(container, sig);
+                    info!(
+                        INSTANCE_PID = container.pid,
+                        "sent SIGRTMIN+3 (halt) to the container's init"
+                    );
+                }
+                let wait = if sent {
+                    Duration::from_secs(5)
+                } else {
+                    Duration::from_millis(50)
+                };
+                if timeout(wait, container_fd.readable()).await.is_ok() {
+                    return;
+                }
+                if sent {
+                    // Keep systemd's stop timeout ahead of us while the inside shuts down.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.notify.extend(left + kill * 2 + Duration::from_secs(5));
+                    self.notify
+                        .status("stopping: waiting for the container's init to halt");
+                }
+            }
+        };
+        if timeout(stop, halted).await.is_err() {
+            warn!(
+                INSTANCE_PID = container.pid,
+                timeout_sec = to.stop_sec,
+                "the container did not halt in time; forcing it (apptainer instance stop -F, then SIGKILL)"
+            );
+            self.status("stopping: forcing the container down");
+            // Each escalation step gets its own window (instance stop -F, SIGKILL, the
+            // master's cleanup), so systemd's stop timeout stays ahead of us.
+            self.notify.extend(kill * 3 + Duration::from_secs(5));
+            let argv = argv::instance_stop_force(self.s);
+            let _ = self.run_cli(&argv, None, Some(Instant::now() + kill)).await;
+            if timeout(kill, container_fd.readable()).await.is_err() {
+                self.notify.extend(kill * 2 + Duration::from_secs(5));
+                instance::signal(container, libc::SIGKILL);
+                let _ = timeout(kill, container_fd.readable()).await;
+            }
+        }
+        // The master cleans up after its container (CNI DEL, loop device, state file).
+        if let (Some(m), Some(mfd)) = (master, master_fd) {
+            if timeout(kill, mfd.readable()).await.is_err() {
+                warn!(
+                    master_pid = m.pid,
+                    "the master did not finish its cleanup in time; killing it"
+                );
+                instance::signal(m, libc::SIGKILL);
+                let _ = timeout(kill, mfd.readable()).await;
+            }
+            let exit = instance::try_reap(m.pid);
+            debug!(master_pid = m.pid, exit = ?exit, "master exited");
+        }
+        instance::try_reap(container.pid);
+    }
+
+    // --- running the CLI ----------------------------------------------------------------
+
+    /// Runs one apptainer command to completion, its stderr captured. `extend`: send
+    /// EXTEND_TIMEOUT_USEC at that interval while it runs. `deadline`: kill it then.
+    /// A stop request while it runs is remembered and returned as `StoppedDuringStart`
+    /// after the command finished, so that nothing is left half-made.
+    async fn run_cli(
+        &mut self,
+        argv: &[OsString],
+        extend: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> Result<CliResult, RunError> {
+        let mut child = apptainer::command(argv, &self.env)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(os(format!("running {}", Path::new(&argv[0]).display())))?;
+        let pid = child.id() as i32;
+        let fd = instance::watch_child(pid).map_err(os("pidfd_open"))?;
+        let stderr: OwnedFd = child.stderr.take().expect("stderr was piped").into();
+        let mut stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)
+            .map_err(os("reading stderr"))?;
+        let mut err_buf = Vec::new();
+        let mut stop_requested = false;
+        let mut timed_out = false;
+        let mut extend_tick = extend.map(|d| {
+            self.notify.extend(d * 2);
+            tokio::time::interval_at(Instant::now() + d, d)
+        });
+        let far = Instant::now() + Duration::from_secs(100 * 365 * 86400);
+        let kill_at = tokio::time::sleep_until(deadline.unwrap_or(far));
+        tokio::pin!(kill_at);
+        let mut stderr_open = true;
+        let mut chunk = [0u8; 4096];
+        loop {
+            tokio::select! {
+                _ = fd.readable() => break,
+                n = stderr.read(&mut chunk), if stderr_open => match n {
+                    Ok(0) | Err(_) => stderr_open = false,
+                    Ok(n) => if err_buf.len() < 64 * 1024 { err_buf.extend_from_slice(&chunk[..n]) },
+                },
+                sig = self.signals.recv() => {
+                    info!(signal = sig, "stop requested while apptainer runs; stopping once it returns");
+                    stop_requested = true;
+                }
+                _ = &mut kill_at, if !timed_out => {
+                    warn!(pid, "apptainer command exceeded its deadline; killing it");
+                    // SAFETY: kill(2) on our own child, which has not been reaped yet.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    timed_out = true;
+                }
+                _ = tick(&mut extend_tick) => {
+                    if let Some(d) = extend { self.notify.extend(d * 2); }
+                }
+            }
+        }
+        // Drain what is left in the pipe (the writer has exited).
+        while stderr_open {
+            match stderr.try_read(&mut chunk) {
+                Ok(0) | Err(_) => stderr_open = false,
+                Ok(n) => err_buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let status = child.wait().map_err(os("waiting for apptainer"))?;
+        if stop_requested {
+            return Err(RunError::StoppedDuringStart);
+        }
+        if timed_out {
+            return Ok(CliResult::TimedOut);
+        }
+        Ok(CliResult::Done(
+            status,
+            String::from_utf8_lossy(&err_buf).into_owned(),
+        ))
+    }
+}
+
+enum CliResult {
+    Done(std::process::ExitStatus, String),
+    TimedOut,
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Exit::Code(c).to_string(),
+        (None, Some(s)) => Exit::Signal(s).to_string(),
+        _ => status.to_string(),
+    }
+}
+
+async fn tick(i: &mut Option<tokio::time::Interval>) {
+    match i {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(pid: i32) -> StateFile {
+        StateFile {
+            pid,
+            ppid: 10,
+            name: "x".into(),
+            user: "root".into(),
+            image: String::new(),
+            ip: String::new(),
+            log_err_path: String::new(),
+            log_out_path: String::new(),
+            cgroup: true,
+        }
+    }
+
+    fn rec(pid: i32, start: u64) -> RunRecord {
+        RunRecord {
+            name: "x".into(),
+            container: ProcId {
+                pid,
+                start_time: start,
+            },
+            master: ProcId {
+                pid: 10,
+                start_time: 5,
+            },
+            state_file: PathBuf::new(),
+            overlay: PathBuf::new(),
+            supervisor_pid: 1,
+        }
+    }
+
+    /// Processes alive now: (pid, start time).
+    fn procs(alive: &'static [(i32, u64)]) -> impl Fn(i32) -> Option<ProcId> {
+        move |pid| {
+            alive
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .map(|&(pid, start_time)| ProcId { pid, start_time })
+        }
+    }
+
+    #[test]
+    fn master_cmdline_must_name_the_instance() {
+        assert!(master_cmdline_names(
+            b"Apptainer instance: root [ood001]\0/x",
+            "ood001"
+        ));
+        assert!(!master_cmdline_names(
+            b"Apptainer instance: root [ood002]\0",
+            "ood001"
+        ));
+        assert!(!master_cmdline_names(
+            b"/usr/sbin/httpd\0[ood001]",
+            "ood001"
+        ));
+    }
+
+    #[test]
+    fn state_file_from_before_a_reboot_is_stale_even_if_its_pid_lives() {
+        // The pid now belongs to something else and no master of this instance lives.
+        assert_eq!(
+            judge(Some(&st(20)), None, procs(&[(20, 3)]), |_| false),
+            Leftover::Stale
+        );
+    }
+
+    #[test]
+    fn nothing_is_clean() {
+        assert_eq!(judge(None, None, procs(&[]), |_| true), Leftover::Clean);
+    }
+
+    #[test]
+    fn dead_container_is_stale() {
+        assert_eq!(
+            judge(Some(&st(20)), Some(&rec(20, 7)), procs(&[]), |_| true),
+            Leftover::Stale
+        );
+        assert_eq!(
+            judge(None, Some(&rec(20, 7)), procs(&[]), |_| true),
+            Leftover::Stale
+        );
+    }
+
+    #[test]
+    fn our_container_alive_is_an_orphan_even_with_master_gone() {
+        let got = judge(Some(&st(20)), Some(&rec(20, 7)), procs(&[(20, 7)]), |_| {
+            true
+        });
+        assert_eq!(
+            got,
+            Leftover::Orphan {
+                container: ProcId {
+                    pid: 20,
+                    start_time: 7
+                },
+                master: None
+            }
+        );
+    }
+
+    #[test]
+    fn reused_pid_is_not_ours() {
+        // Same pid, other start time, and it is no container init: a reused pid.
+        assert_eq!(
+            judge(Some(&st(20)), Some(&rec(20, 7)), procs(&[(20, 99)]), |_| {
+                false
+            }),
+            Leftover::Stale
+        );
+    }
+
+    #[test]
+    fn unknown_live_instance_is_foreign() {
+        assert_eq!(
+            judge(Some(&st(20)), None, procs(&[(20, 3)]), |_| true),
+            Leftover::Foreign { pid: 20 }
+        );
+    }
+}
