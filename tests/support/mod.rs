@@ -1,0 +1,361 @@
+//! Test harness: a private world per test (service directory, Apptainer config dir, run
+//! dir, a real `NOTIFY_SOCKET` datagram listener) and the Apptainer CLI double
+//! (`tests/support/apptainer`, see DOUBLE.md) with the light init (`fake-init`).
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
+
+pub fn support(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(file)
+}
+
+/// Tests that need root fail in CI (`CI=true`) and are skipped, loudly, elsewhere.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("this test needs root (namespaces, loop devices, cgroups) and CI=true: run as root");
+    }
+    eprintln!("SKIPPED: needs root");
+    false
+}
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub config_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub apptainer_dir: PathBuf,
+    pub service_dir: PathBuf,
+    pub notify: UnixDatagram,
+    pub notify_path: PathBuf,
+    pub mark: PathBuf,
+    pub env_dump: PathBuf,
+    /// Extra environment for the supervisor (and so for the double and the init).
+    pub env: Vec<(String, String)>,
+    children: Vec<Child>,
+}
+
+impl World {
+    /// A world for service `name` with the usual layout and a minimal service file.
+    pub fn new(name: &str) -> World {
+        let dir = tempfile::Builder::new()
+            .prefix("asv-")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().to_owned();
+        let service_dir = root.join("services").join(name);
+        for d in ["bin", "containers", "overlay", "root"] {
+            std::fs::create_dir_all(service_dir.join(d)).unwrap();
+        }
+        // The light init runs on the host's root, so the image is only checked, never booted:
+        // an empty sandbox directory is a valid image (DOUBLE.md, "Init modes").
+        std::fs::create_dir_all(service_dir.join("containers/sandbox")).unwrap();
+        let config_dir = root.join("etc");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        let notify_path = root.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let w = World {
+            name: name.to_owned(),
+            config_dir,
+            run_dir: root.join("run"),
+            apptainer_dir: root.join("apptainer"),
+            service_dir,
+            notify,
+            notify_path,
+            mark: root.join("init.mark"),
+            env_dump: root.join("init.env"),
+            env: Vec::new(),
+            children: Vec::new(),
+            dir,
+        };
+        w.write_config("");
+        w
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.config_dir.join(format!("{}.toml", self.name))
+    }
+
+    /// Writes the service file: the base settings plus `extra` TOML (top-level keys first).
+    pub fn write_config(&self, extra: &str) {
+        let text = format!(
+            "{extra}\nname = \"{}\"\nservice_dir = \"{}\"\nimage = \"${{service_dir}}/containers/sandbox\"\nbinds = [\"${{service_dir}}/root:/srv/root\"]\n\
+             [apptainer]\nbinary = \"{}\"\n[overlay]\nsize_mib = 64\n[timeouts]\nstop_sec = 10\nkill_sec = 3\nstart_sec = 30\n",
+            self.name,
+            self.service_dir.display(),
+            support("apptainer").display(),
+        );
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    pub fn image(&self) -> PathBuf {
+        self.service_dir.join("containers/sandbox")
+    }
+
+    pub fn overlay(&self) -> PathBuf {
+        self.service_dir.join("overlay/overlay.img")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        self.apptainer_dir
+            .join("instances/app")
+            .join(host)
+            .join("root")
+            .join(&self.name)
+            .join(format!("{}.json", self.name))
+    }
+
+    pub fn run_record(&self) -> PathBuf {
+        self.run_dir.join(format!("{}.run", self.name))
+    }
+
+    fn base_env(&self, cmd: &mut Command) {
+        cmd.env("APPTAINER_CONFIGDIR", &self.apptainer_dir)
+            .env("APPTAINER_DOUBLE_INIT", support("fake-init"))
+            .env("FAKE_INIT_MARK", &self.mark)
+            .env("FAKE_INIT_ENV_DUMP", &self.env_dump)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("INVOCATION_ID");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+    }
+
+    /// `apptainer-supervisor run NAME` as systemd would start it (NOTIFY_SOCKET set).
+    pub fn spawn_run(&mut self) -> u32 {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("run")
+            .arg(&self.name)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        self.base_env(&mut cmd);
+        cmd.env("NOTIFY_SOCKET", &self.notify_path);
+        let child = cmd.spawn().expect("spawn supervisor");
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// The supervisor child spawned `i`-th.
+    pub fn child(&mut self, i: usize) -> &mut Child {
+        &mut self.children[i]
+    }
+
+    /// Waits for child `i` to exit (bounded) and returns its output.
+    pub fn wait(&mut self, i: usize, within: Duration) -> Output {
+        let deadline = Instant::now() + within;
+        let child = &mut self.children[i];
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut stdout = Vec::new();
+                let mut stderr = Vec::new();
+                child.stdout.take().map(|mut s| s.read_to_end(&mut stdout));
+                child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
+                return Output {
+                    status,
+                    stdout,
+                    stderr,
+                };
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("supervisor {} did not exit within {within:?}", child.id());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the supervisor binary to completion with `args`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config-dir")
+            .arg(&self.config_dir)
+            .args(args)
+            .stdin(Stdio::null());
+        self.base_env(&mut cmd);
+        cmd.output().expect("run supervisor")
+    }
+
+    /// Runs the Apptainer double directly, as an operator would.
+    pub fn apptainer(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(support("apptainer"));
+        cmd.args(args).stdin(Stdio::null());
+        self.base_env(&mut cmd);
+        cmd.output().expect("run apptainer double")
+    }
+
+    /// Reads notify datagrams until one satisfies `pred`; returns all read so far.
+    pub fn notify_until(&self, within: Duration, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = pred(&msg);
+                got.push(msg);
+                if done {
+                    return got;
+                }
+            }
+        }
+        panic!("no matching notify message within {within:?}; got {got:?}");
+    }
+
+    /// Every message that arrives within `d`.
+    pub fn notify_for(&self, d: Duration) -> Vec<String> {
+        let deadline = Instant::now() + d;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        got
+    }
+
+    /// Everything queued on the notify socket right now.
+    pub fn notify_drain(&self) -> Vec<String> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        self.notify.set_nonblocking(true).unwrap();
+        while let Ok(n) = self.notify.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        self.notify.set_nonblocking(false).unwrap();
+        got
+    }
+
+    /// Waits for READY=1 from the newest supervisor; fails at once, with its stderr, when
+    /// that supervisor exits first.
+    pub fn wait_ready(&mut self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let last = self.children.len() - 1;
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let ready = msg.lines().any(|l| l == "READY=1");
+                got.push(msg);
+                if ready {
+                    return got;
+                }
+            } else if self.children[last].try_wait().unwrap().is_some() {
+                let out = self.wait(last, Duration::from_secs(1));
+                panic!(
+                    "supervisor exited ({}) before READY=1; notify {got:?}; stderr:\n{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        panic!("no READY=1 within 20 s; got {got:?}");
+    }
+
+    /// The instance's state file as Apptainer wrote it (pid, ppid).
+    pub fn instance_pids(&self) -> (i32, i32) {
+        let text = std::fs::read_to_string(self.state_file()).expect("state file");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        (
+            v["pid"].as_i64().unwrap() as i32,
+            v["ppid"].as_i64().unwrap() as i32,
+        )
+    }
+
+    pub fn mark_text(&self) -> String {
+        std::fs::read_to_string(&self.mark).unwrap_or_default()
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| !s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with plain integers.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Waits (bounded) until `f` holds.
+pub fn eventually(within: Duration, what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {within:?} waiting for: {what}");
+}
+
+/// Loop devices backed by `image` (`losetup -j`).
+pub fn loops_for(image: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .arg("-j")
+        .arg(image)
+        .output()
+        .expect("losetup");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').next().map(str::to_owned))
+        .collect()
+}
+
+impl Drop for World {
+    /// Leaves nothing behind even when a test fails half-way: supervisors, the instance
+    /// (container and master), loop devices.
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Ok(text) = std::fs::read_to_string(self.state_file()) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                for k in ["pid", "ppid"] {
+                    if let Some(p) = v[k].as_i64() {
+                        kill(p as i32, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for dev in loops_for(&self.overlay()) {
+            let _ = Command::new("losetup").arg("-d").arg(dev).status();
+        }
+    }
+}
