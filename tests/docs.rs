@@ -1,0 +1,362 @@
+//! The documentation and the unit stay in step with the code (Podman's
+//! `hack/xref-quadlet-docs` does the same for Quadlet's keys):
+//!
+//! - every service-file key in `keys::ALL` is documented in apptainer-supervisor.toml(5),
+//!   and no other;
+//! - every exit code of `supervise::exit` is in the EXIT STATUS section of
+//!   apptainer-supervisor(8), and nothing else is;
+//! - both pages pass `mandoc -T lint -W warning`;
+//! - the template unit passes `systemd-analyze verify`, and its timeouts cover the
+//!   defaults of `timeouts.*`.
+//!
+//! A missing tool fails the test and names the package to install: nothing is skipped.
+
+use std::collections::BTreeSet;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use apptainer_supervisor::config::{DEFAULT_KILL_SEC, DEFAULT_START_SEC, DEFAULT_STOP_SEC};
+use apptainer_supervisor::keys;
+use apptainer_supervisor::supervise::exit;
+
+const TOML_PAGE: &str = "man/apptainer-supervisor.toml.5";
+const MAIN_PAGE: &str = "man/apptainer-supervisor.8";
+const UNIT: &str = "units/apptainer-supervisor@.service";
+const UNIT_EXEC_START: &str = "ExecStart=/usr/bin/apptainer-supervisor run %i";
+
+/// Every exit code, by hand: renaming or removing a constant breaks the build here, and
+/// `exit_code_list_matches_the_source` fails when one is added to `mod exit` but not here.
+const EXIT_CODES: &[(&str, i32)] = &[
+    ("OK", exit::OK),
+    ("INSTANCE_ENDED", exit::INSTANCE_ENDED),
+    ("USAGE", exit::USAGE),
+    ("UNAVAILABLE", exit::UNAVAILABLE),
+    ("SOFTWARE", exit::SOFTWARE),
+    ("OSERR", exit::OSERR),
+    ("CANTCREAT", exit::CANTCREAT),
+    ("TEMPFAIL", exit::TEMPFAIL),
+    ("CONFIG", exit::CONFIG),
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(rel: &str) -> String {
+    let path = root().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// mdoc macros that only format the word after them (`.It Cm name`, `.It Sy 78`).
+const FORMATTING: &[&str] = &[
+    "Cm", "Sy", "Li", "Ic", "Fl", "Ar", "Va", "Ev", "Dv", "Pa", "Em", "Ql",
+];
+
+/// The tags of list items, as whole words: `.It Cm overlay.size_mib Pq ...` (mdoc) gives
+/// `overlay.size_mib`; in man(7), the first word of the line after `.TP`
+/// (`.B overlay.size_mib`, `\fBoverlay.size_mib\fR`). Prose that happens to use a key's
+/// word (`name`, `image`, `env`) is not a tag, so it does not count as documentation.
+fn item_tags<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut tags = Vec::new();
+    let mut after_tp = false;
+    for line in lines {
+        let words: Option<Vec<&str>> = if let Some(rest) = line.strip_prefix(".It ") {
+            Some(
+                rest.split_whitespace()
+                    .skip_while(|w| FORMATTING.contains(w))
+                    .collect(),
+            )
+        } else if after_tp {
+            Some(
+                line.split_whitespace()
+                    .skip_while(|w| matches!(*w, ".B" | ".BR" | ".I" | ".IR"))
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        after_tp = line.trim_end() == ".TP";
+        if let Some(first) = words.as_ref().and_then(|w| w.first()) {
+            let tag = first
+                .replace("\\fB", "")
+                .replace("\\fI", "")
+                .replace("\\fR", "")
+                .replace("\\fP", "");
+            tags.push(tag.trim_matches('"').to_owned());
+        }
+    }
+    tags
+}
+
+/// The lines of section `name` (`.Sh NAME` in mdoc, `.SH NAME` or `.SH "NAME"` in man).
+fn section<'a>(roff: &'a str, name: &str) -> Vec<&'a str> {
+    let is_heading = |l: &str| l.starts_with(".Sh ") || l.starts_with(".SH ");
+    let mut lines = roff.lines();
+    let found = lines
+        .by_ref()
+        .any(|l| is_heading(l) && l[4..].trim().trim_matches('"') == name);
+    assert!(found, "no section {name:?}");
+    lines.take_while(|l| !is_heading(l)).collect()
+}
+
+/// Runs a tool that the test needs; a missing one is a failure that says how to get it.
+fn run_tool(cmd: &mut Command, package: &str) -> Output {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    match cmd.output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("{program} is not installed: apt-get install {package} (dnf install {package} on EL)")
+        }
+        Err(e) => panic!("cannot run {program}: {e}"),
+    }
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// (a) keys
+
+/// Each key is the tag of a list item (`.It Cm overlay.size_mib`), matched as a whole
+/// word: `name` is not found in `network.name`.
+#[test]
+fn every_key_is_in_the_service_file_page() {
+    let page = read(TOML_PAGE);
+    let tags = item_tags(page.lines());
+    let missing: Vec<&str> = keys::ALL
+        .iter()
+        .copied()
+        .filter(|k| !tags.iter().any(|t| t == k))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "keys of keys::ALL missing from {TOML_PAGE} (add an `.It Cm KEY` entry under KEYS): {missing:?}"
+    );
+}
+
+/// And the KEYS section documents no key that the parser does not know.
+#[test]
+fn service_file_page_documents_only_real_keys() {
+    let page = read(TOML_PAGE);
+    let unknown: Vec<String> = item_tags(section(&page, "KEYS"))
+        .into_iter()
+        .filter(|t| !keys::ALL.contains(&t.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "KEYS in {TOML_PAGE} documents keys that keys::ALL lacks: {unknown:?}"
+    );
+}
+
+#[test]
+fn item_tags_are_whole_words() {
+    let mdoc = ".It Cm network.name\n.It Cm name\n.It Sy 78 Pq Dv EX_CONFIG\ntext\n.Cm image\n";
+    assert_eq!(item_tags(mdoc.lines()), ["network.name", "name", "78"]);
+    let man = ".TP\n.B overlay.size_mib\ntext\n.TP\n\\fBenv\\fR\n.B image\n";
+    assert_eq!(item_tags(man.lines()), ["overlay.size_mib", "env"]);
+}
+
+// ---------------------------------------------------------------------------------------
+// (b) exit codes
+
+/// Each code is the tag of an item in EXIT STATUS (`.It Sy 78 Pq Dv EX_CONFIG`), and
+/// every numeric tag there is a real code.
+#[test]
+fn every_exit_code_is_in_exit_status() {
+    let page = read(MAIN_PAGE);
+    let documented: Vec<i32> = item_tags(section(&page, "EXIT STATUS"))
+        .iter()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let missing: Vec<_> = EXIT_CODES
+        .iter()
+        .filter(|(_, code)| !documented.contains(code))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "exit codes missing from EXIT STATUS in {MAIN_PAGE} (add `.It Sy CODE`): {missing:?}"
+    );
+    let stale: Vec<_> = documented
+        .iter()
+        .filter(|c| !EXIT_CODES.iter().any(|(_, e)| e == *c))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "EXIT STATUS in {MAIN_PAGE} documents codes the code never uses: {stale:?}"
+    );
+}
+
+/// The hand-written list above is the whole of `pub mod exit` in src/supervise.rs.
+#[test]
+fn exit_code_list_matches_the_source() {
+    let src = read("src/supervise.rs");
+    let start = src
+        .find("pub mod exit {")
+        .expect("src/supervise.rs has `pub mod exit {`");
+    let body = &src[start..];
+    let body = &body[..body
+        .find("\n}")
+        .expect("`pub mod exit` ends with a `}` line")];
+    let in_source: BTreeSet<(String, i32)> = body
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .map(|decl| {
+            let (name, rest) = decl.split_once(':').expect("pub const NAME: i32 = N;");
+            let value = rest.split_once('=').expect("pub const NAME: i32 = N;").1;
+            let value = value.trim().trim_end_matches(';').trim();
+            (
+                name.trim().to_owned(),
+                value.parse().unwrap_or_else(|_| panic!("{name} = {value}")),
+            )
+        })
+        .collect();
+    let listed: BTreeSet<(String, i32)> = EXIT_CODES
+        .iter()
+        .map(|(n, c)| ((*n).to_owned(), *c))
+        .collect();
+    assert_eq!(
+        in_source, listed,
+        "update EXIT_CODES in tests/docs.rs and EXIT STATUS in {MAIN_PAGE}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// (c) mandoc
+
+fn mandoc_lint(page: &str) {
+    let path = root().join(page);
+    let out = run_tool(
+        Command::new("mandoc")
+            .args(["-T", "lint", "-W", "warning"])
+            .arg(&path),
+        "mandoc",
+    );
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "mandoc -T lint -W warning {page}:\n{}",
+        show(&out)
+    );
+}
+
+#[test]
+fn main_page_passes_mandoc_lint() {
+    mandoc_lint(MAIN_PAGE);
+}
+
+#[test]
+fn service_file_page_passes_mandoc_lint() {
+    mandoc_lint(TOML_PAGE);
+}
+
+// ---------------------------------------------------------------------------------------
+// (d) the unit
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let unit = read(UNIT);
+    let exec_starts: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.starts_with("ExecStart="))
+        .collect();
+    assert_eq!(
+        exec_starts,
+        [UNIT_EXEC_START],
+        "{UNIT}: ExecStart= changed; update this test"
+    );
+    let bin = env!("CARGO_BIN_EXE_apptainer-supervisor");
+    let unit = unit.replace(UNIT_EXEC_START, &format!("ExecStart={bin} run %i"));
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let instance = dir.path().join("apptainer-supervisor@ood001.service");
+    std::fs::write(&instance, unit).expect("write the instantiated unit");
+
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.arg("verify").current_dir(dir.path());
+    // Environmental: verify runs `man` for every `Documentation=man:` link, and the pages
+    // are not installed on a build machine. Pointing MANPATH at copies of this tree's
+    // pages checks the links against the very pages the other tests check.
+    let manpath = dir.path().join("man");
+    for (page, sect) in [(MAIN_PAGE, "man8"), (TOML_PAGE, "man5")] {
+        let d = manpath.join(sect);
+        std::fs::create_dir_all(&d).expect("create MANPATH");
+        let name = Path::new(page).file_name().expect("page file name");
+        std::fs::copy(root().join(page), d.join(name)).expect("copy man page");
+    }
+    cmd.env("MANPATH", &manpath);
+    // Environmental: without man-db (minimal CI images) there is no `man` to run at all;
+    // then only the link check is left out.
+    if Command::new("man").arg("-w").arg("man").output().is_err() {
+        cmd.arg("--man=no");
+    }
+    // A caller's SYSTEMD_LOG_LEVEL=debug would print chatter that is no finding.
+    cmd.env_remove("SYSTEMD_LOG_LEVEL");
+    cmd.arg(&instance);
+    let out = run_tool(&mut cmd, "systemd");
+    // verify only warns (status 0) about unknown keys and bad values: any output fails.
+    assert!(
+        out.status.success() && out.stderr.is_empty() && out.stdout.is_empty(),
+        "systemd-analyze verify {}:\n{}",
+        instance.display(),
+        show(&out)
+    );
+}
+
+/// `5s`, `3min`, `180` (seconds) → seconds.
+fn unit_seconds(v: &str) -> u64 {
+    let v = v.trim();
+    let (num, mult) = if let Some(n) = v.strip_suffix("min") {
+        (n, 60)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1)
+    } else {
+        (v, 1)
+    };
+    num.trim()
+        .parse::<u64>()
+        .unwrap_or_else(|_| panic!("unsupported time span {v:?}"))
+        * mult
+}
+
+fn unit_value<'a>(unit: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    let values: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .collect();
+    assert_eq!(values.len(), 1, "{UNIT}: expected one {key}=");
+    values[0]
+}
+
+// The container's systemd gives each of its units 90 s to stop (DefaultTimeoutStopSec=):
+// the supervisor's orderly halt must wait longer than that before it forces anything.
+const _: () = assert!(DEFAULT_STOP_SEC > 90);
+
+/// The unit's own limits must fit what the supervisor does with the default timeouts:
+/// `instance start` within start_sec, and a halt of stop_sec, then `instance stop -F` and
+/// SIGKILL of kill_sec each, plus 5 s.
+#[test]
+fn unit_timeouts_cover_the_config_defaults() {
+    let unit = read(UNIT);
+    let start = unit_seconds(unit_value(&unit, "TimeoutStartSec"));
+    let stop = unit_seconds(unit_value(&unit, "TimeoutStopSec"));
+    assert!(
+        start > DEFAULT_START_SEC,
+        "TimeoutStartSec={start}s <= timeouts.start_sec {DEFAULT_START_SEC}"
+    );
+    let halt = DEFAULT_STOP_SEC + 2 * DEFAULT_KILL_SEC + 5;
+    assert!(
+        stop > halt,
+        "TimeoutStopSec={stop}s <= stop_sec + 2 x kill_sec + 5 = {halt}"
+    );
+    assert_eq!(unit_value(&unit, "Type"), "notify");
+    assert_eq!(unit_value(&unit, "KillMode"), "mixed");
+    assert_eq!(unit_value(&unit, "RuntimeDirectoryPreserve"), "yes");
+    assert!(unit_seconds(unit_value(&unit, "WatchdogSec")) > 0);
+}
