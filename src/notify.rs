@@ -1,22 +1,39 @@
 //! Talking to the host's systemd: `READY=1`, `STATUS=`, `WATCHDOG=1`, `STOPPING=1`,
-//! `EXTEND_TIMEOUT_USEC=` through the sd-notify crate.
+//! `EXTEND_TIMEOUT_USEC=`. Messages are built from the sd-notify crate's `NotifyState`.
 //!
-//! Sending is best effort: a lost datagram must never stop the supervisor, so errors are
-//! logged at debug level and dropped. Without `NOTIFY_SOCKET` every call is a no-op.
+//! The socket is ours, not the crate's: the crate opens a blocking socket per message and
+//! does not support abstract addresses (`NOTIFY_SOCKET=@…`). A send that blocks would
+//! stall the one event loop, so ours is non-blocking; a datagram that does not fit right
+//! away is retried a few times (bounded) and then dropped with a log line. Without
+//! `NOTIFY_SOCKET` every call is a no-op.
 
+use std::fmt::Write as _;
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sd_notify::NotifyState;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Notifier {
+    socket: Option<Arc<(UnixDatagram, SocketAddr)>>,
     /// Half of `WATCHDOG_USEC`, as sd_watchdog_enabled(3) recommends; None when off.
     pub watchdog_interval: Option<Duration>,
 }
 
 impl Notifier {
     pub fn from_env() -> Self {
+        let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|p| match open(&p) {
+            Ok(s) => Some(Arc::new(s)),
+            Err(e) => {
+                tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable; systemd will not hear from us");
+                None
+            }
+        });
         Notifier {
+            socket,
             watchdog_interval: sd_notify::watchdog_enabled()
                 .map(|d| d / 2)
                 .filter(|d| !d.is_zero()),
@@ -24,8 +41,23 @@ impl Notifier {
     }
 
     fn send(&self, states: &[NotifyState]) {
-        if let Err(e) = sd_notify::notify(states) {
-            tracing::debug!(error = %e, "sd_notify failed");
+        let Some(sock) = &self.socket else { return };
+        let mut msg = String::new();
+        for s in states {
+            let _ = writeln!(msg, "{s}");
+        }
+        for attempt in 0..10 {
+            match sock.0.send_to_addr(msg.as_bytes(), &sock.1) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && attempt < 9 => {
+                    // The manager's queue is full for a moment: a short, bounded wait.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, notify_message = %msg.trim_end(), "sd_notify message dropped");
+                    return;
+                }
+            }
         }
     }
 
@@ -49,5 +81,83 @@ impl Notifier {
     pub fn extend(&self, d: Duration) {
         let usec = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
         self.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+    }
+}
+
+/// `NOTIFY_SOCKET` is a path, or `@name` for the abstract namespace (sd_notify(3)).
+fn open(p: &std::ffi::OsStr) -> io::Result<(UnixDatagram, SocketAddr)> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(std::path::Path::new(p))?,
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    Ok((sock, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sends_to_a_path_socket() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("n.sock");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        let (sock, addr) = open(path.as_os_str()).unwrap();
+        let n = Notifier {
+            socket: Some(Arc::new((sock, addr))),
+            watchdog_interval: None,
+        };
+        n.ready("up");
+        let mut buf = [0u8; 128];
+        let len = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"READY=1\nSTATUS=up\n");
+    }
+
+    #[test]
+    fn sends_to_an_abstract_socket() {
+        let name = format!("asv-test-{}", std::process::id());
+        let listener =
+            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+                .unwrap();
+        let (sock, addr) = open(std::ffi::OsStr::new(&format!("@{name}"))).unwrap();
+        let n = Notifier {
+            socket: Some(Arc::new((sock, addr))),
+            watchdog_interval: None,
+        };
+        n.watchdog();
+        let mut buf = [0u8; 64];
+        let len = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..len], b"WATCHDOG=1\n");
+    }
+
+    #[test]
+    fn a_full_queue_drops_instead_of_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("n.sock");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        let (sock, addr) = open(path.as_os_str()).unwrap();
+        let n = Notifier {
+            socket: Some(Arc::new((sock, addr))),
+            watchdog_interval: None,
+        };
+        // Nobody reads: the queue fills (net.unix.max_dgram_qlen); a blocking socket would
+        // hang here for good, ours returns and drops what does not fit.
+        for _ in 0..20 {
+            n.status("x");
+        }
+        listener.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        let mut queued = 0;
+        while listener.recv(&mut buf).is_ok() {
+            queued += 1;
+        }
+        assert!(
+            (1..20).contains(&queued),
+            "some queued, the rest dropped: {queued}"
+        );
     }
 }
