@@ -54,6 +54,7 @@ pub struct Service {
     pub networks: Vec<Network>,
     pub overlay: Overlay,
     pub apptainer: Apptainer,
+    pub readiness: Readiness,
     pub timeouts: Timeouts,
     /// Line of each key the file sets explicitly (absent: the default was used), so host
     /// checks that fail later can still point at the line.
@@ -136,6 +137,48 @@ pub struct Overlay {
 pub struct Apptainer {
     pub binary: PathBuf,
     pub extra_args: Vec<String>,
+}
+
+/// What READY=1 means, and what a required unit's failure does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub mode: ReadinessMode,
+    /// Units inside that must be active before READY=1 (e.g. httpd.service).
+    pub required_units: Vec<String>,
+    /// `degraded` (some unit failed) counts as booted; production images are rarely spotless.
+    pub accept_degraded: bool,
+    pub on_failure: OnFailure,
+    /// `restart-unit`: at most this many restarts of required units within the window,
+    /// then the whole service is restarted (exit non-zero).
+    pub max_restarts: u32,
+    pub restart_window_sec: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadinessMode {
+    /// The container's own systemd, over its system bus: booted and required units active.
+    InnerSystemd,
+    /// The instance is up (`instance start` returned and its processes live). For images
+    /// without systemd or D-Bus.
+    Instance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    RestartUnit,
+    RestartService,
+    Ignore,
+}
+
+impl ReadinessMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadinessMode::InnerSystemd => "inner-systemd",
+            ReadinessMode::Instance => "instance",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +286,8 @@ struct RawService {
     #[serde(default)]
     apptainer: RawApptainer,
     #[serde(default)]
+    readiness: RawReadiness,
+    #[serde(default)]
     timeouts: RawTimeouts,
 }
 
@@ -272,6 +317,18 @@ struct RawApptainer {
     binary: Option<Spanned<String>>,
     #[serde(default)]
     extra_args: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReadiness {
+    mode: Option<Spanned<ReadinessMode>>,
+    #[serde(default)]
+    required_units: Vec<Spanned<String>>,
+    accept_degraded: Option<bool>,
+    on_failure: Option<OnFailure>,
+    max_restarts: Option<u32>,
+    restart_window_sec: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -500,6 +557,7 @@ impl Validator<'_> {
         };
 
         let timeouts = self.timeouts(&raw.timeouts);
+        let readiness = self.readiness(&raw.readiness, raw.boot);
 
         let mut lines = BTreeMap::new();
         for (key, v) in [
@@ -528,6 +586,7 @@ impl Validator<'_> {
             networks,
             overlay,
             apptainer,
+            readiness,
             timeouts,
             lines,
         }
@@ -659,6 +718,71 @@ impl Validator<'_> {
         out
     }
 
+    fn readiness(&mut self, raw: &RawReadiness, boot: bool) -> Readiness {
+        // Without --boot there is no systemd inside to ask.
+        let default_mode = if boot {
+            ReadinessMode::InnerSystemd
+        } else {
+            ReadinessMode::Instance
+        };
+        let mode = raw.mode.as_ref().map_or(default_mode, |m| *m.get_ref());
+        let mode_at = raw.mode.as_ref().map_or(0, |m| m.span().start);
+        let mut units: Vec<String> = Vec::new();
+        for u in &raw.required_units {
+            let name = u.get_ref();
+            if let Err(reason) = check_unit_name(name) {
+                self.push(u.span().start, keys::READINESS_REQUIRED_UNITS, reason, None);
+            } else if units.contains(name) {
+                self.push(
+                    u.span().start,
+                    keys::READINESS_REQUIRED_UNITS,
+                    format!("{name:?} is listed twice"),
+                    None,
+                );
+            }
+            units.push(name.clone());
+        }
+        if mode == ReadinessMode::InnerSystemd && !boot {
+            self.push(
+                mode_at,
+                keys::READINESS_MODE,
+                "\"inner-systemd\" needs boot = true: without --boot there is no systemd inside",
+                Some("set readiness.mode = \"instance\", or boot = true"),
+            );
+        }
+        if mode == ReadinessMode::Instance && !units.is_empty() {
+            if let Some(u) = raw.required_units.first() {
+                self.push(
+                    u.span().start,
+                    keys::READINESS_REQUIRED_UNITS,
+                    "required units need readiness.mode = \"inner-systemd\"",
+                    Some("without the inner systemd nobody can tell whether a unit is active"),
+                );
+            }
+        }
+        let window = match &raw.restart_window_sec {
+            Some(w) if *w.get_ref() == 0 => {
+                self.push(
+                    w.span().start,
+                    keys::READINESS_RESTART_WINDOW_SEC,
+                    "must be at least 1",
+                    None,
+                );
+                300
+            }
+            Some(w) => *w.get_ref(),
+            None => 300,
+        };
+        Readiness {
+            mode,
+            required_units: units,
+            accept_degraded: raw.accept_degraded.unwrap_or(true),
+            on_failure: raw.on_failure.unwrap_or(OnFailure::RestartUnit),
+            max_restarts: raw.max_restarts.unwrap_or(3),
+            restart_window_sec: window,
+        }
+    }
+
     fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {
         let d = Timeouts::default();
         let mut get = |v: &Option<Spanned<u64>>, key: &str, default: u64, min: u64| match v {
@@ -740,6 +864,37 @@ pub fn check_name(name: &str) -> Result<(), String> {
     {
         return Err(format!(
             "{name:?} contains {c:?}; Apptainer instance names allow only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// A full systemd unit name with its type suffix (systemd.unit(5)); no instance guessing.
+fn check_unit_name(u: &str) -> Result<(), String> {
+    const TYPES: &[&str] = &[
+        ".service",
+        ".socket",
+        ".target",
+        ".mount",
+        ".automount",
+        ".swap",
+        ".path",
+        ".timer",
+        ".slice",
+        ".scope",
+        ".device",
+    ];
+    if !TYPES.iter().any(|t| u.len() > t.len() && u.ends_with(t)) {
+        return Err(format!(
+            "{u:?} is not a unit name with its type (e.g. \"httpd.service\")"
+        ));
+    }
+    if u.len() > 255
+        || u.chars()
+            .any(|c| !(c.is_ascii_alphanumeric() || ":-_.\\@".contains(c)))
+    {
+        return Err(format!(
+            "{u:?} contains characters systemd does not allow in unit names"
         ));
     }
     Ok(())
@@ -1162,6 +1317,48 @@ name = "macvlan_ood001"
         assert_eq!(parse_env_file("X=$(rm -rf /)\n").unwrap_err().0, 1);
         assert_eq!(parse_env_file("1X=a\n").unwrap_err().0, 1);
         assert_eq!(parse_env_file("X=\"a\n").unwrap_err().0, 1);
+    }
+
+    #[test]
+    fn readiness_defaults_follow_boot() {
+        let s = p("service_dir = \"/x\"\n").unwrap();
+        assert_eq!(s.readiness.mode, ReadinessMode::InnerSystemd);
+        assert_eq!(s.readiness.on_failure, OnFailure::RestartUnit);
+        assert!(s.readiness.accept_degraded);
+        let s = p("service_dir = \"/x\"\nboot = false\n").unwrap();
+        assert_eq!(s.readiness.mode, ReadinessMode::Instance);
+    }
+
+    #[test]
+    fn readiness_units_are_checked() {
+        let e = p("service_dir = \"/x\"\n[readiness]\nrequired_units = [\"httpd\", \"a.service\", \"a.service\"]\n").unwrap_err();
+        let r: Vec<_> = e
+            .issues()
+            .iter()
+            .map(|i| (i.column, i.reason.clone()))
+            .collect();
+        assert_eq!(
+            r[0].1,
+            "\"httpd\" is not a unit name with its type (e.g. \"httpd.service\")"
+        );
+        assert_eq!(r[1].1, "\"a.service\" is listed twice");
+        let e = one_error("service_dir = \"/x\"\n[readiness]\nmode = \"instance\"\nrequired_units = [\"a.service\"]\n");
+        assert!(
+            e.contains("readiness.required_units: required units need readiness.mode"),
+            "{e}"
+        );
+        let e = one_error(
+            "service_dir = \"/x\"\nboot = false\n[readiness]\nmode = \"inner-systemd\"\n",
+        );
+        assert!(
+            e.contains("4:8: readiness.mode: \"inner-systemd\" needs boot = true"),
+            "{e}"
+        );
+        let e = one_error("service_dir = \"/x\"\n[readiness]\non_failure = \"reboot\"\n");
+        assert!(
+            e.contains("3:14: readiness.on_failure: unknown variant `reboot`"),
+            "{e}"
+        );
     }
 
     #[test]

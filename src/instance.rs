@@ -67,19 +67,26 @@ pub fn cmdline(pid: i32) -> Option<Vec<u8>> {
     std::fs::read(format!("/proc/{pid}/cmdline")).ok()
 }
 
-/// Whether the process has a handler installed for `sig` (`SigCgt` in `/proc/<pid>/status`).
-/// The init of a PID namespace drops signals it has no handler for, so a halt signal sent
-/// before systemd installed its handlers is lost and must be sent again.
+/// Whether a signal sent now would reach the process: it has a handler for `sig` (`SigCgt`
+/// in `/proc/<pid>/status`) or blocks it (`SigBlk`: systemd takes its signals through a
+/// signalfd, with the signals blocked). The init of a PID namespace drops a signal whose
+/// disposition is the default and that it does not block, so a halt signal sent before
+/// systemd set itself up is lost and must wait.
 pub fn catches(pid: i32, sig: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| parse_sigcgt(&s))
-        .is_some_and(|mask| (1..=64).contains(&sig) && mask & (1u64 << (sig - 1)) != 0)
+        .is_some_and(|s| {
+            let bit = |field| {
+                parse_sigmask(&s, field)
+                    .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
+            };
+            bit("SigCgt:") || bit("SigBlk:")
+        })
 }
 
-fn parse_sigcgt(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("SigCgt:"))?;
-    u64::from_str_radix(line["SigCgt:".len()..].trim(), 16).ok()
+fn parse_sigmask(status: &str, field: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    u64::from_str_radix(line[field.len()..].trim(), 16).ok()
 }
 
 /// `SIGRTMIN+3`: the clean halt of a containerised systemd (systemd(1), CONTAINER_INTERFACE).
@@ -249,7 +256,7 @@ mod tests {
     #[test]
     fn sigcgt_bits() {
         let status = "Name:\tx\nSigCgt:\t0000001000000002\n";
-        let mask = parse_sigcgt(status).unwrap();
+        let mask = parse_sigmask(status, "SigCgt:").unwrap();
         assert_eq!(mask & (1 << 1), 2, "SIGINT (2) is bit 1");
         assert_ne!(mask & (1 << 36), 0, "SIGRTMIN+3 (37) is bit 36");
     }

@@ -27,6 +27,14 @@ pub const APPTAINER: &str = "apptainer";
 pub const APPTAINER_BINARY: &str = "apptainer.binary";
 pub const APPTAINER_EXTRA_ARGS: &str = "apptainer.extra_args";
 
+pub const READINESS: &str = "readiness";
+pub const READINESS_MODE: &str = "readiness.mode";
+pub const READINESS_REQUIRED_UNITS: &str = "readiness.required_units";
+pub const READINESS_ACCEPT_DEGRADED: &str = "readiness.accept_degraded";
+pub const READINESS_ON_FAILURE: &str = "readiness.on_failure";
+pub const READINESS_MAX_RESTARTS: &str = "readiness.max_restarts";
+pub const READINESS_RESTART_WINDOW_SEC: &str = "readiness.restart_window_sec";
+
 pub const TIMEOUTS: &str = "timeouts";
 pub const TIMEOUTS_START_SEC: &str = "timeouts.start_sec";
 pub const TIMEOUTS_STOP_SEC: &str = "timeouts.stop_sec";
@@ -53,6 +61,12 @@ pub const ALL: &[&str] = &[
     OVERLAY_SPARSE,
     APPTAINER_BINARY,
     APPTAINER_EXTRA_ARGS,
+    READINESS_MODE,
+    READINESS_REQUIRED_UNITS,
+    READINESS_ACCEPT_DEGRADED,
+    READINESS_ON_FAILURE,
+    READINESS_MAX_RESTARTS,
+    READINESS_RESTART_WINDOW_SEC,
     TIMEOUTS_START_SEC,
     TIMEOUTS_STOP_SEC,
     TIMEOUTS_KILL_SEC,

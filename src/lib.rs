@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod fsutil;
 pub mod host;
+pub mod inner;
 pub mod instance;
 pub mod keys;
 pub mod lock;

@@ -21,12 +21,15 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::apptainer::{self, InstancePaths, StateFile};
 use crate::argv;
 use crate::config::Service;
+use crate::config::{OnFailure, ReadinessMode};
+use crate::inner::{self, Inner, InnerEvent, Shutdown};
 use crate::instance::{self, Exit, ExitWatch, ProcId, RunRecord};
 use crate::lock;
 use crate::notify::Notifier;
@@ -34,13 +37,15 @@ use crate::overlay;
 
 /// Exit codes; documented in apptainer-supervisor(8).
 pub mod exit {
-    /// Stopped on request, cleanly.
+    /// Stopped on request, cleanly (or powered off from inside).
     pub const OK: i32 = 0;
-    /// The instance ended by itself (or its master vanished): systemd's `Restart=on-failure`.
+    /// The instance ended by itself, its master vanished, or a required unit kept failing:
+    /// systemd's `Restart=on-failure` starts it afresh.
     pub const INSTANCE_ENDED: i32 = 1;
     /// Bad command line (clap).
     pub const USAGE: i32 = 2;
-    /// `apptainer instance start` or `overlay create` failed.
+    /// `apptainer instance start` or `overlay create` failed, the container's systemd could
+    /// not be reached, or the service was not ready within `timeouts.start_sec`.
     pub const UNAVAILABLE: i32 = 69;
     /// A bug or an unexpected state.
     pub const SOFTWARE: i32 = 70;
@@ -51,8 +56,12 @@ pub mod exit {
     /// The service is already running: lock held, overlay in use, or a live instance of that
     /// name that this supervisor did not start.
     pub const TEMPFAIL: i32 = 75;
-    /// Invalid service file or host setup.
+    /// Invalid service file or host setup (including an image without a D-Bus system bus
+    /// when readiness needs one).
     pub const CONFIG: i32 = 78;
+    /// The container was rebooted from inside: the unit restarts it
+    /// (`RestartForceExitStatus=133`, as systemd-nspawn's unit does).
+    pub const REBOOTED: i32 = 133;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +119,18 @@ pub enum RunError {
     },
     #[error("stopped during start-up; nothing was left running")]
     StoppedDuringStart,
+    #[error("the image of {name} has no D-Bus system bus (no dbus.service or dbus-broker.service), which readiness.mode = \"inner-systemd\" needs\n  hint: install dbus in the image, or set readiness.mode = \"instance\" (READY=1 once the instance is up)")]
+    NoInnerBus { name: String },
+    #[error(transparent)]
+    Inner(#[from] inner::InnerError),
+    #[error("not ready after {secs} s (timeouts.start_sec): {status}")]
+    NotReady { secs: u64, status: String },
+    #[error("required unit {unit} failed ({result}); the service is restarted as a whole")]
+    UnitFailed { unit: String, result: String },
+    #[error("{name} was rebooted from inside; exiting with 133 so that systemd starts it again")]
+    RebootedInside { name: String },
+    #[error("{name} was powered off from inside")]
+    PoweredOffInside { name: String },
 }
 
 impl RunError {
@@ -125,7 +146,11 @@ impl RunError {
             CreateOverlay { .. } | StartInstance { .. } | StartTimeout { .. } => exit::UNAVAILABLE,
             State(_) | NoStateFile { .. } | NotAMaster { .. } => exit::SOFTWARE,
             InstanceEnded { .. } | MasterDied { .. } => exit::INSTANCE_ENDED,
-            StoppedDuringStart => exit::OK,
+            StoppedDuringStart | PoweredOffInside { .. } => exit::OK,
+            NoInnerBus { .. } => exit::CONFIG,
+            Inner(_) | NotReady { .. } => exit::UNAVAILABLE,
+            UnitFailed { .. } => exit::INSTANCE_ENDED,
+            RebootedInside { .. } => exit::REBOOTED,
         }
     }
 }
@@ -259,6 +284,8 @@ struct Supervisor<'a> {
     notify: Notifier,
     signals: Signals,
     record_path: PathBuf,
+    /// When `instance start` was run: `timeouts.start_sec` counts from here.
+    started_at: Instant,
 }
 
 impl<'a> Supervisor<'a> {
@@ -278,6 +305,7 @@ impl<'a> Supervisor<'a> {
             notify: Notifier::from_env(),
             signals,
             record_path: RunRecord::path(&ctx.run_dir, &s.name),
+            started_at: Instant::now(),
         })
     }
 
@@ -343,6 +371,7 @@ impl<'a> Supervisor<'a> {
                     &container_fd,
                     master.as_ref(),
                     master_fd.as_ref(),
+                    None,
                 )
                 .await;
                 self.remove_leftovers();
@@ -424,7 +453,8 @@ impl<'a> Supervisor<'a> {
         let argv = argv::instance_start(self.s);
         info!(argv = ?argv, "starting instance");
         self.status("starting instance");
-        let deadline = Instant::now() + Duration::from_secs(self.s.timeouts.start_sec);
+        self.started_at = Instant::now();
+        let deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         let out = self
             .run_cli(&argv, Some(Duration::from_secs(30)), Some(deadline))
             .await;
@@ -509,7 +539,7 @@ impl<'a> Supervisor<'a> {
                 let m = ProcId::of(st.ppid);
                 if let Ok(cfd) = instance::watch(&c) {
                     let mfd = m.and_then(|m| instance::watch(&m).ok());
-                    self.halt(&c, &cfd, m.as_ref(), mfd.as_ref()).await;
+                    self.halt(&c, &cfd, m.as_ref(), mfd.as_ref(), None).await;
                 }
             }
         }
@@ -525,40 +555,147 @@ impl<'a> Supervisor<'a> {
             master_pid = t.master.pid,
             "instance running"
         );
-        self.notify.ready(&format!("running: instance pid {pid}"));
         self.check_watchdog_setting();
         let mut watchdog = self.notify.watchdog_interval.map(|d| {
             let mut i = tokio::time::interval(d);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
+        let r = &self.s.readiness;
+        let mut w = WatchState {
+            ready: false,
+            last_status: String::new(),
+            inner: None,
+            events: None,
+            ping: None,
+            shutdown: None,
+            restarts: std::collections::VecDeque::new(),
+            verdict: None,
+        };
+        let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
+        // Our own start timeout decides; keep systemd's TimeoutStartSec= behind it even
+        // when overlay creation or an orphan's halt came first.
+        if r.mode == ReadinessMode::InnerSystemd {
+            let left = start_deadline.saturating_duration_since(Instant::now());
+            self.notify.extend(left + Duration::from_secs(30));
+        }
+        match r.mode {
+            ReadinessMode::Instance => {
+                w.ready = true;
+                info!(
+                    INSTANCE_PID = pid,
+                    "ready (readiness.mode = instance: the instance is up)"
+                );
+                self.notify.ready(&format!(
+                    "running: instance pid {pid} (readiness: instance up)"
+                ));
+            }
+            ReadinessMode::InnerSystemd => {
+                if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
+                    self.notify
+                        .stopping("stopping: the image has no D-Bus system bus");
+                    self.halt(
+                        &t.container,
+                        &t.container_fd,
+                        Some(&t.master),
+                        Some(&t.master_fd),
+                        None,
+                    )
+                    .await;
+                    self.remove_leftovers();
+                    return Err(RunError::NoInnerBus {
+                        name: self.s.name.clone(),
+                    });
+                }
+                self.status(&format!(
+                    "booting: instance pid {pid}; waiting for its system bus"
+                ));
+                let left = start_deadline.saturating_duration_since(Instant::now());
+                let container = t.container;
+                // A stop request while we wait for the bus is served at once.
+                let connected = tokio::select! {
+                    r = Inner::connect(pid, left, || container.is_alive()) => Some(r),
+                    sig = self.signals.recv() => {
+                        info!(INSTANCE_PID = pid, signal = sig, "stop requested while the container boots");
+                        None
+                    }
+                };
+                let Some(connected) = connected else {
+                    self.notify.stopping("stopping: halting the container");
+                    self.halt(
+                        &t.container,
+                        &t.container_fd,
+                        Some(&t.master),
+                        Some(&t.master_fd),
+                        None,
+                    )
+                    .await;
+                    self.remove_leftovers();
+                    return Ok(());
+                };
+                match connected {
+                    Ok(i) => {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        tokio::spawn(inner::watch(i.clone(), r.required_units.clone(), tx));
+                        w.inner = Some(i);
+                        w.events = Some(rx);
+                    }
+                    Err(e) if container.is_alive() => {
+                        error!(INSTANCE_PID = pid, error = %e, "cannot reach the container's systemd");
+                        self.notify
+                            .stopping("stopping: the container's systemd cannot be reached");
+                        self.halt(
+                            &t.container,
+                            &t.container_fd,
+                            Some(&t.master),
+                            Some(&t.master_fd),
+                            None,
+                        )
+                        .await;
+                        self.remove_leftovers();
+                        return Err(RunError::Inner(e));
+                    }
+                    // The container died while we waited: the loop below reports it.
+                    Err(_) => {}
+                }
+            }
+        }
+        let not_ready_by = tokio::time::sleep_until(start_deadline);
+        tokio::pin!(not_ready_by);
         loop {
             tokio::select! {
                 sig = self.signals.recv() => {
                     info!(INSTANCE_PID = pid, signal = sig, "stop requested");
                     self.notify.stopping("stopping: halting the container");
-                    self.halt(&t.container, &t.container_fd, Some(&t.master), Some(&t.master_fd)).await;
+                    self.halt(&t.container, &t.container_fd, Some(&t.master), Some(&t.master_fd), w.events.as_mut()).await;
                     self.remove_leftovers();
                     info!(INSTANCE_PID = pid, "stopped");
                     return Ok(());
                 }
                 _ = t.container_fd.readable() => {
-                    return Err(self.container_ended(&t).await);
+                    return match w.shutdown {
+                        Some(kind) => Err(self.shut_down_inside(&t, kind).await),
+                        None => Err(self.container_ended(&t).await),
+                    };
                 }
                 _ = t.master_fd.readable() => {
+                    if let (false, Some(kind)) = (t.container.is_alive(), w.shutdown) {
+                        // Its container shut down from inside; the master is done.
+                        return Err(self.shut_down_inside(&t, kind).await);
+                    }
                     let exit = instance::try_reap(t.master.pid);
                     let container_alive = t.container.is_alive();
                     error!(
                         INSTANCE_PID = pid,
                         master_pid = t.master.pid,
-                        exit = ?exit,
+                        exit = %show_exit(exit),
                         container_alive,
                         "the Apptainer master died; its cleanup did not run"
                     );
                     // From here on we are stopping: tell systemd, so that the watchdog
                     // does not fire while the container halts.
                     self.notify.stopping("master died: halting the container");
-                    self.halt(&t.container, &t.container_fd, None, None).await;
+                    self.halt(&t.container, &t.container_fd, None, None, None).await;
                     self.remove_leftovers();
                     return Err(RunError::MasterDied {
                         name: self.s.name.clone(),
@@ -566,16 +703,246 @@ impl<'a> Supervisor<'a> {
                         container: if container_alive { "was halted" } else { "died with it" },
                     });
                 }
+                ev = recv_opt(&mut w.events) => {
+                    match ev {
+                        Some(ev) => {
+                            if let Some(err) = self.on_inner_event(&mut w, ev, &t).await {
+                                return Err(err);
+                            }
+                        }
+                        None => w.events = None,
+                    }
+                }
+                _ = &mut not_ready_by, if !w.ready => {
+                    let status = w.verdict.as_ref().map_or_else(|| "the container's systemd was not reached".to_owned(), |v| v.status.clone());
+                    error!(INSTANCE_PID = pid, status = %status, timeout_sec = self.s.timeouts.start_sec, "not ready in time");
+                    self.notify.stopping(&format!("stopping: not ready after {} s: {status}", self.s.timeouts.start_sec));
+                    self.halt(&t.container, &t.container_fd, Some(&t.master), Some(&t.master_fd), w.events.as_mut()).await;
+                    self.remove_leftovers();
+                    return Err(RunError::NotReady { secs: self.s.timeouts.start_sec, status });
+                }
                 _ = tick(&mut watchdog) => {
-                    // Both pidfds not readable ⇒ both alive; the loop itself answered.
-                    self.notify.watchdog();
+                    // Both pidfds not readable ⇒ the instance is alive, and the loop answered.
+                    // Once the inner manager is reached, it must answer too (bounded).
+                    match &w.inner {
+                        None => self.notify.watchdog(),
+                        Some(inner) if w.ping.is_none() => {
+                            let (tx, rx) = oneshot::channel();
+                            let inner = inner.clone();
+                            let bound = self.notify.watchdog_interval.unwrap_or(Duration::from_secs(1)) / 2;
+                            tokio::spawn(async move { let _ = tx.send(inner.ping(bound).await); });
+                            w.ping = Some(rx);
+                        }
+                        Some(_) => {
+                            warn!(INSTANCE_PID = pid, "the container's systemd did not answer the last ping; no WATCHDOG=1");
+                        }
+                    }
+                }
+                answered = ping_opt(&mut w.ping) => {
+                    w.ping = None;
+                    if answered {
+                        self.notify.watchdog();
+                    } else {
+                        warn!(INSTANCE_PID = pid, "the container's systemd did not answer in time; no WATCHDOG=1");
+                    }
                 }
             }
         }
     }
 
-    /// `timeouts.watchdog_sec` is what generated units set as `WatchdogSec=`; under the
-    /// template unit systemd's own setting rules, so a difference is worth a warning.
+    /// One event from the inner watcher. Returns an error when the service must end.
+    async fn on_inner_event(
+        &mut self,
+        w: &mut WatchState,
+        ev: InnerEvent,
+        t: &Tracked,
+    ) -> Option<RunError> {
+        let pid = t.container.pid;
+        let r = self.s.readiness.clone();
+        match ev {
+            ev @ (InnerEvent::Connected(_) | InnerEvent::Changed(_)) => {
+                let (ev_kind, state) = match ev {
+                    InnerEvent::Connected(st) => (EvKind::Connected, st),
+                    InnerEvent::Changed(st) => (EvKind::Changed, st),
+                    _ => unreachable!("matched above"),
+                };
+                let v = inner::verdict(&state, &r.required_units, r.accept_degraded);
+                if v.status != w.last_status {
+                    self.notify.status(&v.status);
+                    w.last_status = v.status.clone();
+                }
+                if v.ready && !w.ready {
+                    w.ready = true;
+                    info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, status = %v.status, "ready");
+                    self.notify.ready(&v.status);
+                }
+                let already_failed = if matches!(ev_kind, EvKind::Connected) {
+                    v.failed.clone()
+                } else {
+                    Vec::new()
+                };
+                w.verdict = Some(v);
+                // A required unit that had already failed when we connected gets the
+                // policy too: no change signal will ever come for it.
+                for (unit, result) in already_failed {
+                    warn!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = "failed", RESULT = %result, "required unit already failed");
+                    if let Some(err) = self.on_unit_failed(w, &unit, &result, t).await {
+                        return Some(err);
+                    }
+                }
+                None
+            }
+            InnerEvent::UnitChanged(unit, u) => {
+                let failed = u.active_state == "failed";
+                let fields = |level_warn: bool| {
+                    if level_warn {
+                        warn!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = %u.active_state, SUB_STATE = %u.sub_state, RESULT = %u.result, "required unit changed");
+                    } else {
+                        info!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = %u.active_state, SUB_STATE = %u.sub_state, RESULT = %u.result, "required unit changed");
+                    }
+                };
+                fields(failed);
+                if failed && w.shutdown.is_none() {
+                    return self.on_unit_failed(w, &unit, &u.result, t).await;
+                }
+                None
+            }
+            InnerEvent::Shutdown(kind) => {
+                w.shutdown = Some(kind);
+                let what = kind.as_str();
+                info!(
+                    INSTANCE_PID = pid,
+                    shutdown = what,
+                    "the container is shutting down from inside"
+                );
+                self.notify
+                    .stopping(&format!("stopping: {what} from inside the container"));
+                None
+            }
+            InnerEvent::Lost(why) => {
+                w.events = None;
+                w.inner = None;
+                if t.container.is_alive() && w.shutdown.is_none() {
+                    warn!(INSTANCE_PID = pid, reason = %why, "lost the container's system bus; watching the instance only");
+                    self.notify.status(
+                        "running: the container's system bus is gone; watching the instance only",
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// The failure policy for a required unit that reached `failed` (its own `Restart=`
+    /// has given up by then: while it still works the unit is `activating/auto-restart`).
+    async fn on_unit_failed(
+        &mut self,
+        w: &mut WatchState,
+        unit: &str,
+        result: &str,
+        t: &Tracked,
+    ) -> Option<RunError> {
+        let r = &self.s.readiness;
+        match r.on_failure {
+            OnFailure::Ignore => None,
+            OnFailure::RestartUnit => {
+                let now = Instant::now();
+                let window = Duration::from_secs(r.restart_window_sec);
+                while w
+                    .restarts
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > window)
+                {
+                    w.restarts.pop_front();
+                }
+                if (w.restarts.len() as u32) < r.max_restarts {
+                    w.restarts.push_back(now);
+                    warn!(
+                        INNER_UNIT = %unit,
+                        RESULT = %result,
+                        restart = w.restarts.len(),
+                        max_restarts = r.max_restarts,
+                        window_sec = r.restart_window_sec,
+                        "restarting failed required unit (ResetFailed + RestartUnit)"
+                    );
+                    self.notify.status(&format!(
+                        "degraded: {unit} failed ({result}); restarting it ({}/{})",
+                        w.restarts.len(),
+                        r.max_restarts
+                    ));
+                    if let Some(inner) = w.inner.clone() {
+                        let unit = unit.to_owned();
+                        tokio::spawn(async move {
+                            if let Err(e) = inner.restart_unit(&unit).await {
+                                warn!(INNER_UNIT = %unit, error = %e, "restarting the unit failed");
+                            }
+                        });
+                    }
+                    None
+                } else {
+                    error!(INNER_UNIT = %unit, RESULT = %result, max_restarts = r.max_restarts, window_sec = r.restart_window_sec, "restart budget exhausted; restarting the whole service");
+                    Some(self.give_up(w, unit, result, t).await)
+                }
+            }
+            OnFailure::RestartService => {
+                error!(INNER_UNIT = %unit, RESULT = %result, "required unit failed; restarting the whole service (readiness.on_failure = restart-service)");
+                Some(self.give_up(w, unit, result, t).await)
+            }
+        }
+    }
+
+    /// Halts the container in order and ends the service with a failure, so that the unit's
+    /// `Restart=on-failure` starts it afresh.
+    async fn give_up(
+        &mut self,
+        w: &mut WatchState,
+        unit: &str,
+        result: &str,
+        t: &Tracked,
+    ) -> RunError {
+        self.notify.stopping(&format!(
+            "stopping: {unit} failed ({result}); the service will be restarted"
+        ));
+        self.halt(
+            &t.container,
+            &t.container_fd,
+            Some(&t.master),
+            Some(&t.master_fd),
+            w.events.as_mut(),
+        )
+        .await;
+        self.remove_leftovers();
+        RunError::UnitFailed {
+            unit: unit.to_owned(),
+            result: result.to_owned(),
+        }
+    }
+
+    /// The container ended after a shutdown job from inside: reboot → 133 (restarted by the
+    /// unit's RestartForceExitStatus=), poweroff/halt → 0.
+    async fn shut_down_inside(&mut self, t: &Tracked, kind: Shutdown) -> RunError {
+        let grace = Duration::from_secs(self.s.timeouts.kill_sec);
+        if timeout(grace, t.master_fd.readable()).await.is_err() {
+            instance::signal(&t.master, libc::SIGKILL);
+            let _ = t.master_fd.readable().await;
+        }
+        let exit = instance::try_reap(t.master.pid);
+        instance::try_reap(t.container.pid);
+        self.remove_leftovers();
+        info!(INSTANCE_PID = t.container.pid, master_exit = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
+        match kind {
+            Shutdown::Reboot => RunError::RebootedInside {
+                name: self.s.name.clone(),
+            },
+            Shutdown::Poweroff | Shutdown::Halt => RunError::PoweredOffInside {
+                name: self.s.name.clone(),
+            },
+        }
+    }
+
+    /// `timeouts.watchdog_sec` is the watchdog the service is meant to have; the unit's
+    /// `WatchdogSec=` (seen as `WATCHDOG_USEC`) is what systemd enforces, so a difference is
+    /// worth a warning.
     fn check_watchdog_setting(&self) {
         let unit = self
             .notify
@@ -642,6 +1009,7 @@ impl<'a> Supervisor<'a> {
         container_fd: &ExitWatch,
         master: Option<&ProcId>,
         master_fd: Option<&ExitWatch>,
+        mut events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
     ) {
         let to = self.s.timeouts;
         let stop = Duration::from_secs(to.stop_sec);
@@ -650,10 +1018,12 @@ impl<'a> Supervisor<'a> {
         self.notify.extend(stop + kill * 2 + Duration::from_secs(5));
         let deadline = Instant::now() + stop;
         let sig = instance::sig_halt();
+        let notify = self.notify.clone();
         let halted = async {
             // The init of a PID namespace drops a signal it has no handler for yet: wait
             // (bounded) until systemd has installed its handlers, then send.
             let mut sent = false;
+            let mut last = String::new();
             loop {
                 if !sent && instance::catches(container.pid, sig) {
                     sent = instance::signal(container, sig);
@@ -667,15 +1037,27 @@ impl<'a> Supervisor<'a> {
                 } else {
                     Duration::from_millis(50)
                 };
-                if timeout(wait, container_fd.readable()).await.is_ok() {
-                    return;
-                }
-                if sent {
-                    // Keep systemd's stop timeout ahead of us while the inside shuts down.
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    self.notify.extend(left + kill * 2 + Duration::from_secs(5));
-                    self.notify
-                        .status("stopping: waiting for the container's init to halt");
+                tokio::select! {
+                    _ = container_fd.readable() => return,
+                    ev = recv_opt_ref(&mut events) => match ev {
+                        // While the inside shuts down in order, say how far it is.
+                        Some(InnerEvent::Changed(st)) | Some(InnerEvent::Connected(st)) => {
+                            let msg = format!("stopping: {} jobs left inside", st.jobs);
+                            if msg != last {
+                                notify.status(&msg);
+                                last = msg;
+                            }
+                        }
+                        Some(_) => {}
+                        None => events = None,
+                    },
+                    _ = tokio::time::sleep(wait) => {
+                        if sent {
+                            // Keep systemd's stop timeout ahead of us while the inside stops.
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            notify.extend(left + kill * 2 + Duration::from_secs(5));
+                        }
+                    }
                 }
             }
         };
@@ -708,7 +1090,7 @@ impl<'a> Supervisor<'a> {
                 let _ = timeout(kill, mfd.readable()).await;
             }
             let exit = instance::try_reap(m.pid);
-            debug!(master_pid = m.pid, exit = ?exit, "master exited");
+            debug!(master_pid = m.pid, exit = %show_exit(exit), "master exited");
         }
         instance::try_reap(container.pid);
     }
@@ -790,9 +1172,57 @@ impl<'a> Supervisor<'a> {
     }
 }
 
+#[derive(Clone, Copy)]
+enum EvKind {
+    Connected,
+    Changed,
+}
+
+/// What the watch loop knows beyond the two processes.
+struct WatchState {
+    ready: bool,
+    last_status: String,
+    inner: Option<Inner>,
+    events: Option<mpsc::UnboundedReceiver<InnerEvent>>,
+    ping: Option<oneshot::Receiver<bool>>,
+    /// A shutdown job seen inside (reboot/poweroff/halt) that we did not ask for.
+    shutdown: Option<Shutdown>,
+    /// When required units were restarted, within the window.
+    restarts: std::collections::VecDeque<Instant>,
+    verdict: Option<inner::Verdict>,
+}
+
+async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<InnerEvent>>) -> Option<InnerEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_opt_ref(
+    rx: &mut Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+) -> Option<InnerEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn ping_opt(rx: &mut Option<oneshot::Receiver<bool>>) -> bool {
+    match rx {
+        Some(rx) => rx.await.unwrap_or(false),
+        None => std::future::pending().await,
+    }
+}
+
 enum CliResult {
     Done(std::process::ExitStatus, String),
     TimedOut,
+}
+
+/// How a process ended, for log fields ("exit status 0", "killed by signal 9 (SIGKILL)").
+fn show_exit(e: Option<Exit>) -> String {
+    e.map_or_else(|| "not reaped".to_owned(), |e| e.to_string())
 }
 
 fn describe(status: std::process::ExitStatus) -> String {
