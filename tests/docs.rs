@@ -5,9 +5,11 @@
 //!   and no other;
 //! - every exit code of `supervise::exit` is in the EXIT STATUS section of
 //!   apptainer-supervisor(8), and nothing else is;
+//! - every field of the tracing events and spans in `src/` is in the JOURNAL FIELDS section
+//!   of apptainer-supervisor(8), and nothing else is;
 //! - both pages pass `mandoc -T lint -W warning`;
-//! - the template unit passes `systemd-analyze verify`, and its timeouts cover the
-//!   defaults of `timeouts.*`.
+//! - the template unit passes `systemd-analyze verify`, its timeouts cover the defaults of
+//!   `timeouts.*`, and its restart rules match the exit codes (133 restarts, 78 does not).
 //!
 //! A missing tool fails the test and names the package to install: nothing is skipped.
 
@@ -37,6 +39,7 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("CANTCREAT", exit::CANTCREAT),
     ("TEMPFAIL", exit::TEMPFAIL),
     ("CONFIG", exit::CONFIG),
+    ("REBOOTED", exit::REBOOTED),
 ];
 
 fn root() -> PathBuf {
@@ -228,6 +231,277 @@ fn exit_code_list_matches_the_source() {
 }
 
 // ---------------------------------------------------------------------------------------
+// (b2) journal fields
+
+/// `src` with comments removed and every string, raw string and char literal replaced by
+/// `""`, so that commas, parentheses and `info!(` inside them are not taken for code.
+fn strip_literals(src: &str) -> String {
+    let b = src.as_bytes();
+    let mut out = String::with_capacity(src.len());
+    let mut i = 0;
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    while i < b.len() {
+        let c = b[i];
+        if b[i..].starts_with(b"//") {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+        } else if b[i..].starts_with(b"/*") {
+            let mut depth = 0;
+            while i < b.len() {
+                if b[i..].starts_with(b"/*") {
+                    depth += 1;
+                    i += 2;
+                } else if b[i..].starts_with(b"*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if (c == b'r' || c == b'b')
+            && (i == 0 || !ident(b[i - 1]))
+            && raw_string_len(&b[i..]).is_some()
+        {
+            i += raw_string_len(&b[i..]).expect("checked");
+            out.push_str("\"\"");
+        } else if c == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i += 1;
+            out.push_str("\"\"");
+        } else if c == b'\'' {
+            // A char literal ('x', '\n', '"', 'é') or a lifetime ('a, 'static).
+            let rest = &src[i + 1..];
+            let len = if rest.starts_with('\\') {
+                rest[2..].find('\'').map(|e| e + 3)
+            } else {
+                rest.chars()
+                    .next()
+                    .filter(|ch| rest[ch.len_utf8()..].starts_with('\''))
+                    .map(|ch| ch.len_utf8() + 1)
+            };
+            match len {
+                Some(n) => {
+                    i += 1 + n;
+                    out.push_str("' '");
+                }
+                None => {
+                    i += 1;
+                    out.push('\'');
+                }
+            }
+        } else {
+            let ch = src[i..].chars().next().expect("in bounds");
+            out.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    out
+}
+
+/// Length of a raw (byte) string literal at the start of `b` (`r"…"`, `r#"…"#`, `br"…"`).
+fn raw_string_len(b: &[u8]) -> Option<usize> {
+    let start = if b.starts_with(b"br") {
+        2
+    } else if b.starts_with(b"r") {
+        1
+    } else {
+        return None;
+    };
+    let hashes = b[start..].iter().take_while(|c| **c == b'#').count();
+    if b.get(start + hashes) != Some(&b'"') {
+        return None;
+    }
+    let close: Vec<u8> = std::iter::once(b'"')
+        .chain(std::iter::repeat_n(b'#', hashes))
+        .collect();
+    let body = start + hashes + 1;
+    b[body..]
+        .windows(close.len())
+        .position(|w| w == close.as_slice())
+        .map(|p| body + p + close.len())
+}
+
+/// The top-level comma-separated arguments of the macro call whose `(` is at `open`.
+fn macro_args(code: &str, open: usize) -> Vec<&str> {
+    let mut args = Vec::new();
+    let mut depth = 0;
+    let mut start = open + 1;
+    for (i, c) in code[open..].char_indices().map(|(i, c)| (open + i, c)) {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    args.push(&code[start..i]);
+                    return args;
+                }
+            }
+            ',' if depth == 1 => {
+                args.push(&code[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced macro call at byte {open}");
+}
+
+/// The journald field names of the tracing events and spans in Rust source, as
+/// tracing-journald writes them: upper-cased, other characters than letters and digits
+/// replaced by `_`. Fields come before an event's message (`info!(A = 1, %b, ?c, d, "…")`)
+/// and after a span's name (`info_span!("service", SERVICE = %s.name)`).
+fn journal_fields(src: &str) -> BTreeSet<String> {
+    const MACROS: &[&str] = &["trace", "debug", "info", "warn", "error"];
+    let code = strip_literals(src);
+    let mut fields = BTreeSet::new();
+    let mut at = 0;
+    while let Some(p) = code[at..].find("!(") {
+        let bang = at + p;
+        at = bang + 2;
+        let before = &code[..bang];
+        let name_start = before
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |i| i + 1);
+        let name = &before[name_start..];
+        let (is_span, base) = match name.strip_suffix("_span") {
+            Some(b) => (true, b),
+            None => (false, name),
+        };
+        if !MACROS.contains(&base) {
+            continue;
+        }
+        let mut args = macro_args(&code, bang + 1)
+            .into_iter()
+            .map(str::trim)
+            .peekable();
+        if is_span && args.peek() == Some(&"\"\"") {
+            args.next();
+        }
+        for arg in args {
+            if arg == "\"\"" || arg.is_empty() {
+                break;
+            }
+            if ["target:", "parent:", "name:"]
+                .iter()
+                .any(|k| arg.starts_with(k))
+            {
+                continue;
+            }
+            let arg = arg.trim_start_matches(['%', '?']);
+            let key = arg.split('=').next().expect("split yields one part").trim();
+            assert!(
+                !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.'),
+                "cannot read a field name from {name}!(… {arg} …)"
+            );
+            fields.insert(
+                key.chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            '_'
+                        }
+                    })
+                    .collect(),
+            );
+        }
+    }
+    fields
+}
+
+/// The field names that JOURNAL FIELDS lists as items (`.It Va OVERLAY , SIZE_MIB`).
+fn documented_fields(lines: &[&str]) -> BTreeSet<String> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(".It "))
+        .flat_map(str::split_whitespace)
+        .filter(|w| {
+            w.len() > 1
+                && w.starts_with(|c: char| c.is_ascii_uppercase())
+                && w.chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn journal_field_names_are_read_from_macros() {
+    let src = r##"
+        // info!(COMMENTED = 1, "no");
+        let s = info_span!("service", SERVICE = %s.name, INSTANCE_PID = tracing::field::Empty);
+        warn!(pid, %unit, ?exit, master_pid = t.master.pid, "a, b = (c", x = 1);
+        tracing::error!(exit_code = code, "{e}");
+        debug!(target: "t", status = msg, "status");
+        let c = ','; let q = '"'; let r = r#"info!(RAW = 1, "x")"#; fn f<'a>(_: &'a str) {}
+        error!(a.b = 1, "{}", format!("(x"));
+        self.notify.status("info!(NOT = 1)");
+    "##;
+    let got: Vec<String> = journal_fields(src).into_iter().collect();
+    assert_eq!(
+        got,
+        [
+            "A_B",
+            "EXIT",
+            "EXIT_CODE",
+            "INSTANCE_PID",
+            "MASTER_PID",
+            "PID",
+            "SERVICE",
+            "STATUS",
+            "UNIT"
+        ]
+    );
+    let doc = ".It Va OVERLAY , SIZE_MIB\n.It Va ERROR\nthe Va NOT_AN_ITEM\n.It Dv STATUS=\n";
+    let lines: Vec<&str> = doc.lines().collect();
+    let got: Vec<String> = documented_fields(&lines).into_iter().collect();
+    assert_eq!(got, ["ERROR", "OVERLAY", "SIZE_MIB"]);
+}
+
+/// Every field a tracing event or span in `src/` sets is an item of JOURNAL FIELDS, and
+/// every item there is a field some event sets: `journalctl FIELD=…` is only as good as
+/// the list.
+#[test]
+fn journal_fields_match_the_source() {
+    let mut in_source = BTreeSet::new();
+    let dir = root().join("src");
+    for entry in std::fs::read_dir(&dir).expect("read src/") {
+        let path = entry.expect("read src/").path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            in_source.extend(journal_fields(&text));
+        }
+    }
+    assert!(
+        in_source.contains("SERVICE") && in_source.contains("INSTANCE_PID"),
+        "the field reader found no SERVICE or INSTANCE_PID in src/: {in_source:?}"
+    );
+    let page = read(MAIN_PAGE);
+    let documented = documented_fields(&section(&page, "JOURNAL FIELDS"));
+    let missing: Vec<&String> = in_source.difference(&documented).collect();
+    assert!(
+        missing.is_empty(),
+        "journal fields set in src/ but missing from JOURNAL FIELDS in {MAIN_PAGE} (add `.It Va FIELD`): {missing:?}"
+    );
+    let stale: Vec<&String> = documented.difference(&in_source).collect();
+    assert!(
+        stale.is_empty(),
+        "JOURNAL FIELDS in {MAIN_PAGE} lists fields that no event in src/ sets: {stale:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
 // (c) mandoc
 
 fn mandoc_lint(page: &str) {
@@ -359,4 +633,38 @@ fn unit_timeouts_cover_the_config_defaults() {
     assert_eq!(unit_value(&unit, "KillMode"), "mixed");
     assert_eq!(unit_value(&unit, "RuntimeDirectoryPreserve"), "yes");
     assert!(unit_seconds(unit_value(&unit, "WatchdogSec")) > 0);
+}
+
+/// The exit statuses a unit setting lists (`RestartForceExitStatus=133`).
+fn unit_statuses(unit: &str, key: &str) -> BTreeSet<i32> {
+    unit_value(unit, key)
+        .split_whitespace()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{UNIT}: {key}={v}: expected exit statuses only"))
+        })
+        .collect()
+}
+
+/// A reboot from inside (133) restarts the service and is no failure, as in
+/// systemd-nspawn@.service; a configuration error (78) is not retried.
+#[test]
+fn unit_restart_rules_match_the_exit_codes() {
+    let unit = read(UNIT);
+    assert_eq!(unit_value(&unit, "Restart"), "on-failure");
+    assert_eq!(
+        unit_statuses(&unit, "RestartForceExitStatus"),
+        BTreeSet::from([exit::REBOOTED]),
+        "{UNIT}: RestartForceExitStatus="
+    );
+    assert_eq!(
+        unit_statuses(&unit, "SuccessExitStatus"),
+        BTreeSet::from([exit::REBOOTED]),
+        "{UNIT}: SuccessExitStatus="
+    );
+    assert_eq!(
+        unit_statuses(&unit, "RestartPreventExitStatus"),
+        BTreeSet::from([exit::CONFIG]),
+        "{UNIT}: RestartPreventExitStatus="
+    );
 }

@@ -3,10 +3,12 @@
 //! (`tests/support/apptainer`, see DOUBLE.md) with the light init (`fake-init`).
 #![allow(dead_code)]
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
@@ -37,12 +39,18 @@ pub struct World {
     pub run_dir: PathBuf,
     pub apptainer_dir: PathBuf,
     pub service_dir: PathBuf,
-    pub notify: UnixDatagram,
+    /// Every datagram that arrived on NOTIFY_SOCKET, in order; a thread reads the socket
+    /// all the time, as systemd does, so the sender never finds a full queue.
+    notify: Arc<(Mutex<VecDeque<String>>, Condvar)>,
+    notify_sock: UnixDatagram,
     pub notify_path: PathBuf,
     pub mark: PathBuf,
     pub env_dump: PathBuf,
     /// Extra environment for the supervisor (and so for the double and the init).
     pub env: Vec<(String, String)>,
+    /// The light init (`fake-init` on the host's root) rather than a real systemd booted
+    /// from the test rootfs.
+    pub light_init: bool,
     children: Vec<Child>,
 }
 
@@ -64,10 +72,27 @@ impl World {
         let config_dir = root.join("etc");
         std::fs::create_dir_all(&config_dir).unwrap();
         let notify_path = root.join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path).unwrap();
-        notify
-            .set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
+        let notify_sock = UnixDatagram::bind(&notify_path).unwrap();
+        let notify: Arc<(Mutex<VecDeque<String>>, Condvar)> = Arc::default();
+        {
+            let sock = notify_sock.try_clone().unwrap();
+            let queue = notify.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                // Ends when World shuts the socket down.
+                while let Ok(n) = sock.recv(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let (q, cv) = &*queue;
+                    q.lock()
+                        .unwrap()
+                        .push_back(String::from_utf8_lossy(&buf[..n]).into_owned());
+                    cv.notify_all();
+                }
+            });
+        }
+
         let w = World {
             name: name.to_owned(),
             config_dir,
@@ -75,15 +100,58 @@ impl World {
             apptainer_dir: root.join("apptainer"),
             service_dir,
             notify,
+            notify_sock,
             notify_path,
             mark: root.join("init.mark"),
             env_dump: root.join("init.env"),
             env: Vec::new(),
+            light_init: true,
             children: Vec::new(),
             dir,
         };
         w.write_config("");
         w
+    }
+
+    /// A world whose container boots the real systemd of the test rootfs
+    /// (`build-rootfs.sh`), with `readiness` TOML for the service.
+    pub fn booted(name: &str, readiness: &str) -> World {
+        let mut w = World::new(name);
+        w.light_init = false;
+        let rootfs = rootfs();
+        let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+        let cfg = cfg
+            .replace(
+                "image = \"${service_dir}/containers/sandbox\"",
+                &format!("image = \"{}\"", rootfs.display()),
+            )
+            .replace(
+                "[readiness]\nmode = \"instance\"\n",
+                &format!("[readiness]\n{readiness}\n"),
+            )
+            .replace("size_mib = 64", "size_mib = 256");
+        std::fs::write(w.config_path(), cfg).unwrap();
+        w
+    }
+
+    /// Runs a command inside the container (its namespaces), as `apptainer exec` would.
+    pub fn inside(&self, args: &[&str]) -> Output {
+        let (pid, _) = self.instance_pids();
+        Command::new("nsenter")
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-m",
+                "-p",
+                "-u",
+                "-i",
+                "-n",
+                "-C",
+                "--",
+            ])
+            .args(args)
+            .output()
+            .expect("nsenter")
     }
 
     pub fn root(&self) -> &Path {
@@ -98,7 +166,8 @@ impl World {
     pub fn write_config(&self, extra: &str) {
         let text = format!(
             "{extra}\nname = \"{}\"\nservice_dir = \"{}\"\nimage = \"${{service_dir}}/containers/sandbox\"\nbinds = [\"${{service_dir}}/root:/srv/root\"]\n\
-             [apptainer]\nbinary = \"{}\"\n[overlay]\nsize_mib = 64\n[timeouts]\nstop_sec = 10\nkill_sec = 3\nstart_sec = 30\n",
+             [apptainer]\nbinary = \"{}\"\n[overlay]\nsize_mib = 64\n[timeouts]\nstop_sec = 10\nkill_sec = 3\nstart_sec = 30\n\
+             [readiness]\nmode = \"instance\"\n",
             self.name,
             self.service_dir.display(),
             support("apptainer").display(),
@@ -129,9 +198,13 @@ impl World {
     }
 
     fn base_env(&self, cmd: &mut Command) {
-        cmd.env("APPTAINER_CONFIGDIR", &self.apptainer_dir)
-            .env("APPTAINER_DOUBLE_INIT", support("fake-init"))
-            .env("FAKE_INIT_MARK", &self.mark)
+        cmd.env("APPTAINER_CONFIGDIR", &self.apptainer_dir);
+        if self.light_init {
+            cmd.env("APPTAINER_DOUBLE_INIT", support("fake-init"));
+        } else {
+            cmd.env_remove("APPTAINER_DOUBLE_INIT");
+        }
+        cmd.env("FAKE_INIT_MARK", &self.mark)
             .env("FAKE_INIT_ENV_DUMP", &self.env_dump)
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
@@ -185,7 +258,14 @@ impl World {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("supervisor {} did not exit within {within:?}", child.id());
+                let _ = child.wait();
+                let mut stderr = Vec::new();
+                child.stderr.take().map(|mut s| s.read_to_end(&mut stderr));
+                panic!(
+                    "supervisor {} did not exit within {within:?}; stderr:\n{}",
+                    child.id(),
+                    String::from_utf8_lossy(&stderr)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -210,19 +290,31 @@ impl World {
         cmd.output().expect("run apptainer double")
     }
 
-    /// Reads notify datagrams until one satisfies `pred`; returns all read so far.
+    /// The next notify message, waiting at most until `deadline`.
+    fn next_notify(&self, deadline: Instant) -> Option<String> {
+        let (q, cv) = &*self.notify;
+        let mut q = q.lock().unwrap();
+        loop {
+            if let Some(m) = q.pop_front() {
+                return Some(m);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            q = cv.wait_timeout(q, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Reads notify messages until one satisfies `pred`; returns all read so far.
     pub fn notify_until(&self, within: Duration, pred: impl Fn(&str) -> bool) -> Vec<String> {
         let deadline = Instant::now() + within;
         let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let done = pred(&msg);
-                got.push(msg);
-                if done {
-                    return got;
-                }
+        while let Some(msg) = self.next_notify(deadline) {
+            let done = pred(&msg);
+            got.push(msg);
+            if done {
+                return got;
             }
         }
         panic!("no matching notify message within {within:?}; got {got:?}");
@@ -232,52 +324,45 @@ impl World {
     pub fn notify_for(&self, d: Duration) -> Vec<String> {
         let deadline = Instant::now() + d;
         let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-            }
+        while let Some(m) = self.next_notify(deadline) {
+            got.push(m);
         }
         got
     }
 
-    /// Everything queued on the notify socket right now.
+    /// Everything received and not read yet.
     pub fn notify_drain(&self) -> Vec<String> {
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        self.notify.set_nonblocking(true).unwrap();
-        while let Ok(n) = self.notify.recv(&mut buf) {
-            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        self.notify.set_nonblocking(false).unwrap();
-        got
+        self.notify.0.lock().unwrap().drain(..).collect()
     }
 
     /// Waits for READY=1 from the newest supervisor; fails at once, with its stderr, when
     /// that supervisor exits first.
     pub fn wait_ready(&mut self) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
         let last = self.children.len() - 1;
         while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let ready = msg.lines().any(|l| l == "READY=1");
-                got.push(msg);
-                if ready {
-                    return got;
+            match self.next_notify(Instant::now() + Duration::from_millis(100)) {
+                Some(msg) => {
+                    let ready = msg.lines().any(|l| l == "READY=1");
+                    got.push(msg);
+                    if ready {
+                        return got;
+                    }
                 }
-            } else if self.children[last].try_wait().unwrap().is_some() {
-                let out = self.wait(last, Duration::from_secs(1));
-                panic!(
-                    "supervisor exited ({}) before READY=1; notify {got:?}; stderr:\n{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                );
+                None => {
+                    if self.children[last].try_wait().unwrap().is_some() {
+                        let out = self.wait(last, Duration::from_secs(1));
+                        panic!(
+                            "supervisor exited ({}) before READY=1; notify {got:?}; stderr:\n{}",
+                            out.status,
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                    }
+                }
             }
         }
-        panic!("no READY=1 within 20 s; got {got:?}");
+        panic!("no READY=1 within 30 s; got {got:?}");
     }
 
     /// The instance's state file as Apptainer wrote it (pid, ppid).
@@ -293,6 +378,25 @@ impl World {
     pub fn mark_text(&self) -> String {
         std::fs::read_to_string(&self.mark).unwrap_or_default()
     }
+}
+
+/// The cached test rootfs (Debian + systemd + dbus + test units), built on first use.
+/// `.ci/run` builds it before the tests; without it these tests fail, never skip.
+pub fn rootfs() -> PathBuf {
+    static ROOTFS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOTFS
+        .get_or_init(|| {
+            let out = Command::new(support("build-rootfs.sh"))
+                .output()
+                .expect("build-rootfs.sh");
+            assert!(
+                out.status.success(),
+                "tests/support/build-rootfs.sh failed (needs debootstrap and the apt mirror):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        })
+        .clone()
 }
 
 pub fn alive(pid: i32) -> bool {
@@ -340,6 +444,7 @@ impl Drop for World {
     /// Leaves nothing behind even when a test fails half-way: supervisors, the instance
     /// (container and master), loop devices.
     fn drop(&mut self) {
+        let _ = self.notify_sock.shutdown(std::net::Shutdown::Both);
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();

@@ -1,0 +1,263 @@
+//! Readiness, health, failure policy and orderly stop against a real systemd booted in
+//! namespaces (the double's rootfs mode on the cached Debian rootfs), talked to over the
+//! container's real system bus. Needs root and the rootfs (`tests/support/build-rootfs.sh`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// The three test units of the rootfs: asv-simple (sleeps; ExecStop leaves a mark),
+/// asv-slow (Type=notify, ready after 1 s), asv-flaky (fails while /run/asv-fail exists).
+const REQUIRED: &str = "required_units = [\"asv-simple.service\", \"asv-slow.service\"]";
+
+fn unit_state(w: &World, unit: &str) -> String {
+    let out = w.inside(&["systemctl", "show", "-p", "ActiveState", "--value", unit]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn stop(w: &mut World, i: usize) -> std::process::Output {
+    kill(w.child(i).id() as i32, libc::SIGTERM);
+    w.wait(i, 60 * SEC)
+}
+
+#[test]
+fn ready_only_once_booted_and_required_units_are_active() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-ready", REQUIRED);
+    w.spawn_run();
+    let msgs = w.wait_ready();
+    // At READY=1 the slow unit (1 s) is active already: READY waited for it.
+    assert_eq!(unit_state(&w, "asv-slow.service"), "active");
+    assert_eq!(unit_state(&w, "asv-simple.service"), "active");
+    let state = w.inside(&["systemctl", "is-system-running"]);
+    let state = String::from_utf8_lossy(&state.stdout).trim().to_owned();
+    assert!(state == "running" || state == "degraded", "{state}");
+    assert!(
+        msgs.iter().any(|m| m.contains("STATUS=booting")),
+        "progress shown before READY: {msgs:?}"
+    );
+    let ready = msgs.last().unwrap();
+    assert!(
+        ready.contains("READY=1") && ready.contains("2/2 required units active"),
+        "{ready}"
+    );
+    let out = stop(&mut w, 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn crashed_required_unit_is_restarted_and_logged() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-crash", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    // Kill it from inside: asv-simple has no Restart=, so it ends `failed`.
+    let out = w.inside(&["systemctl", "kill", "-s", "KILL", "asv-simple.service"]);
+    assert!(out.status.success());
+    let msgs = w.notify_until(20 * SEC, |m| m.contains("STATUS=running: 2/2"));
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("asv-simple.service failed (signal)")),
+        "the failure was in STATUS: {msgs:?}"
+    );
+    eventually(10 * SEC, "asv-simple active again", || {
+        unit_state(&w, "asv-simple.service") == "active"
+    });
+    let out = stop(&mut w, 0);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("INNER_UNIT=asv-simple.service")
+            && err.contains("ACTIVE_STATE=failed")
+            && err.contains("restarting failed required unit"),
+        "structured events: {err}"
+    );
+}
+
+#[test]
+fn unit_that_hit_its_start_limit_is_restarted_too() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-limit", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    // Restarts in quick succession trip asv-simple's default start limit (5 in 10 s): it
+    // ends `failed` with result start-limit-hit, which only ResetFailed clears.
+    for _ in 0..6 {
+        let _ = w.inside(&["systemctl", "restart", "asv-simple.service"]);
+    }
+    w.notify_until(20 * SEC, |m| {
+        m.contains("asv-simple.service failed (start-limit-hit)")
+    });
+    w.notify_until(20 * SEC, |m| m.contains("STATUS=running: 2/2"));
+    assert_eq!(
+        unit_state(&w, "asv-simple.service"),
+        "active",
+        "ResetFailed cleared the limit"
+    );
+    assert!(stop(&mut w, 0).status.success());
+}
+
+#[test]
+fn repeated_failure_restarts_the_whole_service() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted(
+        "i-flaky",
+        "required_units = [\"asv-flaky.service\"]\nmax_restarts = 1\nrestart_window_sec = 60",
+    );
+    w.spawn_run();
+    w.wait_ready();
+    // From now on it fails at every start.
+    assert!(w.inside(&["touch", "/run/asv-fail"]).status.success());
+    let _ = w.inside(&["systemctl", "kill", "-s", "KILL", "asv-flaky.service"]);
+    let out = w.wait(0, 60 * SEC);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("restart budget exhausted"), "{err}");
+    assert!(!w.state_file().exists(), "container halted and cleaned up");
+}
+
+#[test]
+fn required_unit_that_never_starts_means_no_ready_and_says_why() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-never", "required_units = [\"asv-missing.service\"]");
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("start_sec = 30", "start_sec = 8"),
+    )
+    .unwrap();
+    w.spawn_run();
+    let out = w.wait(0, 60 * SEC);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("not ready after 8 s") && err.contains("asv-missing.service (not found)"),
+        "{err}"
+    );
+    let msgs = w.notify_drain();
+    assert!(
+        !msgs.iter().any(|m| m.contains("READY=1")),
+        "never ready: {msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("asv-missing.service (not found)")),
+        "{msgs:?}"
+    );
+}
+
+#[test]
+fn frozen_inner_manager_stops_the_watchdog() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-frozen", REQUIRED);
+    w.env.push(("WATCHDOG_USEC".into(), "400000".into()));
+    w.spawn_run();
+    w.wait_ready();
+    let pings = |w: &World| {
+        w.notify_for(SEC)
+            .iter()
+            .filter(|m| m.contains("WATCHDOG=1"))
+            .count()
+    };
+    assert!(pings(&w) >= 3, "pings while healthy");
+    let (pid, _) = w.instance_pids();
+    kill(pid, libc::SIGSTOP);
+    // Let pings in flight land, then there must be none.
+    std::thread::sleep(Duration::from_millis(600));
+    w.notify_drain();
+    assert_eq!(pings(&w), 0, "no WATCHDOG=1 while PID 1 is frozen");
+    kill(pid, libc::SIGCONT);
+    assert!(pings(&w) >= 1, "pings again once it answers");
+    assert!(stop(&mut w, 0).status.success());
+}
+
+#[test]
+fn sigterm_halts_in_order_and_the_overlay_keeps_what_was_written() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-persist", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    assert!(w
+        .inside(&["sh", "-c", "echo kept > /var/lib/asv-persist"])
+        .status
+        .success());
+    let t = Instant::now();
+    let out = stop(&mut w, 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("stop took {:?}", t.elapsed());
+    // The ExecStop= of asv-simple ran: an orderly halt, not a kill.
+    let mark = std::process::Command::new("debugfs")
+        .args(["-R", "cat /upper/var/lib/asv-simple.mark"])
+        .arg(w.overlay())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&mark.stdout).contains("stopped"),
+        "ExecStop ran inside"
+    );
+    let msgs = w.notify_drain();
+    assert!(msgs.iter().any(|m| m.contains("STOPPING=1")), "{msgs:?}");
+    // Started again on the same overlay: the file is there.
+    w.spawn_run();
+    w.wait_ready();
+    let out = w.inside(&["cat", "/var/lib/asv-persist"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+    assert!(stop(&mut w, 1).status.success());
+}
+
+#[test]
+fn reboot_inside_exits_133_and_poweroff_exits_0() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-reboot", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    let _ = w.inside(&["systemctl", "reboot"]);
+    let out = w.wait(0, 60 * SEC);
+    assert_eq!(
+        out.status.code(),
+        Some(133),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!w.state_file().exists());
+
+    w.spawn_run();
+    w.wait_ready();
+    let _ = w.inside(&["systemctl", "poweroff"]);
+    let out = w.wait(1, 60 * SEC);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("powered off from inside"));
+}
