@@ -178,6 +178,11 @@ pub fn child_env(
         out.retain(|(ok, _)| ok != k);
         out.push((k.into(), v.into()));
     };
+    // systemd's container interface (CONTAINER_INTERFACE.md): PID 1 learns it runs in a
+    // container from `$container`. Apptainer sets none and passes our environment to the
+    // --boot init, so we set it; without it systemd-shutdown may freeze after reboot()
+    // fails for want of CAP_SYS_BOOT instead of exiting. The env file or [env] may override.
+    set("container", "apptainer");
     for (k, v) in env_file {
         set(k, v);
     }
@@ -345,8 +350,13 @@ extra_args = ["--writable-tmpfs"]
             .collect();
         assert_eq!(
             env,
-            [("PATH", "/bin"), ("A", "file"), ("B", "config")]
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            [
+                ("PATH", "/bin"),
+                ("container", "apptainer"),
+                ("A", "file"),
+                ("B", "config")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
         );
     }
 

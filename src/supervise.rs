@@ -129,6 +129,8 @@ pub enum RunError {
     UnitFailed { unit: String, result: String },
     #[error("{name} was rebooted from inside; exiting with 133 so that systemd starts it again")]
     RebootedInside { name: String },
+    #[error("aborted by the service manager (SIGABRT: the watchdog expired); the container was halted first")]
+    Aborted,
     #[error("{name} was powered off from inside")]
     PoweredOffInside { name: String },
 }
@@ -149,7 +151,7 @@ impl RunError {
             StoppedDuringStart | PoweredOffInside { .. } => exit::OK,
             NoInnerBus { .. } => exit::CONFIG,
             Inner(_) | NotReady { .. } => exit::UNAVAILABLE,
-            UnitFailed { .. } => exit::INSTANCE_ENDED,
+            UnitFailed { .. } | Aborted => exit::INSTANCE_ENDED,
             RebootedInside { .. } => exit::REBOOTED,
         }
     }
@@ -255,9 +257,14 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
     })
 }
 
+/// The signals that stop us. SIGABRT is what systemd sends when our watchdog expires
+/// (`WatchdogSignal=`): the container lives outside the unit's cgroup, so even then we
+/// halt it before going. (A panic still aborts: with a handler that returns, abort(3)
+/// restores the default action and raises again.)
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    abrt: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -265,6 +272,7 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
+            _ = self.abrt.recv() => "SIGABRT",
         }
     }
 }
@@ -297,6 +305,8 @@ impl<'a> Supervisor<'a> {
         let signals = Signals {
             term: signal(SignalKind::terminate()).map_err(os("installing the SIGTERM handler"))?,
             int: signal(SignalKind::interrupt()).map_err(os("installing the SIGINT handler"))?,
+            abrt: signal(SignalKind::from_raw(libc::SIGABRT))
+                .map_err(os("installing the SIGABRT handler"))?,
         };
         Ok(Supervisor {
             s,
@@ -670,6 +680,9 @@ impl<'a> Supervisor<'a> {
                     self.halt(&t.container, &t.container_fd, Some(&t.master), Some(&t.master_fd), w.events.as_mut()).await;
                     self.remove_leftovers();
                     info!(INSTANCE_PID = pid, "stopped");
+                    if sig == "SIGABRT" {
+                        return Err(RunError::Aborted);
+                    }
                     return Ok(());
                 }
                 _ = t.container_fd.readable() => {

@@ -487,6 +487,10 @@ fn child_environment_is_scrubbed_and_layered() {
         );
     }
     assert!(env.lines().any(|l| l == "FROM_FILE=1"), "{env}");
+    assert!(
+        env.lines().any(|l| l == "container=apptainer"),
+        "systemd's container interface: {env}"
+    );
     assert!(env.lines().any(|l| l == "BOTH=config"), "{env}");
     kill(w.child(0).id() as i32, libc::SIGTERM);
     assert!(w.wait(0, 20 * SEC).status.success());
@@ -515,4 +519,71 @@ fn container_leaves_the_supervisors_cgroup() {
     );
     kill(w.child(0).id() as i32, libc::SIGTERM);
     assert!(w.wait(0, 20 * SEC).status.success());
+}
+
+#[test]
+fn overlay_attached_to_a_loop_device_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-attached");
+    let overlay = w.overlay();
+    assert!(w
+        .apptainer(&[
+            "overlay",
+            "create",
+            "-S",
+            "-s",
+            "64",
+            overlay.to_str().unwrap()
+        ])
+        .status
+        .success());
+    // As if another container (or a hand-run start.sh) had it open.
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    w.spawn_run();
+    let out = w.wait(0, 10 * SEC);
+    let _ = std::process::Command::new("losetup")
+        .args(["-d", &dev])
+        .status();
+    assert_eq!(out.status.code(), Some(75));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let name = dev.trim_start_matches("/dev/");
+    assert!(
+        err.contains(&format!(
+            "is attached to /dev/{name}: a container is using it"
+        )),
+        "{err}"
+    );
+    assert!(!w.state_file().exists(), "nothing was started");
+}
+
+#[test]
+fn watchdog_abort_still_halts_the_container() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-abort");
+    let (pid, _) = start(&mut w);
+    // systemd's WatchdogSignal= (SIGABRT) when our pings stopped.
+    kill(w.child(0).id() as i32, libc::SIGABRT);
+    let out = w.wait(0, 20 * SEC);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        w.mark_text().contains("halt"),
+        "halted in order, not abandoned"
+    );
+    assert!(!alive(pid));
+    assert!(!w.state_file().exists());
 }
