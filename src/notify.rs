@@ -97,6 +97,87 @@ fn open(p: &std::ffi::OsStr) -> io::Result<(UnixDatagram, SocketAddr)> {
     Ok((sock, addr))
 }
 
+/// A periodic timer on a timerfd: exactly one wake-up per period. tokio's own interval
+/// sleeps on its hierarchical timer wheel, which wakes the process a few extra times per
+/// long period to move the entry between levels; an idle supervisor should wake only to
+/// ping the watchdog.
+pub struct Ticker {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl Ticker {
+    pub fn new(period: Duration) -> io::Result<Ticker> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: timerfd_create takes two integer flags and returns a new fd or -1.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let ts = libc::timespec {
+            tv_sec: period.as_secs() as libc::time_t,
+            tv_nsec: period.subsec_nanos() as libc::c_long,
+        };
+        let spec = libc::itimerspec {
+            it_interval: ts,
+            it_value: ts,
+        };
+        // SAFETY: `spec` is a valid itimerspec for the duration of the call; the old value
+        // is not wanted (null).
+        let r = unsafe {
+            libc::timerfd_settime(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                0,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the AsyncFd owns the timerfd for its whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(io::Error::from)?;
+        Ok(Ticker { fd })
+    }
+
+    /// Waits for the next expiry (missed ones are folded into one).
+    pub async fn tick(&self) {
+        loop {
+            let Ok(mut guard) = self.fd.readable().await else {
+                return std::future::pending().await;
+            };
+            let mut buf = [0u8; 8];
+            let res = guard.try_io(|fd| {
+                // SAFETY: reading 8 bytes into an 8-byte buffer from our timerfd.
+                let n = unsafe {
+                    libc::read(
+                        std::os::fd::AsRawFd::as_raw_fd(fd.get_ref()),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Ok(Ok(())) = res {
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -566,11 +566,16 @@ impl<'a> Supervisor<'a> {
             "instance running"
         );
         self.check_watchdog_setting();
-        let mut watchdog = self.notify.watchdog_interval.map(|d| {
-            let mut i = tokio::time::interval(d);
-            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            i
-        });
+        let watchdog = match self.notify.watchdog_interval {
+            Some(d) => {
+                Some(crate::notify::Ticker::new(d).map_err(os("creating the watchdog timer"))?)
+            }
+            None => None,
+        };
+        // The first ping right away, as tokio's interval did: the boot may take a while.
+        if watchdog.is_some() {
+            self.notify.watchdog();
+        }
         let r = &self.s.readiness;
         let mut w = WatchState {
             ready: false,
@@ -734,7 +739,7 @@ impl<'a> Supervisor<'a> {
                     self.remove_leftovers();
                     return Err(RunError::NotReady { secs: self.s.timeouts.start_sec, status });
                 }
-                _ = tick(&mut watchdog) => {
+                _ = tick(&watchdog) => {
                     // Both pidfds not readable ⇒ the instance is alive, and the loop answered.
                     // Once the inner manager is reached, it must answer too (bounded).
                     match &w.inner {
@@ -1159,7 +1164,7 @@ impl<'a> Supervisor<'a> {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                     timed_out = true;
                 }
-                _ = tick(&mut extend_tick) => {
+                _ = tick_interval(&mut extend_tick) => {
                     if let Some(d) = extend { self.notify.extend(d * 2); }
                 }
             }
@@ -1247,7 +1252,14 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-async fn tick(i: &mut Option<tokio::time::Interval>) {
+async fn tick(t: &Option<crate::notify::Ticker>) {
+    match t {
+        Some(t) => t.tick().await,
+        None => std::future::pending::<()>().await,
+    }
+}
+
+async fn tick_interval(i: &mut Option<tokio::time::Interval>) {
     match i {
         Some(i) => {
             i.tick().await;
