@@ -351,8 +351,11 @@ async fn watch_inner(
             }
             Sig::JobRemoved => state.jobs = state.jobs.saturating_sub(1),
             Sig::StartupFinished => {
-                state.system_state = m.system_state().await?;
-                state.jobs = m.n_jobs().await?;
+                // Both requests in flight at once: one round trip, not two, between the
+                // end of the boot and READY=1.
+                let (system_state, jobs) = tokio::join!(m.system_state(), m.n_jobs());
+                state.system_state = system_state?;
+                state.jobs = jobs?;
             }
             Sig::Props(unit, iface, changed) => {
                 let Some(u) = state.units.get_mut(&unit) else {
@@ -445,16 +448,7 @@ pub fn verdict(s: &InnerState, required: &[String], accept_degraded: bool) -> Ve
             s.units
                 .get(r)
                 .filter(|u| u.active_state == "failed")
-                .map(|u| {
-                    (
-                        r.clone(),
-                        if u.result.is_empty() {
-                            "failed".into()
-                        } else {
-                            u.result.clone()
-                        },
-                    )
-                })
+                .map(|u| (r.clone(), failure_result(&u.result).to_owned()))
         })
         .collect();
     let waiting: Vec<String> = required
@@ -512,6 +506,15 @@ pub fn verdict(s: &InnerState, required: &[String], accept_degraded: bool) -> Ve
         ready,
         status,
         failed,
+    }
+}
+
+/// A failed unit's `Result`; systemd resets it to `success` a moment before the unit
+/// leaves `failed` on a new start, and that is no reason to show.
+fn failure_result(result: &str) -> &str {
+    match result {
+        "" | "success" => "failed",
+        r => r,
     }
 }
 

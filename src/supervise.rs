@@ -785,14 +785,15 @@ impl<'a> Supervisor<'a> {
                     _ => unreachable!("matched above"),
                 };
                 let v = inner::verdict(&state, &r.required_units, r.accept_degraded);
-                if v.status != w.last_status {
+                if v.ready && !w.ready {
+                    // READY=1 and its STATUS= in one datagram, without a status-only one first.
+                    w.ready = true;
+                    self.notify.ready(&v.status);
+                    w.last_status = v.status.clone();
+                    info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, status = %v.status, "ready");
+                } else if v.status != w.last_status {
                     self.notify.status(&v.status);
                     w.last_status = v.status.clone();
-                }
-                if v.ready && !w.ready {
-                    w.ready = true;
-                    info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, status = %v.status, "ready");
-                    self.notify.ready(&v.status);
                 }
                 let already_failed = if matches!(ev_kind, EvKind::Connected) {
                     v.failed.clone()
@@ -1042,6 +1043,7 @@ impl<'a> Supervisor<'a> {
             // (bounded) until systemd has installed its handlers, then send.
             let mut sent = false;
             let mut last = String::new();
+            let mut last_sent: Option<Instant> = None;
             loop {
                 if !sent && instance::catches(container.pid, sig) {
                     sent = instance::signal(container, sig);
@@ -1060,10 +1062,14 @@ impl<'a> Supervisor<'a> {
                     ev = recv_opt_ref(&mut events) => match ev {
                         // While the inside shuts down in order, say how far it is.
                         Some(InnerEvent::Changed(st)) | Some(InnerEvent::Connected(st)) => {
+                            // Hundreds of job changes in a few ms while the inside stops:
+                            // a person reads a few updates a second, not each of them.
                             let msg = format!("stopping: {} jobs left inside", st.jobs);
-                            if msg != last {
+                            let due = last_sent.is_none_or(|t| t.elapsed() >= Duration::from_millis(200));
+                            if msg != last && due {
                                 notify.status(&msg);
                                 last = msg;
+                                last_sent = Some(Instant::now());
                             }
                         }
                         Some(_) => {}
