@@ -269,8 +269,16 @@ enum Sig {
 }
 
 /// Subscribes and follows the inner manager until the bus goes away, sending events.
-pub async fn watch(inner: Inner, required: Vec<String>, tx: mpsc::UnboundedSender<InnerEvent>) {
-    if let Err(e) = watch_inner(&inner, &required, &tx).await {
+/// `booted_is_enough`: `running` and `degraded` both count as booted
+/// (`readiness.accept_degraded`), so the end of the boot needs no D-Bus read before it is
+/// reported.
+pub async fn watch(
+    inner: Inner,
+    required: Vec<String>,
+    booted_is_enough: bool,
+    tx: mpsc::UnboundedSender<InnerEvent>,
+) {
+    if let Err(e) = watch_inner(&inner, &required, booted_is_enough, &tx).await {
         let _ = tx.send(InnerEvent::Lost(e.to_string()));
     }
 }
@@ -278,6 +286,7 @@ pub async fn watch(inner: Inner, required: Vec<String>, tx: mpsc::UnboundedSende
 async fn watch_inner(
     inner: &Inner,
     required: &[String],
+    booted_is_enough: bool,
     tx: &mpsc::UnboundedSender<InnerEvent>,
 ) -> Result<(), zbus::Error> {
     let m = &inner.manager;
@@ -351,11 +360,14 @@ async fn watch_inner(
             }
             Sig::JobRemoved => state.jobs = state.jobs.saturating_sub(1),
             Sig::StartupFinished => {
-                // Both requests in flight at once: one round trip, not two, between the
-                // end of the boot and READY=1.
-                let (system_state, jobs) = tokio::join!(m.system_state(), m.n_jobs());
-                state.system_state = system_state?;
-                state.jobs = jobs?;
+                // The boot is over: SystemState is now running or degraded. When either
+                // will do, say so at once (READY=1 needs no round trip), then read which.
+                // The job count is known from JobNew/JobRemoved.
+                if booted_is_enough {
+                    state.system_state = "running".into();
+                    let _ = tx.send(InnerEvent::Changed(state.clone()));
+                }
+                state.system_state = m.system_state().await?;
             }
             Sig::Props(unit, iface, changed) => {
                 let Some(u) = state.units.get_mut(&unit) else {

@@ -62,6 +62,17 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// Stopped by a signal or traced (state `T`/`t` in `/proc/<pid>/stat`).
+pub fn is_stopped(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| matches!(s[i + 1..].trim_start().chars().next(), Some('T' | 't')))
+        })
+        .unwrap_or(false)
+}
+
 /// `/proc/<pid>/cmdline`, raw.
 pub fn cmdline(pid: i32) -> Option<Vec<u8>> {
     std::fs::read(format!("/proc/{pid}/cmdline")).ok()

@@ -651,7 +651,12 @@ impl<'a> Supervisor<'a> {
                 match connected {
                     Ok(i) => {
                         let (tx, rx) = mpsc::unbounded_channel();
-                        tokio::spawn(inner::watch(i.clone(), r.required_units.clone(), tx));
+                        tokio::spawn(inner::watch(
+                            i.clone(),
+                            r.required_units.clone(),
+                            r.accept_degraded,
+                            tx,
+                        ));
                         w.inner = Some(i);
                         w.events = Some(rx);
                     }
@@ -1052,13 +1057,21 @@ impl<'a> Supervisor<'a> {
                         "sent SIGRTMIN+3 (halt) to the container's init"
                     );
                 }
+                if instance::is_stopped(container.pid) {
+                    // SIGSTOPped (or traced): it cannot halt in order, however long we wait.
+                    warn!(
+                        INSTANCE_PID = container.pid,
+                        "the container's init is stopped (T state); escalating at once"
+                    );
+                    return false;
+                }
                 let wait = if sent {
                     Duration::from_secs(5)
                 } else {
                     Duration::from_millis(50)
                 };
                 tokio::select! {
-                    _ = container_fd.readable() => return,
+                    _ = container_fd.readable() => return true,
                     ev = recv_opt_ref(&mut events) => match ev {
                         // While the inside shuts down in order, say how far it is.
                         Some(InnerEvent::Changed(st)) | Some(InnerEvent::Connected(st)) => {
@@ -1085,7 +1098,7 @@ impl<'a> Supervisor<'a> {
                 }
             }
         };
-        if timeout(stop, halted).await.is_err() {
+        if !matches!(timeout(stop, halted).await, Ok(true)) {
             warn!(
                 INSTANCE_PID = container.pid,
                 timeout_sec = to.stop_sec,
@@ -1096,7 +1109,10 @@ impl<'a> Supervisor<'a> {
             // master's cleanup), so systemd's stop timeout stays ahead of us.
             self.notify.extend(kill * 3 + Duration::from_secs(5));
             let argv = argv::instance_stop_force(self.s);
-            let _ = self.run_cli(&argv, None, Some(Instant::now() + kill)).await;
+            let m = master.zip(master_fd);
+            let _ = self
+                .run_cli_reaping(&argv, None, Some(Instant::now() + kill), m)
+                .await;
             if timeout(kill, container_fd.readable()).await.is_err() {
                 self.notify.extend(kill * 2 + Duration::from_secs(5));
                 instance::signal(container, libc::SIGKILL);
@@ -1131,6 +1147,20 @@ impl<'a> Supervisor<'a> {
         extend: Option<Duration>,
         deadline: Option<Instant>,
     ) -> Result<CliResult, RunError> {
+        self.run_cli_reaping(argv, extend, deadline, None).await
+    }
+
+    /// [`Self::run_cli`], reaping `master` as soon as it exits. `apptainer instance stop`
+    /// waits until `kill(ppid, 0)` fails, which a zombie never makes it do: the master is
+    /// our child (we are its subreaper), so we must reap it while the CLI waits.
+    async fn run_cli_reaping(
+        &mut self,
+        argv: &[OsString],
+        extend: Option<Duration>,
+        deadline: Option<Instant>,
+        master: Option<(&ProcId, &ExitWatch)>,
+    ) -> Result<CliResult, RunError> {
+        let mut reaped = master.is_none();
         let mut child = apptainer::command(argv, &self.env)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -1156,6 +1186,13 @@ impl<'a> Supervisor<'a> {
         loop {
             tokio::select! {
                 _ = fd.readable() => break,
+                _ = async { master.expect("guarded by !reaped").1.readable().await }, if !reaped => {
+                    if let Some((m, _)) = master {
+                        let exit = instance::try_reap(m.pid);
+                        debug!(master_pid = m.pid, exit = %show_exit(exit), "master exited while apptainer ran");
+                    }
+                    reaped = true;
+                }
                 n = stderr.read(&mut chunk), if stderr_open => match n {
                     Ok(0) | Err(_) => stderr_open = false,
                     Ok(n) => if err_buf.len() < 64 * 1024 { err_buf.extend_from_slice(&chunk[..n]) },
