@@ -2,6 +2,7 @@
 //! dir, a real `NOTIFY_SOCKET` datagram listener) and the Apptainer CLI double
 //! (`tests/support/apptainer`, see DOUBLE.md) with the light init (`fake-init`).
 #![allow(dead_code)]
+pub mod host;
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -51,6 +52,8 @@ pub struct World {
     /// The light init (`fake-init` on the host's root) rather than a real systemd booted
     /// from the test rootfs.
     pub light_init: bool,
+    /// The container pid of the last state file read at drop, for cgroup cleanup.
+    container_pid_seen: Option<i32>,
     children: Vec<Child>,
 }
 
@@ -106,6 +109,7 @@ impl World {
             env_dump: root.join("init.env"),
             env: Vec::new(),
             light_init: true,
+            container_pid_seen: None,
             children: Vec::new(),
             dir,
         };
@@ -427,6 +431,17 @@ pub fn eventually(within: Duration, what: &str, f: impl Fn() -> bool) {
     panic!("timed out after {within:?} waiting for: {what}");
 }
 
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// Loop devices backed by `image` (`losetup -j`).
 pub fn loops_for(image: &Path) -> Vec<String> {
     let out = Command::new("losetup")
@@ -456,9 +471,20 @@ impl Drop for World {
                         kill(p as i32, libc::SIGKILL);
                     }
                 }
+                self.container_pid_seen = v["pid"].as_i64().map(|p| p as i32);
             }
         }
         std::thread::sleep(Duration::from_millis(100));
+        // A master killed here never ran its cleanup: remove the container's cgroup
+        // (DOUBLE.md: /apptainer/<pid> in the cgroup2 hierarchy), deepest first.
+        if let Some(pid) = self.container_pid_seen {
+            for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+                let dir = Path::new(root).join("apptainer").join(pid.to_string());
+                if dir.is_dir() {
+                    remove_cgroup_tree(&dir);
+                }
+            }
+        }
         for dev in loops_for(&self.overlay()) {
             let _ = Command::new("losetup").arg("-d").arg(dev).status();
         }
