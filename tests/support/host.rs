@@ -10,8 +10,8 @@
 //! 2. `unshare --pid --mount --uts --ipc --cgroup --net --fork --kill-child` runs
 //!    [`BOOT_SCRIPT`] as PID 1 of the new PID namespace. The root filesystem stays the
 //!    machine's (python3 for the Apptainer double, nsenter, the built binary, the cached
-//!    rootfs), in a private mount namespace with a fresh `/proc`, `/run`, `/tmp` (the test's
-//!    directory bound back in at the same path) and `/dev/shm`, and only a cgroup2 on
+//!    rootfs), in a private mount namespace with a fresh `/proc`, `/run` and `/dev/shm`
+//!    (`/tmp` stays the machine's, where a CI clone and its binary may live), and only a cgroup2 on
 //!    `/sys/fs/cgroup` (the machine's v1/hybrid mounts there are unmounted, so systemd and
 //!    the double both see a pure-v2 host rooted at the leaf);
 //! 3. the test moves `unshare` itself back out of the leaf (it sits outside the new PID
@@ -58,13 +58,11 @@ mount --make-rprivate /
 mount -t proc -o nosuid,nodev,noexec proc /proc
 # A fresh /run: the unit files go to /run/systemd/system, the only unit path (below).
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-mkdir -p /run/systemd/system /run/asv-host/no-generators /run/asv-host/dir
+mkdir -p /run/systemd/system /run/asv-host/no-generators
 cp -R "$units/." /run/systemd/system/
-# A fresh /tmp, with the test's directory bound back in at the same path.
-mount --bind "$dir" /run/asv-host/dir
-mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
-mkdir -p "$dir"
-mount --move /run/asv-host/dir "$dir"
+# /tmp stays the machine's: the test's directory, the built binary (CI clones may live
+# under /tmp) and the double must be reachable at the same paths. Nothing started in
+# here cleans /tmp (no tmpfiles: only our units are loaded).
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
 # Only a cgroup2, rooted at this cgroup namespace's root (the leaf made for us).
 if mountpoint -q /sys/fs/cgroup; then umount -R /sys/fs/cgroup; fi
