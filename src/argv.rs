@@ -229,6 +229,7 @@ service_dir = "/shared/services/ood/ood001"
 binds = ["/home/systems/slurm/etc/slurm:/etc/slurm", "/shared", "/home", "/orcd", "${service_dir}/root:/root"]
 [[network]]
 name = "macvlan_ood001"
+external = true
 "#,
             &[
                 "/usr/bin/apptainer",
@@ -264,8 +265,10 @@ binds = ["/a:/b:ro"]
 [[network]]
 name = "macvlan_ww001"
 args = ["IP=10.0.0.2/24"]
+external = true
 [[network]]
 name = "ipmi_bridge_ww001"
+external = true
 [overlay]
 path = "overlay.img"
 [apptainer]

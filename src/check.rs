@@ -25,6 +25,8 @@ pub struct Plan {
     /// argv of `apptainer overlay create`, run only when the overlay is missing.
     pub overlay_create: Vec<String>,
     pub files: Vec<PlannedFile>,
+    /// The conflists `run` writes, by network name, as JSON.
+    pub conflists: std::collections::BTreeMap<String, serde_json::Value>,
     pub host_checked: bool,
 }
 
@@ -40,7 +42,18 @@ pub fn plan(s: &Service, run_dir: &Path, paths: &InstancePaths, host_checked: bo
         file: s.file.clone(),
         argv: strings(argv::instance_start(s)),
         overlay_create: strings(argv::overlay_create(s, &s.overlay.path)),
-        files: vec![
+        files: s
+            .networks
+            .iter()
+            .map(|n| PlannedFile {
+                path: crate::network::path(&s.apptainer.network_dir, &n.name),
+                what: if n.cni.is_some() {
+                    "CNI conflist: written when its content changes, never over a file we did not write"
+                } else {
+                    "CNI conflist (external): must exist, never written"
+                },
+            })
+            .chain([
             PlannedFile {
                 path: s.overlay.path.clone(),
                 what: "overlay image: created if missing, never modified or removed",
@@ -62,7 +75,18 @@ pub fn plan(s: &Service, run_dir: &Path, paths: &InstancePaths, host_checked: bo
                 path: paths.err_log.clone(),
                 what: "Apptainer's instance stderr log",
             },
-        ],
+            ])
+            .collect(),
+        conflists: s
+            .networks
+            .iter()
+            .filter_map(|n| {
+                n.cni.as_ref().map(|c| {
+                    let text = crate::network::render(&s.name, n, c);
+                    (n.name.clone(), serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+                })
+            })
+            .collect(),
         host_checked,
     }
 }
@@ -117,6 +141,12 @@ pub fn render_text(p: &Plan) -> String {
             .collect::<Vec<_>>()
             .join(" "),
     );
+    for (name, c) in &p.conflists {
+        out.push_str(&format!(
+            "\n\nconflist {name}:\n{}",
+            serde_json::to_string_pretty(c).unwrap_or_default()
+        ));
+    }
     out.push_str("\n\nfiles:\n");
     for f in &p.files {
         out.push_str(&format!("  {}\n      {}\n", f.path.display(), f.what));

@@ -19,6 +19,8 @@ use crate::keys;
 /// Where `run NAME` and `check NAME` look for `NAME.toml`.
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/apptainer-supervisor";
 pub const DEFAULT_APPTAINER: &str = "/usr/bin/apptainer";
+/// Apptainer's default `cni configuration path` ($SYSCONFDIR/apptainer/network).
+pub const DEFAULT_NETWORK_DIR: &str = "/etc/apptainer/network";
 pub const DEFAULT_IMAGE: &str = "${service_dir}/containers/container.sif";
 pub const DEFAULT_OVERLAY: &str = "${service_dir}/overlay/overlay.img";
 /// The seed's start.sh sourced this file when present; we read it instead (never a shell).
@@ -124,6 +126,122 @@ pub struct Network {
     /// `--network-args` for this network, without the `name:` prefix (Apptainer adds it
     /// back per network: `"[<net>:]K=V;K2=V2"`).
     pub args: Vec<String>,
+    /// The CNI conflist the supervisor writes; `None` for an external (hand-managed) one,
+    /// which is only checked to exist.
+    pub cni: Option<Cni>,
+    /// Take over an existing conflist of that name that we did not write.
+    pub manage: bool,
+    /// Line of the `name` key, for messages.
+    pub line: usize,
+}
+
+/// What a network's conflist says, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cni {
+    pub kind: CniKind,
+    /// Parent interface (macvlan, ipvlan) on the host.
+    pub master: Option<String>,
+    pub mode: Option<String>,
+    /// Bridge device name (bridge).
+    pub bridge: Option<String>,
+    pub mtu: Option<u32>,
+    pub mac: Option<String>,
+    pub ipam: Ipam,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CniKind {
+    Macvlan,
+    Bridge,
+    Ipvlan,
+}
+
+impl CniKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CniKind::Macvlan => "macvlan",
+            CniKind::Bridge => "bridge",
+            CniKind::Ipvlan => "ipvlan",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ipam {
+    /// Fixed addresses (CIDR), an optional gateway, routes.
+    Static {
+        addresses: Vec<IpNet>,
+        gateway: Option<std::net::IpAddr>,
+        routes: Vec<Route>,
+    },
+    /// A range of a subnet, leases kept by the plugin in `data_dir`.
+    HostLocal {
+        subnet: IpNet,
+        range_start: Option<std::net::IpAddr>,
+        range_end: Option<std::net::IpAddr>,
+        gateway: Option<std::net::IpAddr>,
+        routes: Vec<Route>,
+        data_dir: Option<PathBuf>,
+    },
+    /// Addresses from the site's DHCP server (needs the CNI dhcp daemon running).
+    Dhcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpNet,
+    pub gw: Option<std::net::IpAddr>,
+}
+
+/// An address with its prefix length (`10.1.225.1/16`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn parse(s: &str) -> Result<IpNet, String> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} needs a prefix length (e.g. 10.1.0.5/16)"))?;
+        let addr: std::net::IpAddr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("{p:?} is not a prefix length for {a}"))?;
+        Ok(IpNet { addr, prefix })
+    }
+
+    /// Whether `ip` lies in this address's subnet.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr::*;
+        let bits = |a: std::net::IpAddr| -> u128 {
+            match a {
+                V4(v) => u32::from(v) as u128,
+                V6(v) => u128::from(v),
+            }
+        };
+        match (self.addr, ip) {
+            (V4(_), V4(_)) | (V6(_), V6(_)) => {
+                let width = if self.addr.is_ipv4() { 32 } else { 128 };
+                let shift = width - self.prefix as u32;
+                shift >= width || bits(self.addr) >> shift == bits(ip) >> shift
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +254,8 @@ pub struct Overlay {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Apptainer {
     pub binary: PathBuf,
+    /// Apptainer's `cni configuration path`, where the conflists go.
+    pub network_dir: PathBuf,
     pub extra_args: Vec<String>,
 }
 
@@ -301,6 +421,34 @@ struct RawNetwork {
     name: Spanned<String>,
     #[serde(default)]
     args: Vec<Spanned<String>>,
+    #[serde(rename = "type")]
+    kind: Option<Spanned<CniKind>>,
+    master: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    bridge: Option<Spanned<String>>,
+    mtu: Option<Spanned<u32>>,
+    mac: Option<Spanned<String>>,
+    #[serde(default)]
+    external: bool,
+    #[serde(default)]
+    manage: bool,
+    ipam: Option<Spanned<RawIpam>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIpam {
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
+    gateway: Option<Spanned<String>>,
+    #[serde(default)]
+    routes: Vec<Spanned<String>>,
+    subnet: Option<Spanned<String>>,
+    range_start: Option<Spanned<String>>,
+    range_end: Option<Spanned<String>>,
+    data_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -315,6 +463,7 @@ struct RawOverlay {
 #[serde(deny_unknown_fields)]
 struct RawApptainer {
     binary: Option<Spanned<String>>,
+    network_dir: Option<Spanned<String>>,
     #[serde(default)]
     extra_args: Vec<Spanned<String>>,
 }
@@ -532,6 +681,12 @@ impl Validator<'_> {
         };
 
         let apptainer = Apptainer {
+            network_dir: match &raw.apptainer.network_dir {
+                Some(d) => self
+                    .abs_path(d, keys::APPTAINER_NETWORK_DIR, &subst, None)
+                    .unwrap_or_default(),
+                None => PathBuf::from(DEFAULT_NETWORK_DIR),
+            },
             binary: match &raw.apptainer.binary {
                 Some(b) => self
                     .abs_path(b, keys::APPTAINER_BINARY, &subst, None)
@@ -710,12 +865,436 @@ impl Validator<'_> {
                 }
                 args.push(s.clone());
             }
+            let cni = self.cni(n);
             out.push(Network {
                 name: n.name.get_ref().clone(),
                 args,
+                cni,
+                manage: n.manage,
+                line: line_col(self.text, at).0,
             });
         }
         out
+    }
+
+    /// The CNI part of one `[[network]]`. An external network may set nothing but `name`,
+    /// `args` and `external`; an owned one needs `type` and, for macvlan/ipvlan, `master`.
+    fn cni(&mut self, n: &RawNetwork) -> Option<Cni> {
+        let at = n.name.span().start;
+        if n.external {
+            let set: Vec<&str> = [
+                (n.kind.is_some(), keys::NETWORK_TYPE),
+                (n.master.is_some(), keys::NETWORK_MASTER),
+                (n.mode.is_some(), keys::NETWORK_MODE),
+                (n.bridge.is_some(), keys::NETWORK_BRIDGE),
+                (n.mtu.is_some(), keys::NETWORK_MTU),
+                (n.mac.is_some(), keys::NETWORK_MAC),
+                (n.ipam.is_some(), keys::NETWORK_IPAM_TYPE),
+                (n.manage, keys::NETWORK_MANAGE),
+            ]
+            .into_iter()
+            .filter_map(|(set, k)| set.then_some(k))
+            .collect();
+            if !set.is_empty() {
+                self.push(
+                    at,
+                    keys::NETWORK_EXTERNAL,
+                    format!(
+                        "an external network's conflist is hand-managed; {} cannot be set here",
+                        set.join(", ")
+                    ),
+                    None,
+                );
+            }
+            return None;
+        }
+        let Some(kind) = &n.kind else {
+            self.push(
+                at,
+                keys::NETWORK_TYPE,
+                "missing: \"macvlan\", \"bridge\" or \"ipvlan\" (or external = true for a hand-managed conflist)",
+                None,
+            );
+            return None;
+        };
+        let kind_v = *kind.get_ref();
+        let master = n.master.as_ref().map(|m| {
+            if let Err(r) = check_ifname(m.get_ref()) {
+                self.push(m.span().start, keys::NETWORK_MASTER, r, None);
+            }
+            m.get_ref().clone()
+        });
+        if master.is_none() && kind_v != CniKind::Bridge {
+            self.push(
+                kind.span().start,
+                keys::NETWORK_MASTER,
+                format!(
+                    "a {} network needs its parent interface (master = \"eth0\")",
+                    kind_v.as_str()
+                ),
+                None,
+            );
+        }
+        if master.is_some() && kind_v == CniKind::Bridge {
+            if let Some(m) = &n.master {
+                self.push(
+                    m.span().start,
+                    keys::NETWORK_MASTER,
+                    "a bridge network has no master; set bridge = \"NAME\"",
+                    None,
+                );
+            }
+        }
+        let mode = n.mode.as_ref().map(|m| {
+            let ok: &[&str] = match kind_v {
+                CniKind::Macvlan => &["bridge", "private", "vepa", "passthru"],
+                CniKind::Ipvlan => &["l2", "l3", "l3s"],
+                CniKind::Bridge => &[],
+            };
+            if !ok.contains(&m.get_ref().as_str()) {
+                let what = if ok.is_empty() {
+                    "none".to_owned()
+                } else {
+                    ok.join(", ")
+                };
+                self.push(
+                    m.span().start,
+                    keys::NETWORK_MODE,
+                    format!(
+                        "{:?} is not a {} mode ({what})",
+                        m.get_ref(),
+                        kind_v.as_str()
+                    ),
+                    None,
+                );
+            }
+            m.get_ref().clone()
+        });
+        let bridge = n.bridge.as_ref().map(|b| {
+            if kind_v != CniKind::Bridge {
+                self.push(
+                    b.span().start,
+                    keys::NETWORK_BRIDGE,
+                    "only a bridge network has a bridge",
+                    None,
+                );
+            } else if let Err(r) = check_ifname(b.get_ref()) {
+                self.push(b.span().start, keys::NETWORK_BRIDGE, r, None);
+            }
+            b.get_ref().clone()
+        });
+        let mtu = n.mtu.as_ref().map(|m| {
+            if !(68..=65535).contains(m.get_ref()) {
+                self.push(
+                    m.span().start,
+                    keys::NETWORK_MTU,
+                    "must be between 68 and 65535",
+                    None,
+                );
+            }
+            *m.get_ref()
+        });
+        let mac = n.mac.as_ref().map(|m| {
+            if kind_v != CniKind::Macvlan {
+                self.push(
+                    m.span().start,
+                    keys::NETWORK_MAC,
+                    format!("the {} plugin takes no mac", kind_v.as_str()),
+                    None,
+                );
+            }
+            let ok = m.get_ref().split(':').count() == 6
+                && m.get_ref()
+                    .split(':')
+                    .all(|h| h.len() == 2 && h.chars().all(|c| c.is_ascii_hexdigit()));
+            if !ok {
+                self.push(
+                    m.span().start,
+                    keys::NETWORK_MAC,
+                    format!("{:?} is not a MAC address", m.get_ref()),
+                    None,
+                );
+            }
+            m.get_ref().clone()
+        });
+        let ipam = match &n.ipam {
+            Some(i) => self.ipam(i.get_ref(), i.span().start),
+            None => {
+                self.push(
+                    at,
+                    keys::NETWORK_IPAM_TYPE,
+                    "missing: the [network.ipam] table (static, host-local or dhcp)",
+                    None,
+                );
+                None
+            }
+        }?;
+        Some(Cni {
+            kind: kind_v,
+            master,
+            mode,
+            bridge,
+            mtu,
+            mac,
+            ipam,
+        })
+    }
+
+    fn ip(&mut self, v: &Spanned<String>, key: &str) -> Option<std::net::IpAddr> {
+        match v.get_ref().parse() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                self.push(
+                    v.span().start,
+                    key,
+                    format!("{:?} is not an IP address", v.get_ref()),
+                    None,
+                );
+                None
+            }
+        }
+    }
+
+    fn routes(&mut self, raw: &[Spanned<String>]) -> Vec<Route> {
+        let mut out = Vec::new();
+        for r in raw {
+            let text = r.get_ref();
+            let (dst, gw) = match text.split_once(" via ") {
+                Some((d, g)) => (d.trim(), Some(g.trim())),
+                None => (text.trim(), None),
+            };
+            let dst = match IpNet::parse(dst) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.push(
+                        r.span().start,
+                        keys::NETWORK_IPAM_ROUTES,
+                        format!("{e} (routes are \"DST/LEN\" or \"DST/LEN via GW\")"),
+                        None,
+                    );
+                    continue;
+                }
+            };
+            let gw = match gw.map(str::parse::<std::net::IpAddr>) {
+                None => None,
+                Some(Ok(g)) => Some(g),
+                Some(Err(_)) => {
+                    self.push(
+                        r.span().start,
+                        keys::NETWORK_IPAM_ROUTES,
+                        format!("{text:?}: the gateway is not an IP address"),
+                        None,
+                    );
+                    continue;
+                }
+            };
+            out.push(Route { dst, gw });
+        }
+        out
+    }
+
+    fn ipam(&mut self, raw: &RawIpam, at: usize) -> Option<Ipam> {
+        // host-local checks its gateway against the subnet itself (one message, not two).
+        let gateway = match raw.kind.get_ref().as_str() {
+            "host-local" => None,
+            _ => raw
+                .gateway
+                .as_ref()
+                .and_then(|g| self.ip(g, keys::NETWORK_IPAM_GATEWAY)),
+        };
+        let routes = self.routes(&raw.routes);
+        let only = |this: &mut Self, set: bool, key: &str, kind: &str| {
+            if set {
+                this.push(
+                    at,
+                    key,
+                    format!("does not apply to ipam type {kind:?}"),
+                    None,
+                );
+            }
+        };
+        match raw.kind.get_ref().as_str() {
+            "static" => {
+                only(
+                    self,
+                    raw.subnet.is_some(),
+                    keys::NETWORK_IPAM_SUBNET,
+                    "static",
+                );
+                only(
+                    self,
+                    raw.range_start.is_some(),
+                    keys::NETWORK_IPAM_RANGE_START,
+                    "static",
+                );
+                only(
+                    self,
+                    raw.range_end.is_some(),
+                    keys::NETWORK_IPAM_RANGE_END,
+                    "static",
+                );
+                only(
+                    self,
+                    raw.data_dir.is_some(),
+                    keys::NETWORK_IPAM_DATA_DIR,
+                    "static",
+                );
+                if raw.addresses.is_empty() {
+                    self.push(
+                        at,
+                        keys::NETWORK_IPAM_ADDRESSES,
+                        "a static network needs at least one address (\"10.1.225.1/16\")",
+                        None,
+                    );
+                }
+                let mut addresses = Vec::new();
+                for a in &raw.addresses {
+                    match IpNet::parse(a.get_ref()) {
+                        Ok(net) => addresses.push(net),
+                        Err(e) => self.push(a.span().start, keys::NETWORK_IPAM_ADDRESSES, e, None),
+                    }
+                }
+                if let (Some(gw), Some(g)) = (gateway, &raw.gateway) {
+                    if !addresses
+                        .iter()
+                        .filter(|a| a.addr.is_ipv4() == gw.is_ipv4())
+                        .any(|a| a.contains(gw))
+                    {
+                        self.push(
+                            g.span().start,
+                            keys::NETWORK_IPAM_GATEWAY,
+                            format!("{gw} is outside the subnet of every address"),
+                            None,
+                        );
+                    }
+                }
+                Some(Ipam::Static {
+                    addresses,
+                    gateway,
+                    routes,
+                })
+            }
+            "host-local" => {
+                only(
+                    self,
+                    !raw.addresses.is_empty(),
+                    keys::NETWORK_IPAM_ADDRESSES,
+                    "host-local",
+                );
+                let Some(s) = &raw.subnet else {
+                    self.push(
+                        at,
+                        keys::NETWORK_IPAM_SUBNET,
+                        "a host-local network needs subnet = \"10.22.0.0/16\"",
+                        None,
+                    );
+                    return None;
+                };
+                let subnet = match IpNet::parse(s.get_ref()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.push(s.span().start, keys::NETWORK_IPAM_SUBNET, e, None);
+                        return None;
+                    }
+                };
+                let inside = |this: &mut Self, v: &Option<Spanned<String>>, key: &str| {
+                    let ip = v.as_ref().and_then(|x| this.ip(x, key))?;
+                    if !subnet.contains(ip) {
+                        let at = v.as_ref().map_or(at, |x| x.span().start);
+                        this.push(at, key, format!("{ip} is outside subnet {subnet}"), None);
+                    }
+                    Some(ip)
+                };
+                let range_start = inside(self, &raw.range_start, keys::NETWORK_IPAM_RANGE_START);
+                let range_end = inside(self, &raw.range_end, keys::NETWORK_IPAM_RANGE_END);
+                let gateway = inside(self, &raw.gateway, keys::NETWORK_IPAM_GATEWAY).or(gateway);
+                if let (Some(a), Some(b), Some(e)) = (range_start, range_end, &raw.range_end) {
+                    if a > b {
+                        self.push(
+                            e.span().start,
+                            keys::NETWORK_IPAM_RANGE_END,
+                            format!("{b} comes before range_start {a}"),
+                            None,
+                        );
+                    }
+                }
+                let data_dir = raw.data_dir.as_ref().map(|d| {
+                    let p = PathBuf::from(d.get_ref());
+                    if !p.is_absolute() {
+                        self.push(
+                            d.span().start,
+                            keys::NETWORK_IPAM_DATA_DIR,
+                            "must be an absolute path",
+                            None,
+                        );
+                    }
+                    p
+                });
+                Some(Ipam::HostLocal {
+                    subnet,
+                    range_start,
+                    range_end,
+                    gateway,
+                    routes,
+                    data_dir,
+                })
+            }
+            "dhcp" => {
+                only(
+                    self,
+                    !raw.addresses.is_empty(),
+                    keys::NETWORK_IPAM_ADDRESSES,
+                    "dhcp",
+                );
+                only(
+                    self,
+                    raw.subnet.is_some(),
+                    keys::NETWORK_IPAM_SUBNET,
+                    "dhcp",
+                );
+                only(
+                    self,
+                    raw.gateway.is_some(),
+                    keys::NETWORK_IPAM_GATEWAY,
+                    "dhcp",
+                );
+                // The DHCP server decides these: accepting them silently would mislead.
+                only(
+                    self,
+                    !raw.routes.is_empty(),
+                    keys::NETWORK_IPAM_ROUTES,
+                    "dhcp",
+                );
+                only(
+                    self,
+                    raw.range_start.is_some(),
+                    keys::NETWORK_IPAM_RANGE_START,
+                    "dhcp",
+                );
+                only(
+                    self,
+                    raw.range_end.is_some(),
+                    keys::NETWORK_IPAM_RANGE_END,
+                    "dhcp",
+                );
+                only(
+                    self,
+                    raw.data_dir.is_some(),
+                    keys::NETWORK_IPAM_DATA_DIR,
+                    "dhcp",
+                );
+                Some(Ipam::Dhcp)
+            }
+            other => {
+                self.push(
+                    raw.kind.span().start,
+                    keys::NETWORK_IPAM_TYPE,
+                    format!("{other:?} is not \"static\", \"host-local\" or \"dhcp\""),
+                    None,
+                );
+                None
+            }
+        }
     }
 
     fn readiness(&mut self, raw: &RawReadiness, boot: bool) -> Readiness {
@@ -926,6 +1505,19 @@ fn check_network_name(n: &str) -> Result<(), String> {
         return Err(format!(
             "{n:?} may contain only letters, digits, '.', '_' and '-'"
         ));
+    }
+    Ok(())
+}
+
+/// A network interface name (IFNAMSIZ 16 with the NUL; no '/' or spaces).
+fn check_ifname(n: &str) -> Result<(), String> {
+    if n.is_empty() || n.len() > 15 || n == "." || n == ".." {
+        return Err(format!(
+            "{n:?} is not an interface name (1 to 15 characters)"
+        ));
+    }
+    if n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(format!("{n:?} is not an interface name"));
     }
     Ok(())
 }
@@ -1146,6 +1738,7 @@ service_dir = "/shared/services/ood/ood001"
 binds = ["/shared", "${service_dir}/root:/root"]
 [[network]]
 name = "macvlan_ood001"
+external = true
 "#;
 
     fn p(text: &str) -> Result<Service, ConfigError> {
@@ -1296,13 +1889,58 @@ name = "macvlan_ood001"
 
     #[test]
     fn network_names_unique_and_args_checked() {
-        let e = p("service_dir = \"/x\"\n[[network]]\nname = \"a\"\n[[network]]\nname = \"a\"\nargs = [\"nokv\"]\n").unwrap_err();
+        let e = p("service_dir = \"/x\"\n[[network]]\nname = \"a\"\nexternal = true\n[[network]]\nname = \"a\"\nargs = [\"nokv\"]\nexternal = true\n").unwrap_err();
         let r: Vec<_> = e
             .issues()
             .iter()
             .map(|i| (i.line, i.key.as_str()))
             .collect();
-        assert_eq!(r, [(5, "network.name"), (6, "network.args")]);
+        assert_eq!(r, [(6, "network.name"), (7, "network.args")]);
+    }
+
+    fn net(body: &str) -> Result<Service, ConfigError> {
+        p(&format!(
+            "service_dir = \"/x\"\n[[network]]\nname = \"n\"\n{body}"
+        ))
+    }
+
+    #[test]
+    fn network_cni_keys_are_validated() {
+        let ok = net("type = \"macvlan\"\nmaster = \"p0\"\nmode = \"bridge\"\nmtu = 1500\nmac = \"02:00:00:00:00:01\"\n[network.ipam]\ntype = \"static\"\naddresses = [\"10.0.0.2/24\"]\ngateway = \"10.0.0.1\"\nroutes = [\"0.0.0.0/0\", \"10.9.0.0/16 via 10.0.0.254\"]\n").unwrap();
+        let cni = ok.networks[0].cni.as_ref().unwrap();
+        assert_eq!(cni.kind, CniKind::Macvlan);
+        assert!(matches!(&cni.ipam, Ipam::Static { routes, .. } if routes.len() == 2));
+        let cases: &[(&str, &str, &str)] = &[
+            ("[network.ipam]\ntype = \"dhcp\"\n", "network.type", "missing:"),
+            ("type = \"macvlan\"\n[network.ipam]\ntype = \"dhcp\"\n", "network.master", "needs its parent interface"),
+            ("type = \"macvlan\"\nmaster = \"p0\"\nmode = \"l2\"\n[network.ipam]\ntype = \"dhcp\"\n", "network.mode", "\"l2\" is not a macvlan mode"),
+            ("type = \"bridge\"\nmaster = \"p0\"\n[network.ipam]\ntype = \"dhcp\"\n", "network.master", "a bridge network has no master"),
+            ("type = \"macvlan\"\nmaster = \"p0\"\n[network.ipam]\ntype = \"static\"\naddresses = [\"10.0.0.2\"]\n", "network.ipam.addresses", "needs a prefix length"),
+            ("type = \"macvlan\"\nmaster = \"p0\"\n[network.ipam]\ntype = \"static\"\naddresses = [\"10.0.0.2/24\"]\ngateway = \"10.0.1.1\"\n", "network.ipam.gateway", "10.0.1.1 is outside the subnet"),
+            ("type = \"bridge\"\n[network.ipam]\ntype = \"host-local\"\nsubnet = \"10.22.0.0/16\"\nrange_start = \"10.23.0.1\"\n", "network.ipam.range_start", "10.23.0.1 is outside subnet 10.22.0.0/16"),
+            ("type = \"macvlan\"\nmaster = \"p0\"\nmtu = 20\n[network.ipam]\ntype = \"dhcp\"\n", "network.mtu", "between 68 and 65535"),
+            ("type = \"macvlan\"\nmaster = \"p0\"\nmac = \"zz\"\n[network.ipam]\ntype = \"dhcp\"\n", "network.mac", "not a MAC"),
+            ("type = \"macvlan\"\nmaster = \"p0\"\n", "network.ipam.type", "missing: the [network.ipam] table"),
+            ("type = \"macvlan\"\nmaster = \"p0\"\n[network.ipam]\ntype = \"dhcp\"\nrouts = []\n", "network.ipam.routs", "unknown field `routs`"),
+            ("external = true\ntype = \"macvlan\"\n", "network.external", "cannot be set here"),
+        ];
+        for (body, key, reason) in cases {
+            let e = net(body).expect_err(body);
+            let i = &e.issues()[0];
+            assert_eq!(i.key, *key, "{body}: {e}");
+            assert!(i.reason.contains(reason), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn ipnet_contains() {
+        let n = IpNet::parse("10.1.225.1/16").unwrap();
+        assert!(n.contains("10.1.224.51".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(IpNet::parse("fd00::1/64")
+            .unwrap()
+            .contains("fd00::99".parse().unwrap()));
+        assert!(IpNet::parse("10.0.0.1/33").is_err());
     }
 
     #[test]

@@ -92,7 +92,49 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
             Vec::new()
         }
     };
-    for (other, file) in other_services(config_dir, &s.name) {
+    let at_network = |e: &crate::network::NetworkError| {
+        let line = e
+            .network()
+            .and_then(|name| s.networks.iter().find(|n| n.name == name))
+            .map(|n| n.line);
+        match line {
+            Some(l) => format!("{}:{l}: network", s.file.display()),
+            None => format!("{}: network", s.file.display()),
+        }
+    };
+    if let Err(e) = crate::network::check_parents(s) {
+        push(at_network(&e), e.to_string());
+    }
+    if let Err(e) = crate::network::dry_run(s) {
+        push(at_network(&e), e.to_string());
+    }
+    let others = other_services(config_dir, &s.name);
+    for (ip, mine, theirs) in crate::network::address_conflicts(s, others.iter().map(|(o, _)| o)) {
+        push(
+            format!("{}: network.ipam.addresses", s.file.display()),
+            format!("{ip} of network {mine} is also claimed by service {theirs}"),
+        );
+    }
+    for (other, file) in &others {
+        for n in s.networks.iter().filter(|n| n.cni.is_some()) {
+            if other
+                .networks
+                .iter()
+                .any(|o| o.name == n.name && o.cni.is_some())
+            {
+                push(
+                    format!("{}:{}: network.name", s.file.display(), n.line),
+                    format!(
+                        "network {} is also written by service {} ({}); each service owns its conflist",
+                        n.name,
+                        other.name,
+                        file.display()
+                    ),
+                );
+            }
+        }
+    }
+    for (other, file) in others {
         if other.overlay.path == s.overlay.path {
             push(
                 s.locate(keys::OVERLAY_PATH),

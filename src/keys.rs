@@ -17,6 +17,22 @@ pub const ENV: &str = "env";
 pub const NETWORK: &str = "network";
 pub const NETWORK_NAME: &str = "network.name";
 pub const NETWORK_ARGS: &str = "network.args";
+pub const NETWORK_TYPE: &str = "network.type";
+pub const NETWORK_MASTER: &str = "network.master";
+pub const NETWORK_MODE: &str = "network.mode";
+pub const NETWORK_BRIDGE: &str = "network.bridge";
+pub const NETWORK_MTU: &str = "network.mtu";
+pub const NETWORK_MAC: &str = "network.mac";
+pub const NETWORK_EXTERNAL: &str = "network.external";
+pub const NETWORK_MANAGE: &str = "network.manage";
+pub const NETWORK_IPAM_TYPE: &str = "network.ipam.type";
+pub const NETWORK_IPAM_ADDRESSES: &str = "network.ipam.addresses";
+pub const NETWORK_IPAM_GATEWAY: &str = "network.ipam.gateway";
+pub const NETWORK_IPAM_ROUTES: &str = "network.ipam.routes";
+pub const NETWORK_IPAM_SUBNET: &str = "network.ipam.subnet";
+pub const NETWORK_IPAM_RANGE_START: &str = "network.ipam.range_start";
+pub const NETWORK_IPAM_RANGE_END: &str = "network.ipam.range_end";
+pub const NETWORK_IPAM_DATA_DIR: &str = "network.ipam.data_dir";
 
 pub const OVERLAY: &str = "overlay";
 pub const OVERLAY_PATH: &str = "overlay.path";
@@ -26,6 +42,7 @@ pub const OVERLAY_SPARSE: &str = "overlay.sparse";
 pub const APPTAINER: &str = "apptainer";
 pub const APPTAINER_BINARY: &str = "apptainer.binary";
 pub const APPTAINER_EXTRA_ARGS: &str = "apptainer.extra_args";
+pub const APPTAINER_NETWORK_DIR: &str = "apptainer.network_dir";
 
 pub const READINESS: &str = "readiness";
 pub const READINESS_MODE: &str = "readiness.mode";
@@ -56,11 +73,28 @@ pub const ALL: &[&str] = &[
     ENV,
     NETWORK_NAME,
     NETWORK_ARGS,
+    NETWORK_TYPE,
+    NETWORK_MASTER,
+    NETWORK_MODE,
+    NETWORK_BRIDGE,
+    NETWORK_MTU,
+    NETWORK_MAC,
+    NETWORK_EXTERNAL,
+    NETWORK_MANAGE,
+    NETWORK_IPAM_TYPE,
+    NETWORK_IPAM_ADDRESSES,
+    NETWORK_IPAM_GATEWAY,
+    NETWORK_IPAM_ROUTES,
+    NETWORK_IPAM_SUBNET,
+    NETWORK_IPAM_RANGE_START,
+    NETWORK_IPAM_RANGE_END,
+    NETWORK_IPAM_DATA_DIR,
     OVERLAY_PATH,
     OVERLAY_SIZE_MIB,
     OVERLAY_SPARSE,
     APPTAINER_BINARY,
     APPTAINER_EXTRA_ARGS,
+    APPTAINER_NETWORK_DIR,
     READINESS_MODE,
     READINESS_REQUIRED_UNITS,
     READINESS_ACCEPT_DEGRADED,

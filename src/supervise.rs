@@ -70,6 +70,8 @@ pub enum RunError {
     Host(#[from] crate::host::HostError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     #[error("{what}: {source}")]
     Os {
         what: String,
@@ -140,6 +142,8 @@ impl RunError {
         use RunError::*;
         match self {
             Host(_) => exit::CONFIG,
+            Network(crate::network::NetworkError::Write { .. }) => exit::CANTCREAT,
+            Network(_) => exit::CONFIG,
             Lock(lock::LockError::Held { .. }) | OverlayInUse { .. } | ForeignInstance { .. } => {
                 exit::TEMPFAIL
             }
@@ -246,6 +250,21 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
     // must be reparented to us.
     instance::become_subreaper().map_err(os("PR_SET_CHILD_SUBREAPER"))?;
     let _lock = lock::acquire(&ctx.run_dir, &service.name)?;
+    // After the lock: a second supervisor of a running service must change nothing.
+    for (path, written) in crate::network::sync(service)? {
+        match written {
+            crate::network::Written::Unchanged => {
+                debug!(conflist = %path.display(), "network config unchanged")
+            }
+            crate::network::Written::Created => {
+                info!(conflist = %path.display(), "network config written")
+            }
+            crate::network::Written::Changed(keys) => {
+                info!(conflist = %path.display(), changed = %keys.join(", "), "network config rewritten")
+            }
+        }
+    }
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -294,6 +313,8 @@ struct Supervisor<'a> {
     record_path: PathBuf,
     /// When `instance start` was run: `timeouts.start_sec` counts from here.
     started_at: Instant,
+    /// The instance's address from Apptainer's state file (empty without a network).
+    ip: String,
 }
 
 impl<'a> Supervisor<'a> {
@@ -316,6 +337,7 @@ impl<'a> Supervisor<'a> {
             signals,
             record_path: RunRecord::path(&ctx.run_dir, &s.name),
             started_at: Instant::now(),
+            ip: String::new(),
         })
     }
 
@@ -506,6 +528,8 @@ impl<'a> Supervisor<'a> {
         let path = &self.ctx.paths.state_file;
         let st =
             StateFile::read(path)?.ok_or_else(|| RunError::NoStateFile { path: path.clone() })?;
+        // Apptainer records the first address of the first network (pkg/network).
+        self.ip = st.ip.clone();
         let cmdline = instance::cmdline(st.ppid).unwrap_or_default();
         if !cmdline.starts_with(apptainer::MASTER_CMDLINE_PREFIX) {
             return Err(RunError::NotAMaster {
@@ -599,11 +623,12 @@ impl<'a> Supervisor<'a> {
                 w.ready = true;
                 info!(
                     INSTANCE_PID = pid,
+                    IP = %self.ip,
                     "ready (readiness.mode = instance: the instance is up)"
                 );
-                self.notify.ready(&format!(
+                self.notify.ready(&self.with_ip(&format!(
                     "running: instance pid {pid} (readiness: instance up)"
-                ));
+                )));
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
@@ -793,9 +818,10 @@ impl<'a> Supervisor<'a> {
                 if v.ready && !w.ready {
                     // READY=1 and its STATUS= in one datagram, without a status-only one first.
                     w.ready = true;
-                    self.notify.ready(&v.status);
+                    let status = self.with_ip(&v.status);
+                    self.notify.ready(&status);
                     w.last_status = v.status.clone();
-                    info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, status = %v.status, "ready");
+                    info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
                 } else if v.status != w.last_status {
                     self.notify.status(&v.status);
                     w.last_status = v.status.clone();
@@ -961,6 +987,15 @@ impl<'a> Supervisor<'a> {
             Shutdown::Poweroff | Shutdown::Halt => RunError::PoweredOffInside {
                 name: self.s.name.clone(),
             },
+        }
+    }
+
+    /// A status line with the instance's address, when it has one.
+    fn with_ip(&self, status: &str) -> String {
+        if self.ip.is_empty() {
+            status.to_owned()
+        } else {
+            format!("{status}; ip {}", self.ip)
         }
     }
 

@@ -80,8 +80,8 @@ const STATIC_CASES: &[(&str, &str, &str)] = &[
     ),
     (
         "unknown network key",
-        "service_dir = \"/x\"\n[[network]]\nname = \"n\"\nmaster = \"eth0\"\n",
-        "4:1: network.master: unknown field `master`",
+        "service_dir = \"/x\"\n[[network]]\nname = \"n\"\nparent = \"eth0\"\n",
+        "4:1: network.parent: unknown field `parent`",
     ),
 ];
 
