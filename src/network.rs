@@ -338,23 +338,17 @@ fn reconcile(s: &Service, write: bool) -> Result<Vec<(PathBuf, Written)>, Networ
     Ok(out)
 }
 
-/// The parent interface of each macvlan/ipvlan network exists and is up, in this network
-/// namespace (`/sys/class/net/<if>/flags`, IFF_UP).
+/// The parent interface of each macvlan/ipvlan network exists and is up in this process's
+/// network namespace (SIOCGIFFLAGS on a socket of that namespace: `/sys/class/net` shows
+/// the namespace of whoever mounted sysfs, which need not be ours).
 pub fn check_parents(s: &Service) -> Result<(), NetworkError> {
-    check_parents_in(s, Path::new("/sys/class/net"))
-}
-
-fn check_parents_in(s: &Service, sys: &Path) -> Result<(), NetworkError> {
     for n in &s.networks {
         let Some(master) = n.cni.as_ref().and_then(|c| c.master.as_ref()) else {
             continue;
         };
-        let problem = match std::fs::read_to_string(sys.join(master).join("flags")) {
+        let problem = match if_flags(master) {
             Err(_) => Some("does not exist"),
-            Ok(f) => {
-                let flags = u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).unwrap_or(0);
-                (flags & libc::IFF_UP as u32 == 0).then_some("is down")
-            }
+            Ok(flags) => (flags & libc::IFF_UP as u32 == 0).then_some("is down"),
         };
         if let Some(problem) = problem {
             return Err(NetworkError::Parent {
@@ -365,6 +359,33 @@ fn check_parents_in(s: &Service, sys: &Path) -> Result<(), NetworkError> {
         }
     }
     Ok(())
+}
+
+/// The interface flags of `name` (netdevice(7), SIOCGIFFLAGS).
+fn if_flags(name: &str) -> io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::from_raw_os_error(libc::ENODEV));
+    }
+    // SAFETY: socket(2) with constant arguments returns a new fd or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads ifr_name and writes ifr_ifru.ifru_flags of a valid ifreq.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: after a successful SIOCGIFFLAGS the flags member is the one written.
+    Ok(unsafe { req.ifr_ifru.ifru_flags } as u16 as u32)
 }
 
 /// Static addresses that this service and another one both claim.
@@ -539,20 +560,21 @@ range_end = "192.168.1.120"
     #[test]
     fn parent_interface_must_exist_and_be_up() {
         let d = tempfile::tempdir().unwrap();
-        let s = svc(OOD, d.path());
-        let sys = d.path().join("net");
-        assert!(check_parents_in(&s, &sys)
+        let missing = svc(
+            &OOD.replace("master = \"eth0\"", "master = \"asv-none0\""),
+            d.path(),
+        );
+        assert!(check_parents(&missing)
             .unwrap_err()
             .to_string()
-            .contains("\"eth0\" of network macvlan_ood001 does not exist"));
-        std::fs::create_dir_all(sys.join("eth0")).unwrap();
-        std::fs::write(sys.join("eth0/flags"), "0x1002\n").unwrap();
-        assert!(check_parents_in(&s, &sys)
-            .unwrap_err()
-            .to_string()
-            .contains("is down"));
-        std::fs::write(sys.join("eth0/flags"), "0x1003\n").unwrap();
-        check_parents_in(&s, &sys).unwrap();
+            .contains("\"asv-none0\" of network macvlan_ood001 does not exist"));
+        // Loopback exists and is up in every network namespace a test runs in.
+        let lo = svc(
+            &OOD.replace("master = \"eth0\"", "master = \"lo\""),
+            d.path(),
+        );
+        check_parents(&lo).unwrap();
+        assert_ne!(if_flags("lo").unwrap() & libc::IFF_LOOPBACK as u32, 0);
     }
 
     #[test]
