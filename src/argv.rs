@@ -48,7 +48,7 @@ const TABLE: &[Entry] = &[
     Entry {
         key: keys::NETWORK_ARGS,
         flag: "--network-args",
-        emit: Emit::Joined(network_args, ";"),
+        emit: Emit::Repeated(network_args),
     },
     Entry {
         key: keys::BINDS,
@@ -62,12 +62,14 @@ const TABLE: &[Entry] = &[
     },
 ];
 
-/// `--network-args` is one string for all networks: `"net:K=V;net2:K=V"` (Apptainer's
-/// `SetArgs` in pkg/network); prefixing each argument with its network keeps them apart.
+/// One `--network-args "net:K=V;K2=V2"` per network that has arguments. Apptainer's
+/// `SetArgs` (pkg/network) gives every `;`-separated key to the network named before the
+/// `:`, so two networks' arguments in one value would all land on the first.
 fn network_args(s: &Service) -> Vec<String> {
     s.networks
         .iter()
-        .flat_map(|n| n.args.iter().map(move |a| format!("{}:{a}", n.name)))
+        .filter(|n| !n.args.is_empty())
+        .map(|n| format!("{}:{}", n.name, n.args.join(";")))
         .collect()
 }
 
@@ -301,6 +303,18 @@ extra_args = ["--writable-tmpfs"]
         for (what, text, want) in CASES {
             assert_eq!(strs(instance_start(&svc(text))), *want, "case: {what}");
         }
+    }
+
+    #[test]
+    fn network_args_go_one_value_per_network() {
+        let s = svc("service_dir = \"/s\"\n[[network]]\nname = \"a\"\nexternal = true\nargs = [\"IP=10.0.0.2/24\", \"X=1\"]\n[[network]]\nname = \"b\"\nexternal = true\n[[network]]\nname = \"c\"\nexternal = true\nargs = [\"MAC=02:00:00:00:00:01\"]\n");
+        let argv = strs(instance_start(&s));
+        let args: Vec<&str> = argv
+            .windows(2)
+            .filter(|w| w[0] == "--network-args")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(args, ["a:IP=10.0.0.2/24;X=1", "c:MAC=02:00:00:00:00:01"]);
     }
 
     #[test]

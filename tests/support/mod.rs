@@ -3,6 +3,7 @@
 //! (`tests/support/apptainer`, see DOUBLE.md) with the light init (`fake-init`).
 #![allow(dead_code)]
 pub mod host;
+pub mod netns;
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -47,6 +48,9 @@ pub struct World {
     pub notify_path: PathBuf,
     pub mark: PathBuf,
     pub env_dump: PathBuf,
+    /// Run the supervisor and the double inside this network namespace (`/run/netns/NAME`,
+    /// see `netns.rs`), so CNI plugins only touch the test's own interfaces.
+    pub netns: Option<PathBuf>,
     /// Extra environment for the supervisor (and so for the double and the init).
     pub env: Vec<(String, String)>,
     /// The light init (`fake-init` on the host's root) rather than a real systemd booted
@@ -109,6 +113,7 @@ impl World {
             env_dump: root.join("init.env"),
             env: Vec::new(),
             light_init: true,
+            netns: None,
             container_pid_seen: None,
             children: Vec::new(),
             dir,
@@ -158,6 +163,26 @@ impl World {
             .expect("nsenter")
     }
 
+    /// A command for `program`, inside the world's network namespace when it has one.
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display()))
+                    .arg("--")
+                    .arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Where the double finds the conflists (APPTAINER_DOUBLE_CNI_CONF_DIR) and the service
+    /// file's `apptainer.network_dir` points.
+    pub fn network_dir(&self) -> PathBuf {
+        self.root().join("network")
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }
@@ -170,12 +195,21 @@ impl World {
     pub fn write_config(&self, extra: &str) {
         let text = format!(
             "{extra}\nname = \"{}\"\nservice_dir = \"{}\"\nimage = \"${{service_dir}}/containers/sandbox\"\nbinds = [\"${{service_dir}}/root:/srv/root\"]\n\
-             [apptainer]\nbinary = \"{}\"\n[overlay]\nsize_mib = 64\n[timeouts]\nstop_sec = 10\nkill_sec = 3\nstart_sec = 30\n\
+             [apptainer]\nbinary = \"{}\"\nnetwork_dir = \"{}\"\n[overlay]\nsize_mib = 64\n[timeouts]\nstop_sec = 10\nkill_sec = 3\nstart_sec = 30\n\
              [readiness]\nmode = \"instance\"\n",
             self.name,
             self.service_dir.display(),
             support("apptainer").display(),
+            self.network_dir().display(),
         );
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// Appends TOML tables (e.g. `[[network]]`) at the end of the service file.
+    pub fn append_config(&self, tables: &str) {
+        let mut text = std::fs::read_to_string(self.config_path()).unwrap();
+        text.push('\n');
+        text.push_str(tables);
         std::fs::write(self.config_path(), text).unwrap();
     }
 
@@ -202,7 +236,8 @@ impl World {
     }
 
     fn base_env(&self, cmd: &mut Command) {
-        cmd.env("APPTAINER_CONFIGDIR", &self.apptainer_dir);
+        cmd.env("APPTAINER_CONFIGDIR", &self.apptainer_dir)
+            .env("APPTAINER_DOUBLE_CNI_CONF_DIR", self.network_dir());
         if self.light_init {
             cmd.env("APPTAINER_DOUBLE_INIT", support("fake-init"));
         } else {
@@ -221,7 +256,7 @@ impl World {
 
     /// `apptainer-supervisor run NAME` as systemd would start it (NOTIFY_SOCKET set).
     pub fn spawn_run(&mut self) -> u32 {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = self.cmd(BIN);
         cmd.arg("--config-dir")
             .arg(&self.config_dir)
             .arg("run")
@@ -277,7 +312,7 @@ impl World {
 
     /// Runs the supervisor binary to completion with `args`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = self.cmd(BIN);
         cmd.arg("--config-dir")
             .arg(&self.config_dir)
             .args(args)
@@ -288,7 +323,7 @@ impl World {
 
     /// Runs the Apptainer double directly, as an operator would.
     pub fn apptainer(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(support("apptainer"));
+        let mut cmd = self.cmd(support("apptainer"));
         cmd.args(args).stdin(Stdio::null());
         self.base_env(&mut cmd);
         cmd.output().expect("run apptainer double")
