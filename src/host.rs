@@ -108,6 +108,20 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
     if let Err(e) = crate::network::dry_run(s) {
         push(at_network(&e), e.to_string());
     }
+    issues.extend(claims(s, config_dir));
+    if issues.is_empty() {
+        Ok(env)
+    } else {
+        Err(HostError { issues })
+    }
+}
+
+/// What this service claims that another service in the config directory claims too: a
+/// static address, a conflist (network name) or the overlay. Needs no host state beyond the
+/// other service files, so plain `check` runs it as well.
+pub fn claims(s: &Service, config_dir: &Path) -> Vec<HostIssue> {
+    let mut issues = Vec::new();
+    let mut push = |at: String, reason: String| issues.push(HostIssue { at, reason });
     let others = other_services(config_dir, &s.name);
     for (ip, mine, theirs) in crate::network::address_conflicts(s, others.iter().map(|(o, _)| o)) {
         push(
@@ -147,11 +161,7 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
             );
         }
     }
-    if issues.is_empty() {
-        Ok(env)
-    } else {
-        Err(HostError { issues })
-    }
+    issues
 }
 
 fn is_executable(p: &Path) -> bool {

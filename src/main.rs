@@ -56,6 +56,13 @@ fn real_main(cli: Cli) -> i32 {
                     eprintln!("error: {e}");
                     return exit::CONFIG;
                 }
+            } else {
+                // Claims shared with other services in --config-dir are static facts too.
+                let issues = host::claims(&s, &cli.config_dir);
+                if !issues.is_empty() {
+                    eprintln!("error: {}", host::HostError { issues });
+                    return exit::CONFIG;
+                }
             }
             let plan = check::plan(
                 &s,

@@ -152,22 +152,20 @@ fn a_static_address_claimed_twice_is_refused() {
     };
     std::fs::write(d.path().join("one.toml"), svc("one")).unwrap();
     std::fs::write(d.path().join("two.toml"), svc("two")).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args([
-            "--config-dir",
-            d.path().to_str().unwrap(),
-            "check",
-            "one",
-            "--host",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{err}");
-    assert!(
-        err.contains("10.99.0.5 of network mv_one is also claimed by service two (mv_two)"),
-        "{err}"
-    );
+    // A static fact of the config directory: plain check finds it too, not only --host.
+    for extra in [&[][..], &["--host"][..]] {
+        let out = std::process::Command::new(BIN)
+            .args(["--config-dir", d.path().to_str().unwrap(), "check", "one"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{extra:?}: {err}");
+        assert!(
+            err.contains("10.99.0.5 of network mv_one is also claimed by service two (mv_two)"),
+            "{extra:?}: {err}"
+        );
+    }
 }
 
 #[test]
@@ -205,6 +203,42 @@ fn conflist_is_rewritten_only_when_it_changes_and_a_foreign_one_never() {
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), hand);
+}
+
+/// Golden files: each shipped example renders exactly `tests/fixtures/conflists/NAME.conflist`
+/// (its README says which values are placeholders).
+#[test]
+fn example_conflists_match_their_golden_files() {
+    for example in ["ood001", "login005", "login007", "ood-ha001", "ww001"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{example}.toml"));
+        let out = std::process::Command::new(BIN)
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let conflists = plan["conflists"].as_object().unwrap();
+        assert!(!conflists.is_empty(), "{example} has networks");
+        for (name, got) in conflists {
+            let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/fixtures/conflists/{name}.conflist"));
+            let want: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&golden).unwrap()).unwrap();
+            assert_eq!(
+                got,
+                &want,
+                "{example}: {name} differs from {}",
+                golden.display()
+            );
+        }
+    }
 }
 
 /// The shipped examples' networks, with the placeholder parent `eth0` swapped for the test's
