@@ -388,6 +388,34 @@ fn if_flags(name: &str) -> io::Result<u32> {
     Ok(unsafe { req.ifr_ifru.ifru_flags } as u16 as u32)
 }
 
+/// The container's first IPv4 address, read from its own network namespace
+/// (`/proc/<pid>/net/fib_trie`: the `/32 host LOCAL` entries), when Apptainer's state file
+/// has none (a hand-managed network whose result carried no address, for example).
+pub fn container_ip(pid: i32) -> Option<String> {
+    // Sharing our namespace (no --net): its addresses are the host's, not its own.
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    if ns(&pid.to_string()) == ns("self") {
+        return None;
+    }
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/fib_trie")).ok()?;
+    local_ipv4(&text)
+}
+
+fn local_ipv4(fib_trie: &str) -> Option<String> {
+    let mut last: Option<&str> = None;
+    for line in fib_trie.lines() {
+        let t = line.trim();
+        if let Some(addr) = t.strip_prefix("|-- ") {
+            last = Some(addr);
+        } else if t == "/32 host LOCAL" {
+            if let Some(a) = last.filter(|a| !a.starts_with("127.")) {
+                return Some(a.to_owned());
+            }
+        }
+    }
+    None
+}
+
 /// Static addresses that this service and another one both claim.
 pub fn address_conflicts<'a>(
     me: &Service,
@@ -575,6 +603,17 @@ range_end = "192.168.1.120"
         );
         check_parents(&lo).unwrap();
         assert_ne!(if_flags("lo").unwrap() & libc::IFF_LOOPBACK as u32, 0);
+    }
+
+    #[test]
+    fn local_address_from_fib_trie() {
+        let trie = "Main:\n  +-- 0.0.0.0/1 2 0 2\n     |-- 10.98.0.0\n        /24 link UNICAST\n     |-- 10.98.0.2\n        /32 host LOCAL\n     |-- 127.0.0.1\n        /32 host LOCAL\n";
+        assert_eq!(local_ipv4(trie).as_deref(), Some("10.98.0.2"));
+        assert_eq!(
+            local_ipv4("Main:\n     |-- 127.0.0.1\n        /32 host LOCAL\n"),
+            None
+        );
+        assert_eq!(container_ip(std::process::id() as i32), None, "our own namespace is not a container's");
     }
 
     #[test]

@@ -528,8 +528,13 @@ impl<'a> Supervisor<'a> {
         let path = &self.ctx.paths.state_file;
         let st =
             StateFile::read(path)?.ok_or_else(|| RunError::NoStateFile { path: path.clone() })?;
-        // Apptainer records the first address of the first network (pkg/network).
-        self.ip = st.ip.clone();
+        // Apptainer records the first address of the first network (pkg/network); without
+        // one, look in the container's own network namespace.
+        self.ip = if st.ip.is_empty() {
+            crate::network::container_ip(st.pid).unwrap_or_default()
+        } else {
+            st.ip.clone()
+        };
         let cmdline = instance::cmdline(st.ppid).unwrap_or_default();
         if !cmdline.starts_with(apptainer::MASTER_CMDLINE_PREFIX) {
             return Err(RunError::NotAMaster {
