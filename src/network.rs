@@ -613,7 +613,11 @@ range_end = "192.168.1.120"
             local_ipv4("Main:\n     |-- 127.0.0.1\n        /32 host LOCAL\n"),
             None
         );
-        assert_eq!(container_ip(std::process::id() as i32), None, "our own namespace is not a container's");
+        assert_eq!(
+            container_ip(std::process::id() as i32),
+            None,
+            "our own namespace is not a container's"
+        );
     }
 
     #[test]

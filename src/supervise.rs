@@ -637,17 +637,8 @@ impl<'a> Supervisor<'a> {
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
-                    self.notify
-                        .stopping("stopping: the image has no D-Bus system bus");
-                    self.halt(
-                        &t.container,
-                        &t.container_fd,
-                        Some(&t.master),
-                        Some(&t.master_fd),
-                        None,
-                    )
-                    .await;
-                    self.remove_leftovers();
+                    self.stop_tracked(&t, "stopping: the image has no D-Bus system bus", None)
+                        .await;
                     return Err(RunError::NoInnerBus {
                         name: self.s.name.clone(),
                     });
@@ -666,16 +657,8 @@ impl<'a> Supervisor<'a> {
                     }
                 };
                 let Some(connected) = connected else {
-                    self.notify.stopping("stopping: halting the container");
-                    self.halt(
-                        &t.container,
-                        &t.container_fd,
-                        Some(&t.master),
-                        Some(&t.master_fd),
-                        None,
-                    )
-                    .await;
-                    self.remove_leftovers();
+                    self.stop_tracked(&t, "stopping: halting the container", None)
+                        .await;
                     return Ok(());
                 };
                 match connected {
@@ -692,17 +675,12 @@ impl<'a> Supervisor<'a> {
                     }
                     Err(e) if container.is_alive() => {
                         error!(INSTANCE_PID = pid, error = %e, "cannot reach the container's systemd");
-                        self.notify
-                            .stopping("stopping: the container's systemd cannot be reached");
-                        self.halt(
-                            &t.container,
-                            &t.container_fd,
-                            Some(&t.master),
-                            Some(&t.master_fd),
+                        self.stop_tracked(
+                            &t,
+                            "stopping: the container's systemd cannot be reached",
                             None,
                         )
                         .await;
-                        self.remove_leftovers();
                         return Err(RunError::Inner(e));
                     }
                     // The container died while we waited: the loop below reports it.
@@ -716,9 +694,7 @@ impl<'a> Supervisor<'a> {
             tokio::select! {
                 sig = self.signals.recv() => {
                     info!(INSTANCE_PID = pid, signal = sig, "stop requested");
-                    self.notify.stopping("stopping: halting the container");
-                    self.halt(&t.container, &t.container_fd, Some(&t.master), Some(&t.master_fd), w.events.as_mut()).await;
-                    self.remove_leftovers();
+                    self.stop_tracked(&t, "stopping: halting the container", w.events.as_mut()).await;
                     info!(INSTANCE_PID = pid, "stopped");
                     if sig == "SIGABRT" {
                         return Err(RunError::Aborted);
@@ -769,9 +745,7 @@ impl<'a> Supervisor<'a> {
                 _ = &mut not_ready_by, if !w.ready => {
                     let status = w.verdict.as_ref().map_or_else(|| "the container's systemd was not reached".to_owned(), |v| v.status.clone());
                     error!(INSTANCE_PID = pid, status = %status, timeout_sec = self.s.timeouts.start_sec, "not ready in time");
-                    self.notify.stopping(&format!("stopping: not ready after {} s: {status}", self.s.timeouts.start_sec));
-                    self.halt(&t.container, &t.container_fd, Some(&t.master), Some(&t.master_fd), w.events.as_mut()).await;
-                    self.remove_leftovers();
+                    self.stop_tracked(&t, &format!("stopping: not ready after {} s: {status}", self.s.timeouts.start_sec), w.events.as_mut()).await;
                     return Err(RunError::NotReady { secs: self.s.timeouts.start_sec, status });
                 }
                 _ = tick(&watchdog) => {
@@ -993,6 +967,26 @@ impl<'a> Supervisor<'a> {
                 name: self.s.name.clone(),
             },
         }
+    }
+
+    /// Halts the tracked instance in order (see [`Self::halt`]) after telling systemd we are
+    /// stopping and why, then removes what is left of it.
+    async fn stop_tracked(
+        &mut self,
+        t: &Tracked,
+        why: &str,
+        events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+    ) {
+        self.notify.stopping(why);
+        self.halt(
+            &t.container,
+            &t.container_fd,
+            Some(&t.master),
+            Some(&t.master_fd),
+            events,
+        )
+        .await;
+        self.remove_leftovers();
     }
 
     /// A status line with the instance's address, when it has one.
