@@ -29,6 +29,13 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
     let mut issues = Vec::new();
     let mut push = |at: String, reason: String| issues.push(HostIssue { at, reason });
 
+    // The service file and its env file decide what runs as root: they must not be
+    // writable by anyone else (nor owned by another user, when we are root).
+    for (path, what) in [(&s.file, "service file"), (&s.env_file.path, "env file")] {
+        if let Some(reason) = unsafe_file(path) {
+            push(format!("{}", path.display()), format!("{what} {reason}"));
+        }
+    }
     if !s.image.exists() {
         push(
             s.locate(keys::IMAGE),
@@ -162,6 +169,30 @@ pub fn claims(s: &Service, config_dir: &Path) -> Vec<HostIssue> {
         }
     }
     issues
+}
+
+/// Why a file that configures a root process is unsafe, if it is: writable by group or
+/// others, or (when we run as root) owned by another user. A missing file is not unsafe.
+fn unsafe_file(p: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    let mode = m.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Some(format!(
+            "is writable by group or others (mode {mode:04o}): it decides what runs as root\n  hint: chmod go-w {}",
+            p.display()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 && m.uid() != 0 {
+        return Some(format!(
+            "is owned by uid {}, not root: it decides what runs as root\n  hint: chown root {}",
+            m.uid(),
+            p.display()
+        ));
+    }
+    None
 }
 
 fn is_executable(p: &Path) -> bool {

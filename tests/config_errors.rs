@@ -211,3 +211,29 @@ fn shipped_examples_pass_the_static_check() {
         assert_eq!(plan["argv"].as_array().unwrap().last().unwrap(), name);
     }
 }
+
+#[test]
+fn service_file_writable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("svc.toml");
+    std::fs::write(&file, "service_dir = \"/x\"\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(d.path())
+        .args(["check", "--host", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}: service file is writable by group or others (mode 0666)",
+            file.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("hint: chmod go-w"), "{err}");
+}
