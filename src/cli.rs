@@ -1,4 +1,4 @@
-//! The command line: `check` and `run`.
+//! The command line: `check`, `run` and `status`.
 
 use std::path::PathBuf;
 
@@ -39,6 +39,18 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
         /// Runtime directory for locks and run records [default: $RUNTIME_DIRECTORY or /run/apptainer-supervisor].
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
+    },
+    /// Show every service of this host (or the named ones): unit, phase, pid, IP, inner state, overlay.
+    Status {
+        /// Services to show [default: every CONFIG_DIR/*.toml and every running one].
+        #[arg(value_name = "NAME")]
+        names: Vec<String>,
+        /// Print JSON (the schema is in apptainer-supervisor(8), STATUS JSON).
+        #[arg(long)]
+        json: bool,
+        /// Where the supervisors publish their state [default: as for run].
         #[arg(long, value_name = "DIR")]
         run_dir: Option<PathBuf>,
     },

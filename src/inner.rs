@@ -25,6 +25,26 @@ use zbus::{OwnedObjectPath, Variant};
 pub trait Manager {
     fn subscribe(&self) -> zbus::Result<()>;
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Only a unit that is loaded now (no side effect, unlike LoadUnit).
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    #[allow(clippy::type_complexity)]
+    fn list_units_filtered(
+        &self,
+        states: &[&str],
+    ) -> zbus::Result<
+        Vec<(
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            OwnedObjectPath,
+            u32,
+            String,
+            OwnedObjectPath,
+        )>,
+    >;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
@@ -81,6 +101,19 @@ pub trait Unit {
 pub trait ServiceUnit {
     #[zbus(property)]
     fn result(&self) -> zbus::Result<String>;
+}
+
+/// One connection attempt to a running container's bus, without waiting (for `status`).
+pub async fn connect_now(init_pid: i32) -> Result<Inner, InnerError> {
+    connect_once(&bus_socket(init_pid)).await
+}
+
+impl Inner {
+    /// Every unit inside whose ActiveState is `failed` (what `systemctl --failed` lists).
+    pub async fn failed_units(&self) -> Result<Vec<String>, zbus::Error> {
+        let units = self.manager.list_units_filtered(&["failed"]).await?;
+        Ok(units.into_iter().map(|u| u.0).collect())
+    }
 }
 
 /// Where the container's system bus is, seen from the host.

@@ -20,4 +20,6 @@ pub mod logging;
 pub mod network;
 pub mod notify;
 pub mod overlay;
+pub mod state;
+pub mod status;
 pub mod supervise;

@@ -8,7 +8,7 @@ use apptainer_supervisor::apptainer::InstancePaths;
 use apptainer_supervisor::cli::{Cli, Command, Target};
 use apptainer_supervisor::config::{self, Service};
 use apptainer_supervisor::supervise::{self, exit};
-use apptainer_supervisor::{check, host, logging};
+use apptainer_supervisor::{check, host, logging, status};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -82,6 +82,39 @@ fn real_main(cli: Cli) -> i32 {
                 print!("{}", check::render_text(&plan));
             }
             exit::OK
+        }
+        Command::Status {
+            names,
+            json,
+            run_dir,
+        } => {
+            let run_dir = run_dir.clone().unwrap_or_else(supervise::default_run_dir);
+            let names = match status::service_names(&cli.config_dir, &run_dir, names) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::CONFIG;
+                }
+            };
+            let rows = status::collect(&cli.config_dir, &run_dir, &names);
+            if *json {
+                match serde_json::to_string_pretty(&rows) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return exit::SOFTWARE;
+                    }
+                }
+                // For collectors (telegraf's exec input drops output on a non-zero exit).
+                exit::OK
+            } else {
+                print!("{}", status::render_table(&rows));
+                if rows.iter().all(|r| r.is_up()) {
+                    exit::OK
+                } else {
+                    exit::NOT_ALL_UP
+                }
+            }
         }
         Command::Run { target, run_dir } => {
             let s = match load(&cli, target) {

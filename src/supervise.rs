@@ -34,6 +34,7 @@ use crate::instance::{self, Exit, ExitWatch, ProcId, RunRecord};
 use crate::lock;
 use crate::notify::Notifier;
 use crate::overlay;
+use crate::state::{self, InnerSummary, Phase, Publisher};
 
 /// Exit codes; documented in apptainer-supervisor(8).
 pub mod exit {
@@ -44,6 +45,9 @@ pub mod exit {
     pub const INSTANCE_ENDED: i32 = 1;
     /// Bad command line (clap).
     pub const USAGE: i32 = 2;
+    /// `status` (text): at least one service shown is not up (as `systemctl status` says 3
+    /// for a unit that is not active).
+    pub const NOT_ALL_UP: i32 = 3;
     /// `apptainer instance start` or `overlay create` failed, the container's systemd could
     /// not be reached, or the service was not ready within `timeouts.start_sec`.
     pub const UNAVAILABLE: i32 = 69;
@@ -272,7 +276,9 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
         .map_err(os("creating the event loop"))?;
     rt.block_on(async {
         let mut sup = Supervisor::new(service, ctx, env_file)?;
-        sup.main().await
+        let result = sup.main().await;
+        sup.finish(&result);
+        result
     })
 }
 
@@ -315,6 +321,8 @@ struct Supervisor<'a> {
     started_at: Instant,
     /// The instance's address from Apptainer's state file (empty without a network).
     ip: String,
+    /// `<run dir>/<name>.json`, for `status` and scripts.
+    live: Publisher,
 }
 
 impl<'a> Supervisor<'a> {
@@ -338,10 +346,12 @@ impl<'a> Supervisor<'a> {
             record_path: RunRecord::path(&ctx.run_dir, &s.name),
             started_at: Instant::now(),
             ip: String::new(),
+            live: Publisher::new(&ctx.run_dir, &s.name),
         })
     }
 
     async fn main(&mut self) -> Result<(), RunError> {
+        self.live.phase(Phase::Starting, "starting");
         self.clear_leftovers().await?;
         self.ensure_overlay().await?;
         let Some(t) = self.start().await? else {
@@ -350,9 +360,30 @@ impl<'a> Supervisor<'a> {
         self.watch(t).await
     }
 
-    fn status(&self, msg: &str) {
+    fn status(&mut self, msg: &str) {
         debug!(status = msg, "status");
         self.notify.status(msg);
+        self.live.update(|s| s.status = msg.to_owned());
+    }
+
+    /// The last word in the live state file: how this run ended.
+    fn finish(&mut self, result: &Result<(), RunError>) {
+        let (phase, code, error) = match result {
+            Ok(()) => (Phase::Stopped, exit::OK, None),
+            Err(e) if e.exit_code() == exit::OK => (Phase::Stopped, exit::OK, Some(e.to_string())),
+            Err(e) => (Phase::Failed, e.exit_code(), Some(e.to_string())),
+        };
+        self.live.update(|s| {
+            s.exit_code = Some(code);
+            s.last_error = error;
+            s.instance = None;
+            s.master = None;
+        });
+        let status = match phase {
+            Phase::Failed => "failed",
+            _ => "stopped",
+        };
+        self.live.phase(phase, status);
     }
 
     // --- 2. leftovers -------------------------------------------------------------------
@@ -454,6 +485,7 @@ impl<'a> Supervisor<'a> {
             overlay::Found::Missing => {}
         }
         info!(overlay = %path.display(), size_mib = self.s.overlay.size_mib, "creating overlay image");
+        self.live.phase(Phase::CreatingOverlay, "");
         self.status(&format!(
             "creating overlay {} ({} MiB)",
             path.display(),
@@ -484,8 +516,11 @@ impl<'a> Supervisor<'a> {
     async fn start(&mut self) -> Result<Option<Tracked>, RunError> {
         let argv = argv::instance_start(self.s);
         info!(argv = ?argv, "starting instance");
+        self.live
+            .phase(Phase::StartingInstance, "starting instance");
         self.status("starting instance");
         self.started_at = Instant::now();
+        self.live.update(|s| s.started_at = Some(state::unix_now()));
         let deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         let out = self
             .run_cli(&argv, Some(Duration::from_secs(30)), Some(deadline))
@@ -562,6 +597,12 @@ impl<'a> Supervisor<'a> {
         .write(&self.record_path)
         .map_err(os(format!("writing {}", self.record_path.display())))?;
         tracing::Span::current().record("INSTANCE_PID", container.pid);
+        let ip = self.ip.clone();
+        self.live.update(|s| {
+            s.instance = Some(container);
+            s.master = Some(master);
+            s.ip = ip;
+        });
         Ok(Tracked {
             container,
             master,
@@ -631,9 +672,14 @@ impl<'a> Supervisor<'a> {
                     IP = %self.ip,
                     "ready (readiness.mode = instance: the instance is up)"
                 );
-                self.notify.ready(&self.with_ip(&format!(
+                let status = self.with_ip(&format!(
                     "running: instance pid {pid} (readiness: instance up)"
-                )));
+                ));
+                // The file first: whoever hears READY=1 (systemctl start returning) and then
+                // asks `status` must see it ready.
+                self.live.update(|s| s.ready_at = Some(state::unix_now()));
+                self.live.phase(Phase::Ready, &status);
+                self.notify.ready(&status);
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
@@ -643,6 +689,10 @@ impl<'a> Supervisor<'a> {
                         name: self.s.name.clone(),
                     });
                 }
+                self.live.phase(
+                    Phase::Booting,
+                    &format!("booting: instance pid {pid}; waiting for its system bus"),
+                );
                 self.status(&format!(
                     "booting: instance pid {pid}; waiting for its system bus"
                 ));
@@ -691,7 +741,9 @@ impl<'a> Supervisor<'a> {
         let not_ready_by = tokio::time::sleep_until(start_deadline);
         tokio::pin!(not_ready_by);
         loop {
+            let flush_due = self.live.due();
             tokio::select! {
+                _ = sleep_until_opt(flush_due) => self.live.flush(),
                 sig = self.signals.recv() => {
                     info!(INSTANCE_PID = pid, signal = sig, "stop requested");
                     self.stop_tracked(&t, "stopping: halting the container", w.events.as_mut()).await;
@@ -794,16 +846,33 @@ impl<'a> Supervisor<'a> {
                     _ => unreachable!("matched above"),
                 };
                 let v = inner::verdict(&state, &r.required_units, r.accept_degraded);
+                let summary = InnerSummary::from(&state);
                 if v.ready && !w.ready {
                     // READY=1 and its STATUS= in one datagram, without a status-only one first.
                     w.ready = true;
                     let status = self.with_ip(&v.status);
+                    self.live.update(|s| {
+                        s.inner = Some(summary);
+                        s.ready_at = Some(state::unix_now());
+                    });
+                    self.live.phase(Phase::Ready, &status);
                     self.notify.ready(&status);
                     w.last_status = v.status.clone();
                     info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
-                } else if v.status != w.last_status {
-                    self.notify.status(&v.status);
-                    w.last_status = v.status.clone();
+                } else {
+                    if v.status != w.last_status {
+                        self.notify.status(&v.status);
+                        w.last_status = v.status.clone();
+                    }
+                    let back = w.ready && v.ready && self.live.state.phase == Phase::Degraded;
+                    let status = v.status.clone();
+                    self.live.update(|s| {
+                        s.inner = Some(summary);
+                        s.status = status.clone();
+                    });
+                    if back {
+                        self.live.phase(Phase::Ready, &self.with_ip(&status));
+                    }
                 }
                 let already_failed = if matches!(ev_kind, EvKind::Connected) {
                     v.failed.clone()
@@ -894,11 +963,17 @@ impl<'a> Supervisor<'a> {
                         window_sec = r.restart_window_sec,
                         "restarting failed required unit (ResetFailed + RestartUnit)"
                     );
-                    self.notify.status(&format!(
+                    let status = format!(
                         "degraded: {unit} failed ({result}); restarting it ({}/{})",
                         w.restarts.len(),
                         r.max_restarts
-                    ));
+                    );
+                    self.notify.status(&status);
+                    self.live.update(|s| {
+                        s.restarts += 1;
+                        s.last_error = Some(format!("{unit} failed ({result})"));
+                    });
+                    self.live.phase(Phase::Degraded, &status);
                     if let Some(inner) = w.inner.clone() {
                         let unit = unit.to_owned();
                         tokio::spawn(async move {
@@ -1072,6 +1147,11 @@ impl<'a> Supervisor<'a> {
         let to = self.s.timeouts;
         let stop = Duration::from_secs(to.stop_sec);
         let kill = Duration::from_secs(to.kill_sec);
+        // An orphan halted before our own start is not this run stopping.
+        if self.live.state.phase != Phase::Starting {
+            self.live
+                .phase(Phase::Stopping, "stopping: halting the container");
+        }
         // Room for the orderly halt plus both escalation steps.
         self.notify.extend(stop + kill * 2 + Duration::from_secs(5));
         let deadline = Instant::now() + stop;
@@ -1326,6 +1406,14 @@ fn describe(status: std::process::ExitStatus) -> String {
         (Some(c), _) => Exit::Code(c).to_string(),
         (None, Some(s)) => Exit::Signal(s).to_string(),
         _ => status.to_string(),
+    }
+}
+
+/// Sleeps until `at`; never wakes without one (no timer while nothing is pending).
+async fn sleep_until_opt(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -33,6 +33,7 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("OK", exit::OK),
     ("INSTANCE_ENDED", exit::INSTANCE_ENDED),
     ("USAGE", exit::USAGE),
+    ("NOT_ALL_UP", exit::NOT_ALL_UP),
     ("UNAVAILABLE", exit::UNAVAILABLE),
     ("SOFTWARE", exit::SOFTWARE),
     ("OSERR", exit::OSERR),

@@ -1,0 +1,198 @@
+//! `status` and the live state file end to end: the real supervisor publishes
+//! `<run dir>/<name>.json` while it runs an instance (the Apptainer CLI double, light init),
+//! and `status` shows it; a supervisor killed with SIGKILL leaves a file that `status`
+//! calls stale, never running; the overlay's fill comes from its real ext3 superblock.
+
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const SEC: Duration = Duration::from_secs(1);
+const BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
+
+/// `status` with the world's directories and no host bus (the UNIT column is `unknown`).
+fn status(w: &World, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--config-dir")
+        .arg(&w.config_dir)
+        .arg("status")
+        .arg("--run-dir")
+        .arg(&w.run_dir)
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+        .env("APPTAINER_CONFIGDIR", &w.apptainer_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run status")
+}
+
+fn status_json(w: &World) -> serde_json::Value {
+    let out = status(w, &["--json"]);
+    assert!(
+        out.status.success(),
+        "status --json: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["service"] == w.name.as_str())
+        .unwrap_or_else(|| panic!("{} in {v:#}", w.name));
+    row.clone()
+}
+
+fn live_file(w: &World) -> serde_json::Value {
+    let p = w.run_dir.join(format!("{}.json", w.name));
+    serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
+}
+
+#[test]
+fn status_shows_a_running_service_then_how_it_ended() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-status");
+    let sup = w.spawn_run();
+    w.wait_ready();
+    let (pid, ppid) = w.instance_pids();
+
+    // The live state file: written by the supervisor, phase ready, both processes.
+    let live = live_file(&w);
+    assert_eq!(live["schema"], 1);
+    assert_eq!(live["phase"], "ready");
+    assert_eq!(live["supervisor"]["pid"], sup);
+    assert_eq!(live["instance"]["pid"], pid);
+    assert_eq!(live["master"]["pid"], ppid);
+    assert!(live["status"]
+        .as_str()
+        .unwrap()
+        .starts_with("running: instance pid"));
+    assert!(live["ready_at"].as_u64().unwrap() >= live["started_at"].as_u64().unwrap());
+
+    let row = status_json(&w);
+    assert_eq!(row["phase"], "ready", "{row:#}");
+    assert_eq!(row["stale"], false);
+    assert_eq!(row["instance_pid"], pid);
+    assert!(row["unit"].is_null(), "no host bus: unknown, {row:#}");
+    assert!(row["uptime_sec"].as_u64().is_some());
+    // The overlay the supervisor created: a sparse file with an ext3 filesystem inside.
+    let ov = &row["overlay"];
+    assert_eq!(ov["apparent_bytes"], 64 * 1024 * 1024);
+    assert!(ov["allocated_bytes"].as_u64().unwrap() < 64 * 1024 * 1024);
+    let fill = ov["fs_used_percent"].as_f64().expect("superblock read");
+    assert!(fill > 0.0 && fill < 90.0, "{fill}");
+    assert!(row["image"]["age_days"].as_u64().is_some());
+
+    let text = status(&w, &[]);
+    assert_eq!(text.status.code(), Some(0), "all up → 0");
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("SERVICE"), "{text}");
+    let fields: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        &fields[..4],
+        &["t-status", "unknown", "ready", &pid.to_string()],
+        "{text}"
+    );
+
+    kill(sup as i32, libc::SIGTERM);
+    assert!(w.wait(0, 20 * SEC).status.success());
+    let live = live_file(&w);
+    assert_eq!(live["phase"], "stopped");
+    assert_eq!(live["exit_code"], 0);
+    assert!(live["instance"].is_null());
+    let row = status_json(&w);
+    assert_eq!(row["phase"], "stopped");
+    assert!(row["instance_pid"].is_null());
+    assert_eq!(status(&w, &[]).status.code(), Some(3), "not up → 3");
+}
+
+#[test]
+fn a_killed_supervisors_state_is_shown_stale_never_running() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-stale");
+    w.spawn_run();
+    w.wait_ready();
+    let (pid, _) = w.instance_pids();
+    kill(w.child(0).id() as i32, libc::SIGKILL);
+    let _ = w.wait(0, 5 * SEC);
+    assert!(alive(pid), "the instance outlives its supervisor");
+
+    let row = status_json(&w);
+    assert_eq!(row["phase"], "stale", "{row:#}");
+    assert_eq!(row["stale"], true);
+    assert!(row["instance_pid"].is_null(), "never shown as running");
+    let text = String::from_utf8_lossy(&status(&w, &[]).stdout).into_owned();
+    assert!(
+        text.contains("warning: t-stale: stale state file: its supervisor"),
+        "{text}"
+    );
+
+    // The next supervisor halts the orphan and publishes afresh.
+    w.spawn_run();
+    w.wait_ready();
+    let row = status_json(&w);
+    assert_eq!(row["phase"], "ready");
+    assert_ne!(row["instance_pid"], pid);
+    kill(w.child(1).id() as i32, libc::SIGTERM);
+    assert!(w.wait(1, 20 * SEC).status.success());
+}
+
+#[test]
+fn a_nearly_full_overlay_is_a_warning_and_a_broken_one_is_named() {
+    if !require_root() {
+        return;
+    }
+    let w = World::new("t-full");
+    // A real ext3 image, 16 MiB, filled by mkfs.ext3 -d with a 13 MiB file: > 90 % used.
+    let fill = w.root().join("fill");
+    std::fs::create_dir_all(&fill).unwrap();
+    std::fs::write(fill.join("data"), vec![0x5a; 13 * 1024 * 1024]).unwrap();
+    let ov = w.overlay();
+    let mk = Command::new("mkfs.ext3")
+        .args(["-q", "-F", "-d"])
+        .arg(&fill)
+        .arg(&ov)
+        .arg("16M")
+        .output()
+        .unwrap();
+    assert!(
+        mk.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mk.stderr)
+    );
+    let row = status_json(&w);
+    let pct = row["overlay"]["fs_used_percent"].as_f64().unwrap();
+    assert!(pct >= 90.0, "{pct}");
+    let text = String::from_utf8_lossy(&status(&w, &[]).stdout).into_owned();
+    assert!(
+        text.contains(&format!(
+            "warning: t-full: overlay {} is {pct:.0}% full (warning at 90%)",
+            ov.display()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.lines().nth(1).unwrap().contains("not-running"),
+        "{text}"
+    );
+
+    // Not an ext filesystem: the row says why, nothing is touched.
+    std::fs::write(&ov, vec![0u8; 4096]).unwrap();
+    let row = status_json(&w);
+    assert!(row["overlay"]["fs_used_percent"].is_null());
+    assert!(
+        row["overlay"]["fs_error"]
+            .as_str()
+            .unwrap()
+            .contains("not an ext2/3/4 filesystem"),
+        "{row:#}"
+    );
+    assert_eq!(std::fs::read(&ov).unwrap(), vec![0u8; 4096]);
+}
