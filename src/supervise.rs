@@ -655,6 +655,7 @@ impl<'a> Supervisor<'a> {
             ping: None,
             shutdown: None,
             restarts: std::collections::VecDeque::new(),
+            failed_now: std::collections::BTreeSet::new(),
             verdict: None,
         };
         let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
@@ -883,6 +884,7 @@ impl<'a> Supervisor<'a> {
                 // A required unit that had already failed when we connected gets the
                 // policy too: no change signal will ever come for it.
                 for (unit, result) in already_failed {
+                    w.failed_now.insert(unit.clone());
                     warn!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = "failed", RESULT = %result, "required unit already failed");
                     if let Some(err) = self.on_unit_failed(w, &unit, &result, t).await {
                         return Some(err);
@@ -900,7 +902,11 @@ impl<'a> Supervisor<'a> {
                     }
                 };
                 fields(failed);
-                if failed && w.shutdown.is_none() {
+                if !failed {
+                    w.failed_now.remove(&unit);
+                    return None;
+                }
+                if w.shutdown.is_none() && w.failed_now.insert(unit.clone()) {
                     return self.on_unit_failed(w, &unit, &u.result, t).await;
                 }
                 None
@@ -1365,6 +1371,11 @@ struct WatchState {
     /// When required units were restarted, within the window.
     restarts: std::collections::VecDeque<Instant>,
     verdict: Option<inner::Verdict>,
+    /// Required units whose failure was acted on and that have not left `failed` since.
+    /// systemd sends the Unit and Service properties in separate signals, so one failure
+    /// shows up more than once (e.g. `Result` reset by ResetFailed while ActiveState still
+    /// reads `failed`): each failure must count once against the restart budget.
+    failed_now: std::collections::BTreeSet<String>,
 }
 
 async fn recv_opt(rx: &mut Option<mpsc::UnboundedReceiver<InnerEvent>>) -> Option<InnerEvent> {

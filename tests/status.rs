@@ -196,3 +196,64 @@ fn a_nearly_full_overlay_is_a_warning_and_a_broken_one_is_named() {
     );
     assert_eq!(std::fs::read(&ov).unwrap(), vec![0u8; 4096]);
 }
+
+#[test]
+fn status_shows_the_inner_systemd_its_failed_units_and_restarts() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted(
+        "s-inner",
+        "required_units = [\"asv-simple.service\", \"asv-slow.service\"]",
+    );
+    w.spawn_run();
+    w.wait_ready();
+    let live = live_file(&w);
+    assert_eq!(live["inner"]["system_state"], "running", "{live:#}");
+    assert_eq!(
+        live["inner"]["required_units"]["asv-slow.service"]["active_state"],
+        "active"
+    );
+
+    // A unit that is not required fails inside: only a live question finds it.
+    let out = w.inside(&["systemd-run", "--unit=asv-boom", "--", "/bin/false"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually(10 * SEC, "asv-boom failed inside", || {
+        let o = w.inside(&["systemctl", "is-failed", "asv-boom.service"]);
+        String::from_utf8_lossy(&o.stdout).trim() == "failed"
+    });
+    let row = status_json(&w);
+    assert_eq!(row["inner_failed_live"], true, "{row:#}");
+    assert_eq!(row["failed_units"], serde_json::json!(["asv-boom.service"]));
+    let text = String::from_utf8_lossy(&status(&w, &[]).stdout).into_owned();
+    assert!(
+        text.contains("warning: s-inner: failed units inside: asv-boom.service"),
+        "{text}"
+    );
+
+    // A required unit killed inside is restarted by the supervisor: counted.
+    let out = w.inside(&["systemctl", "kill", "-s", "KILL", "asv-simple.service"]);
+    assert!(out.status.success());
+    // SystemState is degraded now (asv-boom), which readiness accepts by default.
+    let mut msgs = w.notify_until(20 * SEC, |m| m.contains("restarting it (1/3)"));
+    msgs.extend(w.notify_until(20 * SEC, |m| m.contains("2/2 required units active")));
+    msgs.extend(w.notify_for(SEC));
+    assert!(
+        !msgs.iter().any(|m| m.contains("restarting it (2/3)")),
+        "one failure, one restart: {msgs:?}"
+    );
+    eventually(5 * SEC, "the restart in the state file", || {
+        let l = live_file(&w);
+        l["restarts"] == 1 && l["phase"] == "ready"
+    });
+    assert!(live_file(&w)["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("asv-simple.service failed"));
+    kill(w.child(0).id() as i32, libc::SIGTERM);
+    assert!(w.wait(0, 60 * SEC).status.success());
+}
