@@ -257,3 +257,95 @@ fn status_shows_the_inner_systemd_its_failed_units_and_restarts() {
     kill(w.child(0).id() as i32, libc::SIGTERM);
     assert!(w.wait(0, 60 * SEC).status.success());
 }
+
+/// The README's `status` sample: the examples' services (names, overlay sizes, addresses
+/// and networks as in examples/*.toml, with the test netns's veth `p0` as the parent and
+/// test addresses) run at once: ood001 boots the real systemd of the test rootfs, login005
+/// and ww001 (its 100 000 MiB sparse overlay created here) the light init. The table is
+/// written to target/status-examples.txt.
+#[test]
+fn the_examples_in_one_status_table() {
+    if !require_root() {
+        return;
+    }
+    let ns = support::netns::TestNetns::new();
+    let macvlan = |name: &str, addr: &str| {
+        format!(
+            "[[network]]\nname = \"{name}\"\ntype = \"macvlan\"\nmaster = \"p0\"\nmode = \"bridge\"\n\
+             [network.ipam]\ntype = \"static\"\naddresses = [\"{addr}\"]\n"
+        )
+    };
+    let mut ood = World::booted(
+        "ood001",
+        "required_units = [\"asv-simple.service\", \"asv-slow.service\"]",
+    );
+    let shared_cfg = ood.config_dir.clone();
+    let shared_run = ood.run_dir.clone();
+    let mut login = World::new("login005");
+    let mut ww = World::new("ww001");
+    for w in [&mut ood, &mut login, &mut ww] {
+        w.netns = Some(ns.path());
+    }
+    for w in [&mut login, &mut ww] {
+        w.config_dir = shared_cfg.clone();
+        w.run_dir = shared_run.clone();
+        w.write_config("");
+    }
+    let set_size = |w: &World, mib: u32| {
+        let t = std::fs::read_to_string(w.config_path()).unwrap();
+        let t = t.replace("size_mib = 256", "size_mib = 64");
+        std::fs::write(
+            w.config_path(),
+            t.replace("size_mib = 64", &format!("size_mib = {mib}")),
+        )
+        .unwrap();
+    };
+    set_size(&ood, 1024);
+    set_size(&login, 1024);
+    set_size(&ww, 100_000);
+    ood.append_config(&macvlan("macvlan_ood001", "10.99.0.21/24"));
+    login.append_config(&macvlan("macvlan_login005", "10.99.0.25/24"));
+    ww.append_config(&format!(
+        "{}[[network]]\nname = \"ipmi_bridge_ww001\"\ntype = \"bridge\"\nbridge = \"asvbr1\"\n\
+         [network.ipam]\ntype = \"static\"\naddresses = [\"192.168.78.1/24\"]\n",
+        macvlan("macvlan_ww001", "10.99.0.10/24")
+    ));
+    for w in [&mut ood, &mut login, &mut ww] {
+        w.spawn_run();
+    }
+    for w in [&mut ood, &mut login, &mut ww] {
+        w.wait_ready();
+    }
+    let out = status(&ood, &[]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    let _ = std::fs::write(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/status-examples.txt"),
+        &table,
+    );
+    println!("{table}");
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    let row = |name: &str| -> Vec<String> {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {table}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let ood_row = row("ood001");
+    assert_eq!(&ood_row[1..3], ["unknown", "ready"], "{table}");
+    assert_eq!(ood_row[4], "10.99.0.21");
+    assert_eq!(ood_row[6], "running", "the inner SystemState: {table}");
+    assert_eq!(row("login005")[4], "10.99.0.25");
+    let ww_row = row("ww001");
+    assert_eq!(ww_row[4], "10.99.0.10");
+    assert!(
+        ww_row.iter().any(|c| c.ends_with("/98G")),
+        "the 100 000 MiB sparse overlay: {table}"
+    );
+    for (w, i) in [(&mut ood, 0), (&mut login, 0), (&mut ww, 0)] {
+        kill(w.child(i).id() as i32, libc::SIGTERM);
+        assert!(w.wait(i, 60 * SEC).status.success());
+    }
+}
