@@ -12,12 +12,11 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{symlink, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use apptainer_supervisor::config::{self, ConfigError, DEFAULT_CONFIG_DIR};
-use apptainer_supervisor::fsutil::write_atomic;
 use apptainer_supervisor::generator::{self, Generated, CONFIG_DIR_ENV, UNIT_DIRS};
 
 const PROG: &str = "apptainer-supervisor-generator";
@@ -195,7 +194,18 @@ fn write(out: &Path, g: &Generated) -> std::io::Result<()> {
         std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
     };
     let unit = out.join(&g.unit_name);
-    write_atomic(&unit, g.text.as_bytes(), 0o644).map_err(|e| err(&unit, e))?;
+    // A plain write, no fsync: the output directory is a tmpfs under /run that systemd
+    // empties before every run of the generators (systemd.generator(7)), and fsync per
+    // file would cost what a generator must not.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&unit)
+        .and_then(|mut f| f.write_all(g.text.as_bytes()))
+        .map_err(|e| err(&unit, e))?;
     for (dir, name) in &g.links {
         let d = out.join(dir);
         std::fs::create_dir_all(&d).map_err(|e| err(&d, e))?;
