@@ -6,6 +6,12 @@
 //! the inside in order with `Result=success`, and a frozen inner manager ends in
 //! `Result=watchdog` and a restart.
 //!
+//! The same for `ood001.service` as apptainer-supervisor-generator makes it on
+//! `daemon-reload` (the built generator in the host's generator directory): loaded from
+//! the generator's directory with the service file's timeouts, `activating` until ready,
+//! restarted after its container is killed, never running beside
+//! `apptainer-supervisor@ood001.service` (Conflicts=), stopped in order.
+//!
 //! The unit file is the shipped one with one change, ExecStart='s binary path (the built
 //! binary, with `--config-dir` for the test's service file); a drop-in adds the test's
 //! plumbing and shorter timeouts. Needs root and the rootfs (`tests/support/build-rootfs.sh`).
@@ -16,11 +22,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::host::{HostSystemd, BOOT_TARGET};
+use support::host::{HostSystemd, BOOT_TARGET, GENERATOR_DIR};
 use support::{loops_for, require_root, rootfs, support, BIN};
 
 const NAME: &str = "ood001";
 const UNIT: &str = "apptainer-supervisor@ood001.service";
+const GENERATOR_BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor-generator");
+/// The unit apptainer-supervisor-generator makes of ood001.toml.
+const GENERATED: &str = "ood001.service";
 const SEC: Duration = Duration::from_secs(1);
 /// What `systemctl show` is asked for while a test waits on the unit.
 const PROPS: &[&str] = &[
@@ -80,6 +89,11 @@ struct Opts {
     /// The unit's `WatchdogSec=` (a drop-in) and `timeouts.watchdog_sec`; None: the
     /// shipped 60 s.
     watchdog_sec: Option<u64>,
+    /// Also run `ood001.service` as the generator makes it: the service file gets
+    /// `[unit]`/`[install]`, the generated unit a drop-in with the test's plumbing
+    /// (its own timeouts are left as generated), and a broken `ood002.toml` lies beside
+    /// it. The generator itself is installed by [`Setup::install_generator`].
+    generated: bool,
 }
 
 impl Setup {
@@ -108,9 +122,18 @@ impl Setup {
                 rootfs().display(),
                 support("apptainer").display(),
                 o.stop_sec,
-            ),
+            ) + if o.generated {
+                "[unit]\ndescription = \"Open OnDemand portal (test)\"\n\
+                 after = [\"remote-fs.target\"]\n\
+                 [install]\nwanted_by = [\"multi-user.target\"]\n"
+            } else {
+                ""
+            },
         )
         .unwrap();
+        if o.generated {
+            std::fs::write(etc.join("ood002.toml"), "service_dir = \"/srv/ood002\n").unwrap();
+        }
 
         // The shipped unit, with only the binary's path changed (and --config-dir, a
         // global option, put before the shipped arguments).
@@ -155,6 +178,32 @@ impl Setup {
         }
         let mut units = stand_in_units();
         units.push(("apptainer-supervisor@.service".into(), unit));
+        if o.generated {
+            // The generated ExecStart= names /usr/bin/apptainer-supervisor, which this
+            // machine does not have: an admin's drop-in replaces it, as `systemctl edit`
+            // would. The timeouts stay the generated ones.
+            let generated_dropin = format!(
+                "# Test plumbing, as for the template's instance.\n\
+                 [Service]\n\
+                 Environment=APPTAINER_CONFIGDIR={}\n\
+                 StandardOutput=append:{log}\n\
+                 StandardError=append:{log}\n\
+                 RestartSec=1s\n\
+                 LimitCORE=0\n\
+                 ExecStart=\n\
+                 ExecStart={BIN} --config-dir {} run {NAME}\n",
+                root.join("apptainer").display(),
+                etc.display(),
+                log = log.display(),
+            );
+            units.push((format!("{GENERATED}.d/50-test.conf"), generated_dropin));
+            units.push((
+                "multi-user.target".into(),
+                "# Test stand-in: named by [install] wanted_by; never started here\n\
+                 [Unit]\nDescription=test stand-in for multi-user.target\n"
+                    .into(),
+            ));
+        }
         units.push((format!("{UNIT}.d/50-test.conf"), dropin));
         assert!(units.iter().any(|(n, _)| n == BOOT_TARGET));
 
@@ -165,6 +214,26 @@ impl Setup {
 
     fn root(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Installs the built apptainer-supervisor-generator as the host's generator. A
+    /// two-line wrapper names the test's service directory: systemd runs generators with
+    /// an environment of its own, and the real /etc/apptainer-supervisor is the machine's.
+    fn install_generator(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self
+            .host
+            .path(GENERATOR_DIR)
+            .join("apptainer-supervisor-generator");
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\nexport APPTAINER_SUPERVISOR_CONFIG_DIR={}\nexec {GENERATOR_BIN} \"$@\"\n",
+                self.root().join("etc").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
     fn overlay(&self) -> PathBuf {
@@ -178,6 +247,10 @@ impl Setup {
         self.host.show(UNIT, PROPS)
     }
 
+    fn show_unit(&self, unit: &str) -> BTreeMap<String, String> {
+        self.host.show(unit, PROPS)
+    }
+
     /// Polls the unit every 50 ms until `done` holds; returns every distinct state seen,
     /// with the time since `t0`, the last one being the state that satisfied `done`.
     fn poll(
@@ -186,10 +259,21 @@ impl Setup {
         within: Duration,
         done: impl Fn(&BTreeMap<String, String>) -> bool,
     ) -> Vec<(Duration, BTreeMap<String, String>)> {
+        self.poll_unit(UNIT, t0, within, done)
+    }
+
+    /// [`Setup::poll`] for any unit.
+    fn poll_unit(
+        &self,
+        unit: &str,
+        t0: Instant,
+        within: Duration,
+        done: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> Vec<(Duration, BTreeMap<String, String>)> {
         let deadline = Instant::now() + within;
         let mut seen: Vec<(Duration, BTreeMap<String, String>)> = Vec::new();
         loop {
-            let m = self.show();
+            let m = self.show_unit(unit);
             if seen.last().is_none_or(|(_, last)| *last != m) {
                 seen.push((t0.elapsed(), m.clone()));
             }
@@ -198,7 +282,7 @@ impl Setup {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "{UNIT}: condition not reached within {within:?}; seen:\n{}\n{}",
+                    "{unit}: condition not reached within {within:?}; seen:\n{}\n{}",
                     timeline(&seen),
                     self.logs()
                 );
@@ -332,6 +416,7 @@ fn shipped_unit_is_active_once_the_inside_is_ready_and_stops_it_in_order() {
     let mut s = Setup::new(Opts {
         stop_sec: 10,
         watchdog_sec: None,
+        generated: false,
     });
     eprintln!("host systemd running after {:?}", t0.elapsed());
 
@@ -479,6 +564,7 @@ fn frozen_inner_manager_trips_the_units_watchdog_and_the_unit_restarts() {
     let mut s = Setup::new(Opts {
         stop_sec: 3,
         watchdog_sec: Some(3),
+        generated: false,
     });
     let out = s.host.systemctl(&["start", UNIT]);
     assert!(
@@ -600,6 +686,230 @@ fn frozen_inner_manager_trips_the_units_watchdog_and_the_unit_restarts() {
         .pid1_log()
         .contains(&format!("{UNIT}: Deactivated successfully.")));
     s.assert_nothing_left(container2, master2);
+
+    let problems = s.host.teardown();
+    assert!(problems.is_empty(), "teardown: {problems:?}");
+    eprintln!("whole test: {:?}", t0.elapsed());
+}
+
+/// Whether a line of `out`'s stdout contains `what`.
+fn says(out: &std::process::Output, what: &str) -> bool {
+    String::from_utf8_lossy(&out.stdout).contains(what)
+}
+
+#[test]
+fn generated_unit_runs_the_service_and_never_beside_the_template_instance() {
+    if !require_root() {
+        return;
+    }
+    let t0 = Instant::now();
+    let mut s = Setup::new(Opts {
+        stop_sec: 10,
+        watchdog_sec: None,
+        generated: true,
+    });
+    let etc = s.root().join("etc");
+
+    // 1. The generator, then daemon-reload: ood001.service exists, from the service file.
+    assert_eq!(
+        s.host.show(GENERATED, &["LoadState"])["LoadState"],
+        "not-found"
+    );
+    s.install_generator();
+    let out = s.host.systemctl(&["daemon-reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = s.host.show(
+        GENERATED,
+        &[
+            "LoadState",
+            "FragmentPath",
+            "SourcePath",
+            "UnitFileState",
+            "Description",
+            "TimeoutStartUSec",
+            "TimeoutStopUSec",
+            "Conflicts",
+            "After",
+        ],
+    );
+    assert_eq!(m["LoadState"], "loaded", "{m:?}\n{}", s.logs());
+    assert_eq!(m["FragmentPath"], "/run/systemd/generator/ood001.service");
+    assert_eq!(m["UnitFileState"], "generated");
+    assert_eq!(
+        Path::new(&m["SourcePath"]),
+        etc.join("ood001.toml").as_path()
+    );
+    assert_eq!(m["Description"], "Open OnDemand portal (test)");
+    // From [timeouts]: start_sec 30 + 30; stop_sec 10 + 2 x kill_sec 3 + 5 + 25.
+    // (WatchdogUSec reads "infinity" until the unit runs: checked after the start.)
+    assert_eq!(
+        (&*m["TimeoutStartUSec"], &*m["TimeoutStopUSec"]),
+        ("1min", "46s")
+    );
+    assert!(m["Conflicts"].split(' ').any(|u| u == UNIT), "{m:?}");
+    let after: Vec<&str> = m["After"].split(' ').collect();
+    assert!(
+        after.contains(&UNIT) && after.contains(&"remote-fs.target"),
+        "{m:?}"
+    );
+    assert!(
+        s.host.show("multi-user.target", &["Wants"])["Wants"]
+            .split(' ')
+            .any(|u| u == GENERATED),
+        "[install] wanted_by links it into multi-user.target.wants"
+    );
+    let text =
+        std::fs::read_to_string(s.host.path("/run/systemd/generator/ood001.service")).unwrap();
+    assert!(
+        text.contains(&format!(
+            "\nExecStart=/usr/bin/apptainer-supervisor --config-dir {} run ood001\n",
+            etc.display()
+        )),
+        "{text}"
+    );
+    // The broken ood002.toml beside it: no unit, and a kmsg record that names it.
+    assert!(!s
+        .host
+        .path("/run/systemd/generator/ood002.service")
+        .exists());
+    let log = s.host.pid1_log();
+    let want = format!("]: {}/ood002.toml:1:", etc.display());
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("<3>apptainer-supervisor-generator[") && l.contains(&want)),
+        "{want:?} in PID 1's kmsg:\n{log}"
+    );
+
+    // 2. Start: activating until the inside is ready, then active.
+    let t = Instant::now();
+    let out = s.host.systemctl(&["start", "--no-block", GENERATED]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = s.poll_unit(GENERATED, t, 60 * SEC, |m| m["ActiveState"] != "activating");
+    eprintln!("start:\n{}", timeline(&seen));
+    let (_, last) = seen.last().unwrap();
+    assert!(
+        is(last, "active", "running"),
+        "{}\n{}",
+        timeline(&seen),
+        s.logs()
+    );
+    assert!(
+        seen.iter().any(|(_, m)| is(m, "activating", "start")
+            && m["StatusText"].contains("waiting for asv-slow.service")),
+        "activating while the required unit inside was not active yet:\n{}",
+        timeline(&seen)
+    );
+    assert_eq!(
+        s.host.show(GENERATED, &["WatchdogUSec"])["WatchdogUSec"],
+        "1min",
+        "timeouts.watchdog_sec"
+    );
+    let status = s.host.systemctl(&["status", GENERATED]);
+    assert!(
+        says(&status, "Status: \"running: 1/1 required units active\""),
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
+    let (container, _) = s.instance();
+    assert_eq!(
+        s.inside(container, &["systemctl", "is-active", "asv-slow.service"]),
+        "active"
+    );
+
+    // 3. The container's init killed: the supervisor exits 1, Restart=on-failure brings
+    //    the service back with a new container.
+    let t = Instant::now();
+    let out = s.host.exec(&["kill", "-KILL", &container.to_string()]);
+    assert!(out.status.success());
+    let seen = s.poll_unit(GENERATED, t, 90 * SEC, |m| {
+        m["NRestarts"] == "1" && is(m, "active", "running")
+    });
+    eprintln!("killed:\n{}", timeline(&seen));
+    let log = s.host.pid1_log();
+    for line in [
+        format!("{GENERATED}: Main process exited, code=exited, status=1/FAILURE"),
+        format!("{GENERATED}: Scheduled restart job, restart counter is at 1."),
+    ] {
+        assert!(log.contains(&line), "{line:?} in PID 1's log:\n{log}");
+    }
+    let (container2, _) = s.instance();
+    assert_ne!(container2, container, "a new container");
+
+    // 4. Conflicts=: starting the template's instance stops ood001.service first (the
+    //    generated After= orders that stop before the start), and the other way round.
+    let out = s.host.systemctl(&["start", UNIT]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.logs()
+    );
+    let (g, i) = (s.show_unit(GENERATED), s.show_unit(UNIT));
+    assert!(
+        is(&g, "inactive", "dead") && g["Result"] == "success",
+        "{g:?}"
+    );
+    assert!(is(&i, "active", "running"), "{i:?}\n{}", s.logs());
+    let out = s.host.systemctl(&["start", GENERATED]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.logs()
+    );
+    let (g, i) = (s.show_unit(GENERATED), s.show_unit(UNIT));
+    assert!(is(&g, "active", "running"), "{g:?}\n{}", s.logs());
+    assert!(
+        is(&i, "inactive", "dead") && i["Result"] == "success",
+        "{i:?}"
+    );
+    let log = s.host.pid1_log();
+    assert!(
+        log.contains(&format!("{UNIT}: Deactivated successfully."))
+            && !log.contains(&format!("{UNIT}: Failed")),
+        "the template's instance was stopped in order:\n{log}"
+    );
+
+    // 5. Stop: the inner systemd halts in order, Result=success, nothing left.
+    let (container, master) = s.instance();
+    let out = s.host.systemctl(&["stop", GENERATED]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = s.show_unit(GENERATED);
+    assert!(
+        is(&m, "inactive", "dead") && m["Result"] == "success",
+        "{m:?}\n{}",
+        s.logs()
+    );
+    let log = s.host.pid1_log();
+    assert!(
+        log.matches(&format!("{GENERATED}: Deactivated successfully."))
+            .count()
+            >= 2,
+        "stopped in order, by Conflicts= and by systemctl stop:\n{log}"
+    );
+    let mark = std::process::Command::new("debugfs")
+        .args(["-R", "cat /upper/var/lib/asv-simple.mark"])
+        .arg(s.overlay())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&mark.stdout).contains("stopped"),
+        "asv-simple's ExecStop ran inside: an orderly halt\n{}",
+        s.logs()
+    );
+    s.assert_nothing_left(container, master);
 
     let problems = s.host.teardown();
     assert!(problems.is_empty(), "teardown: {problems:?}");

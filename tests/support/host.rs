@@ -18,11 +18,14 @@
 //!    namespace, where systemd could not move it into `init.scope`), then lets the script
 //!    exec `/lib/systemd/systemd --system --unit=asv-host.target`.
 //!
-//! Nothing of the machine's image starts: `SYSTEMD_UNIT_PATH=/run/systemd/system` is the
+//! Nothing of the machine's image starts: `SYSTEMD_UNIT_PATH=/run/systemd/system:/run/systemd/generator` is the
 //! whole unit search path (so `/etc/systemd/system/*.wants` and `/lib/systemd/system`'s
 //! `sysinit.target.wants` are never read: no tmpfiles, sysusers, journald, udev writing to
-//! the shared root) and `SYSTEMD_GENERATOR_PATH` points at an empty directory (no
-//! generators). The test provides every unit that this systemd loads. PID 1 logs with
+//! the shared root) and `SYSTEMD_GENERATOR_PATH` points at [`GENERATOR_DIR`], empty
+//! unless a test puts a generator there (then `systemctl daemon-reload` runs it, and its
+//! normal output directory, `/run/systemd/generator`, is the second and last unit path,
+//! ranked below `/run/systemd/system` as on a real host). The test provides every unit
+//! that this systemd loads. PID 1 logs with
 //! `--log-target=kmsg` into a FIFO bound over `/dev/kmsg` that the test reads (and
 //! `/dev/console` is `/dev/null`): never to the machine's kernel log or console.
 //!
@@ -50,15 +53,19 @@ use super::loops_for;
 /// The target PID 1 starts (`--unit=`): provide it among the units.
 pub const BOOT_TARGET: &str = "asv-host.target";
 
+/// The host's only generator directory (`SYSTEMD_GENERATOR_PATH`), on its own `/run`:
+/// write a generator to [`HostSystemd::path`]`(GENERATOR_DIR)`, then daemon-reload.
+pub const GENERATOR_DIR: &str = "/run/asv-host/generators";
+
 /// Run as PID 1 of the new namespaces: `sh BOOT_SCRIPT TEST_DIR UNITS_DIR PID1_LOG`.
 /// Mounts, copies the units, waits for one line on stdin, then execs systemd.
 pub const BOOT_SCRIPT: &str = r#"set -eu
 dir=$1 units=$2 log=$3
 mount --make-rprivate /
 mount -t proc -o nosuid,nodev,noexec proc /proc
-# A fresh /run: the unit files go to /run/systemd/system, the only unit path (below).
+# A fresh /run: the unit files go to /run/systemd/system, the first unit path (below).
 mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
-mkdir -p /run/systemd/system /run/asv-host/no-generators
+mkdir -p /run/systemd/system /run/asv-host/generators
 cp -R "$units/." /run/systemd/system/
 # /tmp stays the machine's: the test's directory, the built binary (CI clones may live
 # under /tmp) and the double must be reachable at the same paths. Nothing started in
@@ -71,8 +78,9 @@ mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 /sys/fs/cgroup
 mount --bind "$log" /dev/kmsg
 mount --bind /dev/null /dev/console
 read -r go
-exec env -i container=asv-host SYSTEMD_UNIT_PATH=/run/systemd/system \
-  SYSTEMD_GENERATOR_PATH=/run/asv-host/no-generators \
+exec env -i container=asv-host \
+  SYSTEMD_UNIT_PATH=/run/systemd/system:/run/systemd/generator \
+  SYSTEMD_GENERATOR_PATH=/run/asv-host/generators \
   /lib/systemd/systemd --system --unit=asv-host.target --log-target=kmsg \
   --log-level=info --show-status=no </dev/null
 "#;
