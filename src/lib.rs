@@ -9,6 +9,7 @@ pub mod apptainer;
 pub mod argv;
 pub mod check;
 pub mod cli;
+pub mod cni;
 pub mod config;
 pub mod fsutil;
 pub mod generator;

@@ -86,6 +86,11 @@ pub enum RunError {
     OverlayNotAFile { path: PathBuf, what: &'static str },
     #[error("overlay {path} is attached to /dev/{device}: a container is using it\n  hint: find it with `losetup -j {path}` and `apptainer instance list`")]
     OverlayInUse { path: PathBuf, device: String },
+    #[error("{source}; the image is left untouched and not recreated\n  hint: inspect it with `dumpe2fs -h` and `e2fsck -n`, or restore it from a backup")]
+    OverlayUnusable {
+        #[source]
+        source: overlay::SuperblockError,
+    },
     #[error("creating overlay {path} failed ({status}):\n{stderr}")]
     CreateOverlay {
         path: PathBuf,
@@ -94,8 +99,13 @@ pub enum RunError {
     },
     #[error("an instance named {name} is running (container pid {pid}) that this supervisor did not start; it is left alone\n  hint: stop it the way it was started (e.g. its stop.sh or `apptainer instance stop {name}`), then start this service again")]
     ForeignInstance { name: String, pid: i32 },
-    #[error("apptainer instance start failed ({status}):\n{stderr}")]
-    StartInstance { status: String, stderr: String },
+    #[error("apptainer instance start failed ({status}):\n{stderr}{log}")]
+    StartInstance {
+        status: String,
+        stderr: String,
+        /// What this start added to the instance's `.err` log, with a heading, or empty.
+        log: String,
+    },
     #[error("apptainer instance start did not return within {secs} s (timeouts.start_sec)")]
     StartTimeout { secs: u64 },
     #[error(transparent)]
@@ -153,6 +163,7 @@ impl RunError {
             }
             Lock(_) | Os { .. } => exit::OSERR,
             OverlayNotAFile { .. } => exit::CANTCREAT,
+            OverlayUnusable { .. } => exit::CONFIG,
             CreateOverlay { .. } | StartInstance { .. } | StartTimeout { .. } => exit::UNAVAILABLE,
             State(_) | NoStateFile { .. } | NotAMaster { .. } => exit::SOFTWARE,
             InstanceEnded { .. } | MasterDied { .. } => exit::INSTANCE_ENDED,
@@ -404,6 +415,10 @@ impl<'a> Supervisor<'a> {
                     state_file = %self.ctx.paths.state_file.display(),
                     "removing leftovers of an instance that is no longer running"
                 );
+                // A state file still there means its master never finished its cleanup.
+                if let Some(st) = state.as_ref().filter(|st| !is_master_of(st.ppid, &name)) {
+                    self.release_networks(st.pid).await;
+                }
                 self.remove_leftovers();
                 Ok(())
             }
@@ -437,9 +452,36 @@ impl<'a> Supervisor<'a> {
                     None,
                 )
                 .await;
+                if master.is_none() {
+                    self.release_networks(container.pid).await;
+                }
                 self.remove_leftovers();
                 info!(INSTANCE_PID = container.pid, "orphaned instance halted");
                 Ok(())
+            }
+        }
+    }
+
+    /// The CNI DEL a master that died without its cleanup never ran (see [`crate::cni`]),
+    /// so that its IPAM leases are free for the next start.
+    async fn release_networks(&self, container_pid: i32) {
+        if self.s.networks.is_empty() {
+            return;
+        }
+        let per_plugin = Duration::from_secs(self.s.timeouts.kill_sec.max(1));
+        for (network, r) in crate::cni::release(self.s, container_pid, per_plugin).await {
+            match r {
+                Ok(()) => info!(
+                    network = %network,
+                    container_id = container_pid,
+                    "released the network the dead master left (CNI DEL)"
+                ),
+                Err(e) => warn!(
+                    network = %network,
+                    container_id = container_pid,
+                    error = %e,
+                    "could not release the network the dead master left"
+                ),
             }
         }
     }
@@ -466,6 +508,18 @@ impl<'a> Supervisor<'a> {
 
     async fn ensure_overlay(&mut self) -> Result<(), RunError> {
         let path = &self.s.overlay.path;
+        // A creation interrupted by a crash or SIGKILL left its temporary; we hold the
+        // service lock, so no other run is creating it now.
+        match overlay::remove_stale_temps(path) {
+            Ok(removed) => {
+                for t in removed {
+                    info!(overlay = %path.display(), temporary = %t.display(), "removed the temporary of an interrupted overlay creation");
+                }
+            }
+            Err(e) => {
+                warn!(overlay = %path.display(), error = %e, "cannot clear temporaries of an interrupted overlay creation")
+            }
+        }
         match overlay::inspect(path).map_err(os(format!("inspecting {}", path.display())))? {
             overlay::Found::NotAFile(what) => {
                 return Err(RunError::OverlayNotAFile {
@@ -480,6 +534,7 @@ impl<'a> Supervisor<'a> {
                         device,
                     });
                 }
+                self.check_superblock(path)?;
                 return Ok(());
             }
             overlay::Found::Missing => {}
@@ -491,22 +546,74 @@ impl<'a> Supervisor<'a> {
             path.display(),
             self.s.overlay.size_mib
         ));
-        let argv = argv::overlay_create(self.s, path);
+        // Built at a temporary name beside the target and moved into place only when
+        // complete: a stop, a crash or a full disk never leaves a truncated overlay.img.
+        let tmp = overlay::temp_path(path, std::process::id());
+        let discard = |tmp: &Path| {
+            let mut ext3 = tmp.as_os_str().to_owned();
+            ext3.push(".ext3");
+            for t in [tmp.to_owned(), PathBuf::from(ext3)] {
+                let _ = std::fs::remove_file(t);
+            }
+        };
+        let argv = argv::overlay_create(self.s, &tmp);
         // mkfs of a large image can outlast the start timeout: keep asking for more.
         let extend = Duration::from_secs(30);
-        let out = self.run_cli(&argv, Some(extend), None).await?;
+        let out = match self.run_cli(&argv, Some(extend), None).await {
+            Ok(out) => out,
+            Err(e) => {
+                discard(&tmp);
+                return Err(e);
+            }
+        };
         match out {
             CliResult::Done(status, _) if status.success() => {
+                if let Err(e) = overlay::publish(&tmp, path) {
+                    discard(&tmp);
+                    return Err(os(format!(
+                        "moving the new overlay {} to {}",
+                        tmp.display(),
+                        path.display()
+                    ))(e));
+                }
                 info!(overlay = %path.display(), "overlay image created");
                 Ok(())
             }
-            CliResult::Done(status, stderr) => Err(RunError::CreateOverlay {
-                path: path.clone(),
-                status: describe(status),
-                stderr,
-            }),
+            CliResult::Done(status, stderr) => {
+                discard(&tmp);
+                Err(RunError::CreateOverlay {
+                    path: path.clone(),
+                    status: describe(status),
+                    stderr,
+                })
+            }
             CliResult::TimedOut => unreachable!("no deadline was given"),
         }
+    }
+
+    /// Refuses an existing image whose superblock is broken (never recreating it); warns
+    /// when it is over 90% full or was not cleanly unmounted without a journal.
+    fn check_superblock(&self, path: &Path) -> Result<(), RunError> {
+        let sb = overlay::read_superblock(path)
+            .map_err(|source| RunError::OverlayUnusable { source })?;
+        let fill = sb.fill_percent();
+        if fill > 90.0 {
+            warn!(
+                overlay = %path.display(),
+                fill_percent = format!("{fill:.1}"),
+                blocks_count = sb.blocks_count,
+                free_blocks = sb.free_blocks,
+                block_size = sb.block_size,
+                "the overlay image is over 90% full"
+            );
+        }
+        if sb.needs_recovery {
+            info!(overlay = %path.display(), "the overlay's journal needs recovery; the kernel replays it at mount");
+        }
+        if overlay::unclean_without_journal(path) {
+            warn!(overlay = %path.display(), "the overlay has no journal and was not cleanly unmounted; the kernel mounts it unchecked");
+        }
+        Ok(())
     }
 
     // --- 4. start -----------------------------------------------------------------------
@@ -521,6 +628,10 @@ impl<'a> Supervisor<'a> {
         self.status("starting instance");
         self.started_at = Instant::now();
         self.live.update(|s| s.started_at = Some(state::unix_now()));
+        // Apptainer writes why the container could not be created (a network ADD, a bind,
+        // an overlay) to the instance's .err log and echoes it on stdout, not stderr: keep
+        // where the log ends now, to quote what this start adds.
+        let err_log_len = std::fs::metadata(&self.ctx.paths.err_log).map_or(0, |m| m.len());
         let deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         let out = self
             .run_cli(&argv, Some(Duration::from_secs(30)), Some(deadline))
@@ -535,9 +646,15 @@ impl<'a> Supervisor<'a> {
             Some(CliResult::Done(status, stderr)) if !status.success() => {
                 error!(exit = %describe(status), stderr = %stderr.trim_end(), "apptainer instance start failed");
                 self.cleanup_failed_start().await;
+                let added = log_since(&self.ctx.paths.err_log, err_log_len);
                 return Err(RunError::StartInstance {
                     status: describe(status),
                     stderr: stderr.trim_end().to_owned(),
+                    log: if added.is_empty() {
+                        String::new()
+                    } else {
+                        format!("\n{}:\n{added}", self.ctx.paths.err_log.display())
+                    },
                 });
             }
             Some(CliResult::TimedOut) => {
@@ -553,8 +670,16 @@ impl<'a> Supervisor<'a> {
             self.cleanup_failed_start().await;
             return Ok(None);
         }
-        let t = self.adopt()?;
-        Ok(Some(t))
+        match self.adopt() {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => {
+                // E.g. the run record could not be written (a full /run): an instance we
+                // cannot track must not outlive us.
+                error!(error = %e, "cannot take over the started instance; stopping it");
+                self.cleanup_failed_start().await;
+                Err(e)
+            }
+        }
     }
 
     /// After `instance start` returned 0: read the state file, check the master, record
@@ -778,6 +903,7 @@ impl<'a> Supervisor<'a> {
                     // does not fire while the container halts.
                     self.notify.stopping("master died: halting the container");
                     self.halt(&t.container, &t.container_fd, None, None, None).await;
+                    self.release_networks(t.container.pid).await;
                     self.remove_leftovers();
                     return Err(RunError::MasterDied {
                         name: self.s.name.clone(),
@@ -1406,6 +1532,23 @@ enum CliResult {
     TimedOut,
 }
 
+/// What was appended to `path` after byte `from` (at most its last 16 KiB), trimmed.
+fn log_since(path: &Path, from: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    let read = std::fs::File::open(path).and_then(|mut f| {
+        let end = f.metadata()?.len();
+        // A log rotated or truncated in between is read from its start.
+        let from = if end < from { 0 } else { from };
+        f.seek(SeekFrom::Start(from.max(end.saturating_sub(16 * 1024))))?;
+        f.read_to_end(&mut buf)
+    });
+    match read {
+        Ok(_) => String::from_utf8_lossy(&buf).trim().to_owned(),
+        Err(_) => String::new(),
+    }
+}
+
 /// How a process ended, for log fields ("exit status 0", "killed by signal 9 (SIGKILL)").
 fn show_exit(e: Option<Exit>) -> String {
     e.map_or_else(|| "not reaped".to_owned(), |e| e.to_string())
@@ -1512,6 +1655,21 @@ mod tests {
             judge(Some(&st(20)), None, procs(&[(20, 3)]), |_| false),
             Leftover::Stale
         );
+    }
+
+    #[test]
+    fn log_since_reads_only_what_this_start_added() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("x.err");
+        std::fs::write(&log, "old run\n").unwrap();
+        let from = std::fs::metadata(&log).unwrap().len();
+        std::fs::write(&log, "old run\nFATAL:   network setup failed\n").unwrap();
+        assert_eq!(log_since(&log, from), "FATAL:   network setup failed");
+        assert_eq!(
+            log_since(&log, 10_000),
+            "old run\nFATAL:   network setup failed"
+        );
+        assert_eq!(log_since(&d.path().join("none"), 0), "");
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct World {
     /// Run the supervisor and the double inside this network namespace (`/run/netns/NAME`,
     /// see `netns.rs`), so CNI plugins only touch the test's own interfaces.
     pub netns: Option<PathBuf>,
+    /// A command prefix for what the world runs (e.g. `unshare -m ...`), inside `netns`.
+    pub wrap: Vec<std::ffi::OsString>,
     /// Extra environment for the supervisor (and so for the double and the init).
     pub env: Vec<(String, String)>,
     /// The light init (`fake-init` on the host's root) rather than a real systemd booted
@@ -114,6 +116,7 @@ impl World {
             env: Vec::new(),
             light_init: true,
             netns: None,
+            wrap: Vec::new(),
             container_pid_seen: None,
             children: Vec::new(),
             dir,
@@ -165,6 +168,20 @@ impl World {
 
     /// A command for `program`, inside the world's network namespace when it has one.
     fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        if let Some((first, rest)) = self.wrap.split_first() {
+            let mut c = match &self.netns {
+                Some(ns) => {
+                    let mut c = Command::new("nsenter");
+                    c.arg(format!("--net={}", ns.display()))
+                        .arg("--")
+                        .arg(first);
+                    c
+                }
+                None => Command::new(first),
+            };
+            c.args(rest).arg(program);
+            return c;
+        }
         match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
@@ -377,7 +394,12 @@ impl World {
     /// Waits for READY=1 from the newest supervisor; fails at once, with its stderr, when
     /// that supervisor exits first.
     pub fn wait_ready(&mut self) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_ready_within(Duration::from_secs(30))
+    }
+
+    /// [`Self::wait_ready`] with a bound of `within`.
+    pub fn wait_ready_within(&mut self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
         let mut got = Vec::new();
         let last = self.children.len() - 1;
         while Instant::now() < deadline {
@@ -401,7 +423,7 @@ impl World {
                 }
             }
         }
-        panic!("no READY=1 within 30 s; got {got:?}");
+        panic!("no READY=1 within {within:?}; got {got:?}");
     }
 
     /// The instance's state file as Apptainer wrote it (pid, ppid).

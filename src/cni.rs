@@ -1,0 +1,292 @@
+//! The CNI DEL that a dead Apptainer master never ran.
+//!
+//! Apptainer's master releases the container's networks when the container exits
+//! (internal/pkg/runtime/engine/apptainer/cleanup_linux.go: `CleanupContainer` →
+//! pkg/network `DelNetworks`). A master killed with SIGKILL never does, so an IPAM lease
+//! (host-local keeps one file per address) stays taken until someone deletes it: after a
+//! few such deaths a small range is exhausted and the service can no longer start. This
+//! module runs that DEL for it, as libcni's `DelNetworkList` would (containernetworking/cni
+//! libcni/api.go): each network's plugins in reverse order, `CNI_COMMAND=DEL`,
+//! `CNI_CONTAINERID` = the container's pid (Apptainer's `NewSetup(networks,
+//! strconv.Itoa(pid), ...)`), `CNI_IFNAME=eth<i>`, and an empty `CNI_NETNS`: the container's
+//! namespace is gone, and the reference plugins then release their IPAM state only
+//! (plugins/main/{bridge,macvlan,ipvlan}: `if args.Netns == "" { return nil }` after
+//! `ipam.ExecDel`). A DEL is idempotent, so running it for a lease already released is
+//! harmless.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::config::Service;
+
+/// Where the plugins are when `apptainer.conf` does not say (its `cni plugin path`
+/// directive, pkg/util/apptainerconf/config.go): Apptainer's default, Debian's
+/// containernetworking-plugins, the CNI project's convention.
+const DEFAULT_PLUGIN_DIRS: &[&str] =
+    &["/usr/libexec/apptainer/cni", "/usr/lib/cni", "/opt/cni/bin"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CniError {
+    #[error("reading {path}: {source}")]
+    ReadConf {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a CNI conflist: {reason}")]
+    BadConf { path: PathBuf, reason: String },
+    #[error("CNI plugin {plugin:?} of network {network} not found in {dirs}")]
+    NoPlugin {
+        network: String,
+        plugin: String,
+        dirs: String,
+    },
+    #[error("running CNI plugin {plugin} (DEL) for network {network}: {source}")]
+    Run {
+        network: String,
+        plugin: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("CNI plugin {plugin} (DEL) for network {network} failed ({status}): {output}")]
+    Failed {
+        network: String,
+        plugin: String,
+        status: String,
+        output: String,
+    },
+    #[error("CNI plugin {plugin} (DEL) for network {network} did not finish within {secs} s")]
+    TimedOut {
+        network: String,
+        plugin: String,
+        secs: u64,
+    },
+}
+
+/// The plugin directories to search, first the one `apptainer.conf` names. Apptainer's
+/// `cni configuration path` defaults to `<sysconfdir>/apptainer/network`, beside
+/// `apptainer.conf`, so that file is looked for next to `apptainer.network_dir`.
+pub fn plugin_dirs(network_dir: &Path) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(conf) = network_dir.parent().map(|d| d.join("apptainer.conf")) {
+        if let Ok(text) = std::fs::read_to_string(conf) {
+            dirs.extend(conf_value(&text, "cni plugin path").map(PathBuf::from));
+        }
+    }
+    dirs.extend(DEFAULT_PLUGIN_DIRS.iter().map(PathBuf::from));
+    dirs
+}
+
+/// `key = value` of apptainer.conf (`#` starts a comment line), the last one wins as in
+/// Apptainer's parser.
+fn conf_value(text: &str, key: &str) -> Option<String> {
+    text.lines()
+        .rev()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().to_owned())
+        .find(|v| !v.is_empty())
+}
+
+/// One plugin invocation of a DEL: what goes to its stdin, and its type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelStep {
+    pub plugin: String,
+    pub stdin: serde_json::Value,
+}
+
+/// Pure: the plugin calls of one network's DEL, from its conflist text, in libcni's order
+/// (last plugin first). Each plugin gets its own object with the list's `name` and
+/// `cniVersion` (libcni `buildOneConfig`); there is no cached result to pass as
+/// `prevResult`.
+pub fn del_steps(conflist: &str, path: &Path) -> Result<Vec<DelStep>, CniError> {
+    let bad = |reason: &str| CniError::BadConf {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let v: serde_json::Value = serde_json::from_str(conflist).map_err(|e| bad(&e.to_string()))?;
+    let name = v.get("name").cloned().ok_or_else(|| bad("no \"name\""))?;
+    let version = v
+        .get("cniVersion")
+        .cloned()
+        .unwrap_or_else(|| "0.4.0".into());
+    let plugins = v
+        .get("plugins")
+        .and_then(|p| p.as_array())
+        .ok_or_else(|| bad("no \"plugins\" list"))?;
+    let mut steps = Vec::new();
+    for p in plugins.iter().rev() {
+        let mut conf = p
+            .as_object()
+            .cloned()
+            .ok_or_else(|| bad("a plugin is not an object"))?;
+        let plugin = conf
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or_else(|| bad("a plugin has no \"type\""))?
+            .to_owned();
+        conf.insert("name".into(), name.clone());
+        conf.insert("cniVersion".into(), version.clone());
+        steps.push(DelStep {
+            plugin,
+            stdin: serde_json::Value::Object(conf),
+        });
+    }
+    Ok(steps)
+}
+
+/// Runs the DEL of every network of `s` for the container that had pid `container_pid`.
+/// Returns one result per network, in order; it never stops at the first failure, so
+/// that one broken network does not keep another's lease.
+pub async fn release(
+    s: &Service,
+    container_pid: i32,
+    per_plugin: Duration,
+) -> Vec<(String, Result<(), CniError>)> {
+    let dirs = plugin_dirs(&s.apptainer.network_dir);
+    let mut out = Vec::new();
+    for (i, n) in s.networks.iter().enumerate() {
+        let r = release_one(s, &n.name, i, container_pid, &dirs, per_plugin).await;
+        out.push((n.name.clone(), r));
+    }
+    out
+}
+
+async fn release_one(
+    s: &Service,
+    network: &str,
+    index: usize,
+    container_pid: i32,
+    dirs: &[PathBuf],
+    per_plugin: Duration,
+) -> Result<(), CniError> {
+    let path = crate::network::path(&s.apptainer.network_dir, network);
+    let text = std::fs::read_to_string(&path).map_err(|source| CniError::ReadConf {
+        path: path.clone(),
+        source,
+    })?;
+    for step in del_steps(&text, &path)? {
+        let Some(bin) = dirs
+            .iter()
+            .map(|d| d.join(&step.plugin))
+            .find(|p| p.is_file())
+        else {
+            return Err(CniError::NoPlugin {
+                network: network.to_owned(),
+                plugin: step.plugin,
+                dirs: dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            });
+        };
+        let cni_path: OsString = std::env::join_paths(dirs).unwrap_or_default();
+        let run_err = |source| CniError::Run {
+            network: network.to_owned(),
+            plugin: step.plugin.clone(),
+            source,
+        };
+        // pkg/invoke: the CNI_* variables and PATH only (Apptainer's SetEnvPath).
+        let mut child = tokio::process::Command::new(&bin)
+            .env_clear()
+            .env("CNI_COMMAND", "DEL")
+            .env("CNI_CONTAINERID", container_pid.to_string())
+            .env("CNI_NETNS", "")
+            .env("CNI_IFNAME", format!("eth{index}"))
+            .env("CNI_ARGS", "IgnoreUnknown=1")
+            .env("CNI_PATH", &cni_path)
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(run_err)?;
+        let stdin = serde_json::to_vec(&step.stdin).expect("a JSON value serializes");
+        if let Some(mut w) = child.stdin.take() {
+            w.write_all(&stdin).await.map_err(run_err)?;
+        }
+        let output = match tokio::time::timeout(per_plugin, child.wait_with_output()).await {
+            Ok(o) => o.map_err(run_err)?,
+            Err(_) => {
+                return Err(CniError::TimedOut {
+                    network: network.to_owned(),
+                    plugin: step.plugin,
+                    secs: per_plugin.as_secs(),
+                })
+            }
+        };
+        if !output.status.success() {
+            let mut text = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+            let err = String::from_utf8_lossy(&output.stderr);
+            if !err.trim().is_empty() {
+                text.push_str(&format!(" {}", err.trim()));
+            }
+            return Err(CniError::Failed {
+                network: network.to_owned(),
+                plugin: step.plugin,
+                status: output.status.to_string(),
+                output: text,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn del_runs_plugins_last_first_with_name_and_version() {
+        let text = r#"{"cniVersion":"1.0.0","name":"ipmi_ww","plugins":[
+            {"type":"bridge","bridge":"br0","ipam":{"type":"host-local"}},
+            {"type":"tuning"}]}"#;
+        let steps = del_steps(text, Path::new("/n/ipmi_ww.conflist")).unwrap();
+        assert_eq!(
+            steps.iter().map(|s| s.plugin.as_str()).collect::<Vec<_>>(),
+            ["tuning", "bridge"]
+        );
+        assert_eq!(steps[1].stdin["name"], "ipmi_ww");
+        assert_eq!(steps[1].stdin["cniVersion"], "1.0.0");
+        assert_eq!(steps[1].stdin["ipam"]["type"], "host-local");
+    }
+
+    #[test]
+    fn broken_conflist_names_the_file_and_problem() {
+        let e = del_steps(r#"{"name":"x"}"#, Path::new("/n/x.conflist")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/n/x.conflist is not a CNI conflist: no \"plugins\" list"
+        );
+    }
+
+    #[test]
+    fn plugin_path_from_apptainer_conf_first() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("apptainer.conf"),
+            "# cni plugin path = /commented\ncni plugin path = /opt/apptainer/cni\n",
+        )
+        .unwrap();
+        let dirs = plugin_dirs(&d.path().join("network"));
+        assert_eq!(dirs[0], Path::new("/opt/apptainer/cni"));
+        assert_eq!(dirs[1], Path::new("/usr/libexec/apptainer/cni"));
+        let none = tempfile::tempdir().unwrap();
+        assert_eq!(
+            plugin_dirs(&none.path().join("network"))[0],
+            Path::new("/usr/libexec/apptainer/cni")
+        );
+    }
+}
