@@ -191,7 +191,7 @@ fn a_nearly_full_overlay_is_a_warning_and_a_broken_one_is_named() {
         row["overlay"]["fs_error"]
             .as_str()
             .unwrap()
-            .contains("not an ext2/3/4 filesystem"),
+            .contains("is not an ext2/3/4 image"),
         "{row:#}"
     );
     assert_eq!(std::fs::read(&ov).unwrap(), vec![0u8; 4096]);
