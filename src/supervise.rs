@@ -315,6 +315,8 @@ struct Supervisor<'a> {
     started_at: Instant,
     /// The instance's address from Apptainer's state file (empty without a network).
     ip: String,
+    /// The sizes of the instance's logs before `instance start`: forwarding starts there.
+    log_start: crate::output::Start,
 }
 
 impl<'a> Supervisor<'a> {
@@ -338,6 +340,7 @@ impl<'a> Supervisor<'a> {
             record_path: RunRecord::path(&ctx.run_dir, &s.name),
             started_at: Instant::now(),
             ip: String::new(),
+            log_start: crate::output::Start::default(),
         })
     }
 
@@ -485,6 +488,8 @@ impl<'a> Supervisor<'a> {
         let argv = argv::instance_start(self.s);
         info!(argv = ?argv, "starting instance");
         self.status("starting instance");
+        let p = &self.ctx.paths;
+        self.log_start = crate::output::Start::now(&p.out_log, &p.err_log);
         self.started_at = Instant::now();
         let deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         let out = self
@@ -595,6 +600,15 @@ impl<'a> Supervisor<'a> {
             "instance running"
         );
         self.check_watchdog_setting();
+        // The instance's own output → the journal; dropped (and so flushed) on every return.
+        let p = &self.ctx.paths;
+        let mut output = crate::output::Forwarder::new(
+            &self.s.name,
+            pid,
+            &p.out_log,
+            &p.err_log,
+            self.log_start,
+        );
         let watchdog = match self.notify.watchdog_interval {
             Some(d) => {
                 Some(crate::notify::Ticker::new(d).map_err(os("creating the watchdog timer"))?)
@@ -701,6 +715,7 @@ impl<'a> Supervisor<'a> {
                     }
                     return Ok(());
                 }
+                _ = output.changed() => output.pump(),
                 _ = t.container_fd.readable() => {
                     return match w.shutdown {
                         Some(kind) => Err(self.shut_down_inside(&t, kind).await),
