@@ -138,6 +138,21 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// The final `RESULT=` of a run that ended in this error (apptainer-supervisor(8),
+    /// JOURNAL FIELDS), after systemd's own `Result` values where one fits.
+    pub fn result(&self) -> &'static str {
+        match self {
+            RunError::InstanceEnded { .. } => "exit-code",
+            RunError::MasterDied { .. } => "master-died",
+            RunError::UnitFailed { .. } => "unit-failed",
+            RunError::NotReady { .. } => "timeout",
+            RunError::Aborted => "watchdog",
+            RunError::RebootedInside { .. } => "reboot",
+            RunError::PoweredOffInside { .. } => "poweroff",
+            _ => "resources",
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         use RunError::*;
         match self {
@@ -350,7 +365,13 @@ impl<'a> Supervisor<'a> {
         let Some(t) = self.start().await? else {
             return Err(RunError::StoppedDuringStart);
         };
-        self.watch(t).await
+        let r = self.watch(t).await;
+        // One PHASE=stopped entry however the watch ended, with the outcome as RESULT.
+        match &r {
+            Ok(()) => info!(PHASE = "stopped", RESULT = "success", "stopped"),
+            Err(e) => info!(PHASE = "stopped", RESULT = e.result(), "stopped"),
+        }
+        r
     }
 
     fn status(&self, msg: &str) {
@@ -486,7 +507,7 @@ impl<'a> Supervisor<'a> {
     /// instance was stopped.
     async fn start(&mut self) -> Result<Option<Tracked>, RunError> {
         let argv = argv::instance_start(self.s);
-        info!(argv = ?argv, "starting instance");
+        info!(PHASE = "starting", argv = ?argv, "starting instance");
         self.status("starting instance");
         let p = &self.ctx.paths;
         self.log_start = crate::output::Start::now(&p.out_log, &p.err_log);
@@ -596,6 +617,7 @@ impl<'a> Supervisor<'a> {
         let pid = t.container.pid;
         info!(
             INSTANCE_PID = pid,
+            PHASE = "booting",
             master_pid = t.master.pid,
             "instance running"
         );
@@ -642,6 +664,7 @@ impl<'a> Supervisor<'a> {
                 w.ready = true;
                 info!(
                     INSTANCE_PID = pid,
+                    PHASE = "ready",
                     IP = %self.ip,
                     "ready (readiness.mode = instance: the instance is up)"
                 );
@@ -709,7 +732,6 @@ impl<'a> Supervisor<'a> {
                 sig = self.signals.recv() => {
                     info!(INSTANCE_PID = pid, signal = sig, "stop requested");
                     self.stop_tracked(&t, "stopping: halting the container", w.events.as_mut()).await;
-                    info!(INSTANCE_PID = pid, "stopped");
                     if sig == "SIGABRT" {
                         return Err(RunError::Aborted);
                     }
@@ -731,8 +753,9 @@ impl<'a> Supervisor<'a> {
                     let container_alive = t.container.is_alive();
                     error!(
                         INSTANCE_PID = pid,
+                        PHASE = "stopping",
                         master_pid = t.master.pid,
-                        exit = %show_exit(exit),
+                        EXIT_STATUS = %show_exit(exit),
                         container_alive,
                         "the Apptainer master died; its cleanup did not run"
                     );
@@ -815,7 +838,7 @@ impl<'a> Supervisor<'a> {
                     let status = self.with_ip(&v.status);
                     self.notify.ready(&status);
                     w.last_status = v.status.clone();
-                    info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
+                    info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
                 } else if v.status != w.last_status {
                     self.notify.status(&v.status);
                     w.last_status = v.status.clone();
@@ -856,6 +879,7 @@ impl<'a> Supervisor<'a> {
                 let what = kind.as_str();
                 info!(
                     INSTANCE_PID = pid,
+                    PHASE = "stopping",
                     shutdown = what,
                     "the container is shutting down from inside"
                 );
@@ -944,6 +968,7 @@ impl<'a> Supervisor<'a> {
         result: &str,
         t: &Tracked,
     ) -> RunError {
+        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", INNER_UNIT = %unit, RESULT = %result, "stopping");
         self.notify.stopping(&format!(
             "stopping: {unit} failed ({result}); the service will be restarted"
         ));
@@ -973,7 +998,7 @@ impl<'a> Supervisor<'a> {
         let exit = instance::try_reap(t.master.pid);
         instance::try_reap(t.container.pid);
         self.remove_leftovers();
-        info!(INSTANCE_PID = t.container.pid, master_exit = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
+        info!(INSTANCE_PID = t.container.pid, EXIT_STATUS = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
         match kind {
             Shutdown::Reboot => RunError::RebootedInside {
                 name: self.s.name.clone(),
@@ -992,6 +1017,7 @@ impl<'a> Supervisor<'a> {
         why: &str,
         events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
     ) {
+        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", status = %why, "stopping");
         self.notify.stopping(why);
         self.halt(
             &t.container,
@@ -1179,7 +1205,7 @@ impl<'a> Supervisor<'a> {
                 let _ = timeout(kill, mfd.readable()).await;
             }
             let exit = instance::try_reap(m.pid);
-            debug!(master_pid = m.pid, exit = %show_exit(exit), "master exited");
+            info!(master_pid = m.pid, EXIT_STATUS = %show_exit(exit), "master exited");
         }
         instance::try_reap(container.pid);
     }
