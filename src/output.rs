@@ -185,19 +185,19 @@ impl Bucket {
         }
     }
 
-    /// What to do with the next line: `Some(n)` first means "report n suppressed lines"
-    /// (that report used a token), then whether the line itself may pass. A refused line is
-    /// counted.
-    pub fn admit(&mut self, now: Instant) -> (Option<u64>, bool) {
-        let report = self.report(now);
+    /// Whether the next line may pass; a refused line is counted. Reports are not made
+    /// here but once per read-out ([`Self::report`]), so that a flood read in one go gives
+    /// one report, not one per token that trickles back in while it is read.
+    pub fn admit(&mut self, now: Instant) -> bool {
         let pass = self.take(now);
         if !pass {
             self.suppressed += 1;
         }
-        (report, pass)
+        pass
     }
 
-    /// The count of suppressed lines, when there are some and a token allows the report.
+    /// The count of suppressed lines, when there are some and a token allows the report
+    /// (which uses that token).
     pub fn report(&mut self, now: Instant) -> Option<u64> {
         if self.suppressed > 0 && self.take(now) {
             Some(std::mem::take(&mut self.suppressed))
@@ -339,7 +339,7 @@ impl Forwarder {
                 split: Splitter::default(),
             });
         }
-        Forwarder {
+        let mut f = Forwarder {
             ident: format!("{service}-instance"),
             service: service.to_owned(),
             pid: pid.to_string(),
@@ -347,7 +347,11 @@ impl Forwarder {
             logs,
             bucket: Bucket::new(LIMITS, Instant::now()),
             inotify,
-        }
+        };
+        // What was written before the watches existed (during the start) would otherwise
+        // wait for the next write.
+        f.pump();
+        f
     }
 
     /// Waits until a log was written to, or until suppressed lines can be reported.
@@ -437,11 +441,7 @@ impl Forwarder {
     }
 
     fn line(&mut self, stream: Stream, line: &[u8]) {
-        let (report, pass) = self.bucket.admit(Instant::now());
-        if let Some(n) = report {
-            self.send_suppressed(n);
-        }
-        if pass {
+        if self.bucket.admit(Instant::now()) {
             let (prio, text) = priority_of(stream, line);
             self.send(stream, prio, text);
         }
@@ -572,7 +572,7 @@ mod tests {
             },
             t0,
         );
-        let passed: Vec<bool> = (0..10).map(|_| b.admit(t0).1).collect();
+        let passed: Vec<bool> = (0..10).map(|_| b.admit(t0)).collect();
         assert_eq!(passed.iter().filter(|p| **p).count(), 3);
         assert_eq!(b.suppressed, 7);
         // One token comes back after 100 ms: the deadline says so, and the report takes it.
@@ -581,9 +581,11 @@ mod tests {
         assert_eq!(b.report(t0 + Duration::from_millis(50)), None);
         assert_eq!(b.report(d), Some(7));
         assert_eq!(b.deadline(), None, "no timer once reported");
-        // The next line needs another token.
-        assert_eq!(b.admit(d), (None, false));
-        assert_eq!(b.admit(d + Duration::from_millis(200)), (Some(1), true));
+        // The next line needs another token; a refused one is counted for the next report.
+        assert!(!b.admit(d));
+        assert_eq!(b.deadline(), Some(d + Duration::from_millis(100)));
+        assert!(b.admit(d + Duration::from_millis(200)));
+        assert_eq!(b.report(d + Duration::from_millis(300)), Some(1));
     }
 
     #[test]
@@ -597,7 +599,7 @@ mod tests {
             t0,
         );
         let later = t0 + Duration::from_secs(3600);
-        let passed = (0..5).filter(|_| b.admit(later).1).count();
+        let passed = (0..5).filter(|_| b.admit(later)).count();
         assert_eq!(passed, 2);
     }
 

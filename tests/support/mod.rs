@@ -51,6 +51,9 @@ pub struct World {
     /// Run the supervisor and the double inside this network namespace (`/run/netns/NAME`,
     /// see `netns.rs`), so CNI plugins only touch the test's own interfaces.
     pub netns: Option<PathBuf>,
+    /// Run the supervisor in a private mount namespace where this directory is bind-mounted
+    /// on `/run/systemd/journal` (its `socket` is the test's journald; see tests/journal.rs).
+    pub journal_dir: Option<PathBuf>,
     /// Extra environment for the supervisor (and so for the double and the init).
     pub env: Vec<(String, String)>,
     /// The light init (`fake-init` on the host's root) rather than a real systemd booted
@@ -114,6 +117,7 @@ impl World {
             env: Vec::new(),
             light_init: true,
             netns: None,
+            journal_dir: None,
             container_pid_seen: None,
             children: Vec::new(),
             dir,
@@ -165,6 +169,21 @@ impl World {
 
     /// A command for `program`, inside the world's network namespace when it has one.
     fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        if let Some(j) = &self.journal_dir {
+            assert!(self.netns.is_none(), "journal_dir and netns do not combine");
+            // A tmpfs over /run/systemd (or over /run where that is missing, so that nothing
+            // is created on the host) gives a mount point for the test's socket directory.
+            let script = r#"set -e
+if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; else mount -t tmpfs tmpfs /run; fi
+mkdir -p /run/systemd/journal
+mount --bind "$0" /run/systemd/journal
+exec "$@""#;
+            let mut c = Command::new("unshare");
+            c.args(["-m", "--propagation", "private", "--", "sh", "-c", script])
+                .arg(j)
+                .arg(program);
+            return c;
+        }
         match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
