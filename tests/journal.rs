@@ -285,3 +285,71 @@ fn a_flood_of_output_is_bounded_and_reported_once() {
         "{r:?}"
     );
 }
+
+#[test]
+fn failed_required_unit_is_in_the_journal_with_its_unit_fields() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted(
+        "j-inner",
+        "required_units = [\"asv-flaky.service\"]\non_failure = \"restart-service\"",
+    );
+    let j = Journal::attach(&mut w);
+    w.spawn_run();
+    w.wait_ready();
+    let (pid, _) = w.instance_pids();
+    let pid_s = pid.to_string();
+    // It fails for good: no restart of the unit (restart-service), SIGKILL → RESULT=signal.
+    assert!(w.inside(&["touch", "/run/asv-fail"]).status.success());
+    let _ = w.inside(&["systemctl", "kill", "-s", "KILL", "asv-flaky.service"]);
+    let out = w.wait(0, 60 * SEC);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let ready = one(j.with("PHASE", "ready"), "PHASE=ready");
+    assert_eq!(ready["INSTANCE_PID"], pid_s);
+    assert!(
+        ready["SYSTEM_STATE"] == "running" || ready["SYSTEM_STATE"] == "degraded",
+        "{ready:?}"
+    );
+    let failed: Vec<Entry> = j
+        .with("INNER_UNIT", "asv-flaky.service")
+        .into_iter()
+        .filter(|e| e["MESSAGE"] == "required unit changed" && e["ACTIVE_STATE"] == "failed")
+        .collect();
+    let changed = one(failed, "required unit changed to failed");
+    assert_eq!(changed["SUB_STATE"], "failed");
+    assert_eq!(changed["RESULT"], "signal");
+    assert_eq!(changed["PRIORITY"], "4", "a failed unit is a warning");
+    assert_eq!(changed["INSTANCE_PID"], pid_s);
+    let gave_up = one(
+        j.with(
+            "MESSAGE",
+            "required unit failed; restarting the whole service (readiness.on_failure = restart-service)",
+        ),
+        "the give-up error",
+    );
+    assert_eq!(gave_up["PRIORITY"], "3");
+    assert_eq!(gave_up["INNER_UNIT"], "asv-flaky.service");
+    assert_eq!(gave_up["RESULT"], "signal");
+    let stopping = one(j.with("PHASE", "stopping"), "PHASE=stopping");
+    assert_eq!(stopping["INNER_UNIT"], "asv-flaky.service");
+    let stopped = one(j.with("PHASE", "stopped"), "PHASE=stopped");
+    assert_eq!(stopped["RESULT"], "unit-failed");
+    let last = j.with("EXIT_CODE", "1");
+    assert!(!last.is_empty(), "the final error names the exit code");
+    // Whatever the booted container wrote (systemd's console output) came as its own lines.
+    let lines = j.with("SYSLOG_IDENTIFIER", "j-inner-instance");
+    eprintln!("{} instance lines, e.g. {:?}", lines.len(), lines.first());
+    assert!(
+        lines
+            .iter()
+            .all(|e| e["SERVICE"] == "j-inner" && e["INSTANCE_PID"] == pid_s),
+        "{lines:#?}"
+    );
+}
