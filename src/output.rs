@@ -214,7 +214,9 @@ impl Bucket {
         }
         let missing = (1.0 - self.tokens).max(0.0);
         let per_sec = f64::from(self.limits.per_sec.max(1));
-        Some(self.last + Duration::from_secs_f64(missing / per_sec))
+        // A millisecond late, so that float rounding never leaves the token at 0.999… when
+        // the timer fires (which would fire it again at once).
+        Some(self.last + Duration::from_secs_f64(missing / per_sec) + Duration::from_millis(1))
     }
 }
 
@@ -577,13 +579,19 @@ mod tests {
         assert_eq!(b.suppressed, 7);
         // One token comes back after 100 ms: the deadline says so, and the report takes it.
         let d = b.deadline().expect("a report is pending");
-        assert_eq!(d, t0 + Duration::from_millis(100));
+        assert_eq!(d, t0 + Duration::from_millis(101));
         assert_eq!(b.report(t0 + Duration::from_millis(50)), None);
         assert_eq!(b.report(d), Some(7));
         assert_eq!(b.deadline(), None, "no timer once reported");
         // The next line needs another token; a refused one is counted for the next report.
         assert!(!b.admit(d));
-        assert_eq!(b.deadline(), Some(d + Duration::from_millis(100)));
+        // 0.01 token was left over from the refill at d: 99 ms more, plus the margin.
+        let next = b.deadline().expect("pending again");
+        assert!(
+            next > d + Duration::from_millis(99) && next <= d + Duration::from_millis(101),
+            "{:?}",
+            next - d
+        );
         assert!(b.admit(d + Duration::from_millis(200)));
         assert_eq!(b.report(d + Duration::from_millis(300)), Some(1));
     }
