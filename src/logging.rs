@@ -10,7 +10,7 @@ use tracing_subscriber::{filter::LevelFilter, Layer};
 
 /// systemd sets these for services it starts; then stderr is the journal anyway, but the
 /// native protocol keeps fields and levels.
-fn under_systemd() -> bool {
+pub fn under_systemd() -> bool {
     std::env::var_os("JOURNAL_STREAM").is_some() || std::env::var_os("INVOCATION_ID").is_some()
 }
 

@@ -152,6 +152,21 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// The final `RESULT=` of a run that ended in this error (apptainer-supervisor(8),
+    /// JOURNAL FIELDS), after systemd's own `Result` values where one fits.
+    pub fn result(&self) -> &'static str {
+        match self {
+            RunError::InstanceEnded { .. } => "exit-code",
+            RunError::MasterDied { .. } => "master-died",
+            RunError::UnitFailed { .. } => "unit-failed",
+            RunError::NotReady { .. } => "timeout",
+            RunError::Aborted => "watchdog",
+            RunError::RebootedInside { .. } => "reboot",
+            RunError::PoweredOffInside { .. } => "poweroff",
+            _ => "resources",
+        }
+    }
+
     pub fn exit_code(&self) -> i32 {
         use RunError::*;
         match self {
@@ -334,6 +349,8 @@ struct Supervisor<'a> {
     ip: String,
     /// `<run dir>/<name>.json`, for `status` and scripts.
     live: Publisher,
+    /// The sizes of the instance's logs before `instance start`: forwarding starts there.
+    log_start: crate::output::Start,
 }
 
 impl<'a> Supervisor<'a> {
@@ -358,6 +375,7 @@ impl<'a> Supervisor<'a> {
             started_at: Instant::now(),
             ip: String::new(),
             live: Publisher::new(&ctx.run_dir, &s.name),
+            log_start: crate::output::Start::default(),
         })
     }
 
@@ -368,7 +386,13 @@ impl<'a> Supervisor<'a> {
         let Some(t) = self.start().await? else {
             return Err(RunError::StoppedDuringStart);
         };
-        self.watch(t).await
+        let r = self.watch(t).await;
+        // One PHASE=stopped entry however the watch ended, with the outcome as RESULT.
+        match &r {
+            Ok(()) => info!(PHASE = "stopped", RESULT = "success", "stopped"),
+            Err(e) => info!(PHASE = "stopped", RESULT = e.result(), "stopped"),
+        }
+        r
     }
 
     fn status(&mut self, msg: &str) {
@@ -622,10 +646,12 @@ impl<'a> Supervisor<'a> {
     /// instance was stopped.
     async fn start(&mut self) -> Result<Option<Tracked>, RunError> {
         let argv = argv::instance_start(self.s);
-        info!(argv = ?argv, "starting instance");
+        info!(PHASE = "starting-instance", argv = ?argv, "starting instance");
         self.live
             .phase(Phase::StartingInstance, "starting instance");
         self.status("starting instance");
+        let p = &self.ctx.paths;
+        self.log_start = crate::output::Start::now(&p.out_log, &p.err_log);
         self.started_at = Instant::now();
         self.live.update(|s| s.started_at = Some(state::unix_now()));
         // Apptainer writes why the container could not be created (a network ADD, a bind,
@@ -757,10 +783,20 @@ impl<'a> Supervisor<'a> {
         let pid = t.container.pid;
         info!(
             INSTANCE_PID = pid,
+            PHASE = "booting",
             master_pid = t.master.pid,
             "instance running"
         );
         self.check_watchdog_setting();
+        // The instance's own output → the journal; dropped (and so flushed) on every return.
+        let p = &self.ctx.paths;
+        let mut output = crate::output::Forwarder::new(
+            &self.s.name,
+            pid,
+            &p.out_log,
+            &p.err_log,
+            self.log_start,
+        );
         let watchdog = match self.notify.watchdog_interval {
             Some(d) => {
                 Some(crate::notify::Ticker::new(d).map_err(os("creating the watchdog timer"))?)
@@ -795,6 +831,7 @@ impl<'a> Supervisor<'a> {
                 w.ready = true;
                 info!(
                     INSTANCE_PID = pid,
+                    PHASE = "ready",
                     IP = %self.ip,
                     "ready (readiness.mode = instance: the instance is up)"
                 );
@@ -873,12 +910,12 @@ impl<'a> Supervisor<'a> {
                 sig = self.signals.recv() => {
                     info!(INSTANCE_PID = pid, signal = sig, "stop requested");
                     self.stop_tracked(&t, "stopping: halting the container", w.events.as_mut()).await;
-                    info!(INSTANCE_PID = pid, "stopped");
                     if sig == "SIGABRT" {
                         return Err(RunError::Aborted);
                     }
                     return Ok(());
                 }
+                _ = output.changed() => output.pump(),
                 _ = t.container_fd.readable() => {
                     return match w.shutdown {
                         Some(kind) => Err(self.shut_down_inside(&t, kind).await),
@@ -894,8 +931,9 @@ impl<'a> Supervisor<'a> {
                     let container_alive = t.container.is_alive();
                     error!(
                         INSTANCE_PID = pid,
+                        PHASE = "stopping",
                         master_pid = t.master.pid,
-                        exit = %show_exit(exit),
+                        EXIT_STATUS = %show_exit(exit),
                         container_alive,
                         "the Apptainer master died; its cleanup did not run"
                     );
@@ -985,7 +1023,7 @@ impl<'a> Supervisor<'a> {
                     self.live.phase(Phase::Ready, &status);
                     self.notify.ready(&status);
                     w.last_status = v.status.clone();
-                    info!(INSTANCE_PID = pid, SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
+                    info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
                 } else {
                     if v.status != w.last_status {
                         self.notify.status(&v.status);
@@ -1042,6 +1080,7 @@ impl<'a> Supervisor<'a> {
                 let what = kind.as_str();
                 info!(
                     INSTANCE_PID = pid,
+                    PHASE = "stopping",
                     shutdown = what,
                     "the container is shutting down from inside"
                 );
@@ -1136,6 +1175,7 @@ impl<'a> Supervisor<'a> {
         result: &str,
         t: &Tracked,
     ) -> RunError {
+        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", INNER_UNIT = %unit, RESULT = %result, "stopping");
         self.notify.stopping(&format!(
             "stopping: {unit} failed ({result}); the service will be restarted"
         ));
@@ -1165,7 +1205,7 @@ impl<'a> Supervisor<'a> {
         let exit = instance::try_reap(t.master.pid);
         instance::try_reap(t.container.pid);
         self.remove_leftovers();
-        info!(INSTANCE_PID = t.container.pid, master_exit = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
+        info!(INSTANCE_PID = t.container.pid, EXIT_STATUS = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
         match kind {
             Shutdown::Reboot => RunError::RebootedInside {
                 name: self.s.name.clone(),
@@ -1184,6 +1224,7 @@ impl<'a> Supervisor<'a> {
         why: &str,
         events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
     ) {
+        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", status = %why, "stopping");
         self.notify.stopping(why);
         self.halt(
             &t.container,
@@ -1376,7 +1417,7 @@ impl<'a> Supervisor<'a> {
                 let _ = timeout(kill, mfd.readable()).await;
             }
             let exit = instance::try_reap(m.pid);
-            debug!(master_pid = m.pid, exit = %show_exit(exit), "master exited");
+            info!(master_pid = m.pid, EXIT_STATUS = %show_exit(exit), "master exited");
         }
         instance::try_reap(container.pid);
     }

@@ -53,6 +53,9 @@ pub struct World {
     pub netns: Option<PathBuf>,
     /// A command prefix for what the world runs (e.g. `unshare -m ...`), inside `netns`.
     pub wrap: Vec<std::ffi::OsString>,
+    /// Run the supervisor in a private mount namespace where this directory is bind-mounted
+    /// on `/run/systemd/journal` (its `socket` is the test's journald; see tests/journal.rs).
+    pub journal_dir: Option<PathBuf>,
     /// Extra environment for the supervisor (and so for the double and the init).
     pub env: Vec<(String, String)>,
     /// The light init (`fake-init` on the host's root) rather than a real systemd booted
@@ -117,6 +120,7 @@ impl World {
             light_init: true,
             netns: None,
             wrap: Vec::new(),
+            journal_dir: None,
             container_pid_seen: None,
             children: Vec::new(),
             dir,
@@ -180,6 +184,21 @@ impl World {
                 None => Command::new(first),
             };
             c.args(rest).arg(program);
+            return c;
+        }
+        if let Some(j) = &self.journal_dir {
+            assert!(self.netns.is_none(), "journal_dir and netns do not combine");
+            // A tmpfs over /run/systemd (or over /run where that is missing, so that nothing
+            // is created on the host) gives a mount point for the test's socket directory.
+            let script = r#"set -e
+if [ -d /run/systemd ]; then mount -t tmpfs tmpfs /run/systemd; else mount -t tmpfs tmpfs /run; fi
+mkdir -p /run/systemd/journal
+mount --bind "$0" /run/systemd/journal
+exec "$@""#;
+            let mut c = Command::new("unshare");
+            c.args(["-m", "--propagation", "private", "--", "sh", "-c", script])
+                .arg(j)
+                .arg(program);
             return c;
         }
         match &self.netns {
