@@ -58,6 +58,7 @@ pub struct Service {
     pub apptainer: Apptainer,
     pub readiness: Readiness,
     pub timeouts: Timeouts,
+    pub security: Security,
     /// Line of each key the file sets explicitly (absent: the default was used), so host
     /// checks that fail later can still point at the line.
     pub lines: BTreeMap<&'static str, usize>,
@@ -301,6 +302,14 @@ impl ReadinessMode {
     }
 }
 
+/// `[security]`: what the supervisor leaves in the capability bounding set of what it
+/// starts (see [`crate::privilege`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// Capabilities of `privilege::BOUNDING_DROP` this service keeps.
+    pub keep_capabilities: Vec<caps::Capability>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub start_sec: u64,
@@ -409,6 +418,8 @@ struct RawService {
     readiness: RawReadiness,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    security: RawSecurity,
 }
 
 fn yes() -> bool {
@@ -487,6 +498,13 @@ struct RawTimeouts {
     stop_sec: Option<Spanned<u64>>,
     kill_sec: Option<Spanned<u64>>,
     watchdog_sec: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    #[serde(default)]
+    keep_capabilities: Vec<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -712,6 +730,25 @@ impl Validator<'_> {
         };
 
         let timeouts = self.timeouts(&raw.timeouts);
+        let security = Security {
+            keep_capabilities: raw
+                .security
+                .keep_capabilities
+                .iter()
+                .filter_map(|c| match crate::privilege::parse_cap(c.get_ref()) {
+                    Ok(cap) => Some(cap),
+                    Err(reason) => {
+                        self.push(
+                            c.span().start,
+                            keys::SECURITY_KEEP_CAPABILITIES,
+                            reason,
+                            None,
+                        );
+                        None
+                    }
+                })
+                .collect(),
+        };
         let readiness = self.readiness(&raw.readiness, raw.boot);
 
         let mut lines = BTreeMap::new();
@@ -743,6 +780,7 @@ impl Validator<'_> {
             apptainer,
             readiness,
             timeouts,
+            security,
             lines,
         }
     }

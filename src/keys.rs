@@ -58,6 +58,9 @@ pub const TIMEOUTS_STOP_SEC: &str = "timeouts.stop_sec";
 pub const TIMEOUTS_KILL_SEC: &str = "timeouts.kill_sec";
 pub const TIMEOUTS_WATCHDOG_SEC: &str = "timeouts.watchdog_sec";
 
+pub const SECURITY: &str = "security";
+pub const SECURITY_KEEP_CAPABILITIES: &str = "security.keep_capabilities";
+
 /// Every key a service file may set, in the order the man page documents them.
 /// `tests/docs.rs` fails when one of them is missing from
 /// `man/apptainer-supervisor.toml.5`.
@@ -105,4 +108,5 @@ pub const ALL: &[&str] = &[
     TIMEOUTS_STOP_SEC,
     TIMEOUTS_KILL_SEC,
     TIMEOUTS_WATCHDOG_SEC,
+    SECURITY_KEEP_CAPABILITIES,
 ];

@@ -20,4 +20,5 @@ pub mod logging;
 pub mod network;
 pub mod notify;
 pub mod overlay;
+pub mod privilege;
 pub mod supervise;
