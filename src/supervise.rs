@@ -256,6 +256,9 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
     crate::privilege::require_root(service)?;
     crate::privilege::apply(&crate::privilege::plan(&service.security.keep_capabilities))?;
     let env_file = crate::host::check(service, &ctx.config_dir)?;
+    // From here on the paths are the resolved ones the checks saw (see host::canonicalize).
+    let canonical = crate::host::canonicalize(service);
+    let service = &canonical;
     // Before any thread exists and before the first child: orphans of the CLI (the master)
     // must be reparented to us.
     instance::become_subreaper().map_err(os("PR_SET_CHILD_SUBREAPER"))?;

@@ -659,3 +659,134 @@ fn supervisor_sigkilled_under_systemd_restarts_fresh_never_twice_at_once() {
     let problems = host.teardown();
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
+
+/// A service directory reached through a symbolic link (common with NFS-mounted service
+/// trees) starts, and Apptainer is given the resolved paths: what the kernel reports back
+/// in loop devices and mount tables, checked once.
+#[test]
+fn symlinked_service_dir_is_started_through_its_resolved_path() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("link001");
+    let real = w.root().join("nfs/vol1/link001");
+    std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+    std::fs::rename(&w.service_dir, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &w.service_dir).unwrap();
+    let real = std::fs::canonicalize(&real).unwrap();
+    let pid = w.spawn_run();
+    w.wait_ready();
+    let overlay = real.join("overlay/overlay.img");
+    assert_eq!(
+        loops_for(&overlay).len(),
+        1,
+        "the overlay, created through the link"
+    );
+    support::kill(pid as i32, libc::SIGTERM);
+    let out = w.wait(0, 30 * SEC);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let argv = err
+        .lines()
+        .find(|l| l.contains("starting instance"))
+        .unwrap_or_else(|| panic!("no argv logged:\n{err}"));
+    for p in [
+        overlay.clone(),
+        real.join("containers/sandbox"),
+        real.join("root"),
+    ] {
+        assert!(argv.contains(&*p.to_string_lossy()), "{p:?} in {argv}");
+    }
+    assert!(
+        !argv.contains(&*w.service_dir.to_string_lossy()),
+        "no path through the link in {argv}"
+    );
+    assert!(loops_for(&overlay).is_empty());
+}
+
+/// Two services naming one overlay, one through a symlinked directory: still one overlay.
+#[test]
+fn overlay_claimed_through_a_symlink_is_still_a_claim() {
+    if !require_root() {
+        return;
+    }
+    let w = World::new("one001");
+    let link = w.root().join("link-to-one001");
+    std::os::unix::fs::symlink(&w.service_dir, &link).unwrap();
+    let text = std::fs::read_to_string(w.config_path())
+        .unwrap()
+        .replace("name = \"one001\"", "name = \"two001\"")
+        .replace(
+            &format!("service_dir = \"{}\"", w.service_dir.display()),
+            &format!("service_dir = \"{}\"", link.display()),
+        );
+    assert!(text.contains(&*link.to_string_lossy()));
+    std::fs::write(w.config_dir.join("two001.toml"), text).unwrap();
+    let out = w.cli(&["check", "two001"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("is also the overlay of service one001"),
+        "{err}"
+    );
+}
+
+/// No shell between the service file and execve(2): the supervisor starts and stops a
+/// booted container with no `sh` or `bash` on its PATH and SHELL pointing nowhere; `sh`
+/// and `bash` on that PATH are traps that record any call.
+#[test]
+fn no_shell_is_run_between_the_service_file_and_execve() {
+    if !require_root() {
+        return;
+    }
+    // The source: no shell is ever spawned.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for e in std::fs::read_dir(&src).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        for bad in [
+            "Command::new(\"sh\")",
+            "Command::new(\"bash\")",
+            "Command::new(\"/bin/sh\")",
+            "Command::new(\"/bin/bash\")",
+            "libc::system(",
+            "\"-c\"",
+        ] {
+            assert!(!text.contains(bad), "{bad} in {}", e.path().display());
+        }
+    }
+    let mut w = World::booted("noshell001", "mode = \"inner-systemd\"");
+    let bin = w.root().join("path");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = w.root().join("shell-calls");
+    for sh in ["sh", "bash", "dash"] {
+        let p = bin.join(sh);
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/dash\necho \"$0 $*\" >> {}\nexit 97\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // The double is a Python script (`#!/usr/bin/env python3`): python3 is all PATH has.
+    std::os::unix::fs::symlink("/usr/bin/python3", bin.join("python3")).unwrap();
+    w.env.push(("PATH".into(), bin.display().to_string()));
+    w.env.push(("SHELL".into(), "/nonexistent/sh".into()));
+    let pid = w.spawn_run();
+    w.wait_ready();
+    support::kill(pid as i32, libc::SIGTERM);
+    let out = w.wait(0, 60 * SEC);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !calls.exists(),
+        "a shell was run: {}",
+        std::fs::read_to_string(&calls).unwrap_or_default()
+    );
+}
