@@ -62,6 +62,7 @@ pub struct Service {
     pub unit: UnitDeps,
     /// `[install]`: the `.wants/` and `.requires/` links the generator writes.
     pub install: Install,
+    pub security: Security,
     /// Line of each key the file sets explicitly (absent: the default was used), so host
     /// checks that fail later can still point at the line.
     pub lines: BTreeMap<&'static str, usize>,
@@ -305,6 +306,14 @@ impl ReadinessMode {
     }
 }
 
+/// `[security]`: what the supervisor leaves in the capability bounding set of what it
+/// starts (see [`crate::privilege`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Security {
+    /// Capabilities of `privilege::BOUNDING_DROP` this service keeps.
+    pub keep_capabilities: Vec<caps::Capability>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub start_sec: u64,
@@ -440,6 +449,8 @@ struct RawService {
     unit: RawUnit,
     #[serde(default)]
     install: RawInstall,
+    #[serde(default)]
+    security: RawSecurity,
 }
 
 fn yes() -> bool {
@@ -543,6 +554,13 @@ struct RawInstall {
     wanted_by: Vec<Spanned<String>>,
     #[serde(default)]
     required_by: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    #[serde(default)]
+    keep_capabilities: Vec<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -768,6 +786,25 @@ impl Validator<'_> {
         };
 
         let timeouts = self.timeouts(&raw.timeouts);
+        let security = Security {
+            keep_capabilities: raw
+                .security
+                .keep_capabilities
+                .iter()
+                .filter_map(|c| match crate::privilege::parse_cap(c.get_ref()) {
+                    Ok(cap) => Some(cap),
+                    Err(reason) => {
+                        self.push(
+                            c.span().start,
+                            keys::SECURITY_KEEP_CAPABILITIES,
+                            reason,
+                            None,
+                        );
+                        None
+                    }
+                })
+                .collect(),
+        };
         let readiness = self.readiness(&raw.readiness, raw.boot);
         let unit = self.unit_deps(&raw.unit, &name);
         let install = Install {
@@ -810,6 +847,7 @@ impl Validator<'_> {
             timeouts,
             unit,
             install,
+            security,
             lines,
         }
     }

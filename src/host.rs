@@ -155,8 +155,11 @@ pub fn claims(s: &Service, config_dir: &Path) -> Vec<HostIssue> {
             }
         }
     }
+    let mine = canonical_path(&s.overlay.path);
     for (other, file) in others {
-        if other.overlay.path == s.overlay.path {
+        // Compared resolved: one service may name the image through a symlinked directory
+        // (common on NFS) and the other through its real path.
+        if canonical_path(&other.overlay.path) == mine {
             push(
                 s.locate(keys::OVERLAY_PATH),
                 format!(
@@ -169,6 +172,36 @@ pub fn claims(s: &Service, config_dir: &Path) -> Vec<HostIssue> {
         }
     }
     issues
+}
+
+/// `p` with every symbolic link resolved, as the kernel names it in loop devices'
+/// `backing_file` and in mount tables. A path that does not exist yet (an overlay to be
+/// created) gets its deepest existing ancestor resolved and the rest appended as written.
+pub fn canonical_path(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) => canonical_path(parent).join(name),
+        _ => p.to_owned(),
+    }
+}
+
+/// The service with its host paths resolved (image, overlay, bind sources, service
+/// directory, env file), for the argv and every check after [`check`]: what Apptainer is
+/// given is what the kernel will report back (loop `backing_file`, mountinfo), and a
+/// symlink swapped after the checks cannot redirect the start. Bind destinations are
+/// paths inside the container and are left as written.
+pub fn canonicalize(s: &Service) -> Service {
+    let mut c = s.clone();
+    c.service_dir = canonical_path(&s.service_dir);
+    c.image = canonical_path(&s.image);
+    c.overlay.path = canonical_path(&s.overlay.path);
+    c.env_file.path = canonical_path(&s.env_file.path);
+    for b in &mut c.binds {
+        b.src = canonical_path(&b.src);
+    }
+    c
 }
 
 /// Why a file that configures a root process is unsafe, if it is: writable by group or
@@ -218,4 +251,31 @@ fn other_services(dir: &Path, me: &str) -> Vec<(Service, PathBuf)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_path_resolves_symlinks_also_below_a_missing_file() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        std::fs::create_dir_all(real.join("overlay")).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+        let real = std::fs::canonicalize(&real).unwrap();
+        assert_eq!(
+            canonical_path(&d.path().join("link/overlay")),
+            real.join("overlay")
+        );
+        // The overlay image does not exist yet: its directory is still resolved.
+        assert_eq!(
+            canonical_path(&d.path().join("link/overlay/overlay.img")),
+            real.join("overlay/overlay.img")
+        );
+        assert_eq!(
+            canonical_path(&d.path().join("link/missing/deeper")),
+            real.join("missing/deeper")
+        );
+    }
 }

@@ -69,6 +69,8 @@ pub const UNIT_REQUIRES: &str = "unit.requires";
 pub const INSTALL: &str = "install";
 pub const INSTALL_WANTED_BY: &str = "install.wanted_by";
 pub const INSTALL_REQUIRED_BY: &str = "install.required_by";
+pub const SECURITY: &str = "security";
+pub const SECURITY_KEEP_CAPABILITIES: &str = "security.keep_capabilities";
 
 /// Every key a service file may set, in the order the man page documents them.
 /// `tests/docs.rs` fails when one of them is missing from
@@ -125,4 +127,5 @@ pub const ALL: &[&str] = &[
     UNIT_REQUIRES,
     INSTALL_WANTED_BY,
     INSTALL_REQUIRED_BY,
+    SECURITY_KEEP_CAPABILITIES,
 ];

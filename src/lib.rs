@@ -27,4 +27,5 @@ pub mod output;
 pub mod overlay;
 pub mod state;
 pub mod status;
+pub mod privilege;
 pub mod supervise;

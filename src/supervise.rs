@@ -60,6 +60,9 @@ pub mod exit {
     /// The service is already running: lock held, overlay in use, or a live instance of that
     /// name that this supervisor did not start.
     pub const TEMPFAIL: i32 = 75;
+    /// The supervisor runs without root, and the service file asks for what needs root
+    /// (`boot`, a network, the overlay image); or it could not narrow its capabilities.
+    pub const NOPERM: i32 = 77;
     /// Invalid service file or host setup (including an image without a D-Bus system bus
     /// when readiness needs one).
     pub const CONFIG: i32 = 78;
@@ -74,6 +77,8 @@ pub enum RunError {
     Host(#[from] crate::host::HostError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error(transparent)]
+    Privilege(#[from] crate::privilege::PrivilegeError),
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
     #[error("{what}: {source}")]
@@ -177,6 +182,7 @@ impl RunError {
                 exit::TEMPFAIL
             }
             Lock(_) | Os { .. } => exit::OSERR,
+            Privilege(_) => exit::NOPERM,
             OverlayNotAFile { .. } => exit::CANTCREAT,
             OverlayUnusable { .. } => exit::CONFIG,
             CreateOverlay { .. } | StartInstance { .. } | StartTimeout { .. } => exit::UNAVAILABLE,
@@ -275,7 +281,14 @@ pub struct RunContext {
 
 /// Entry point of `run`. Sets up what must precede the runtime, then runs the loop.
 pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
+    // First, before any thread exists (capability sets are per thread): refuse what needs
+    // root when we lack it, then narrow our own capabilities for good.
+    crate::privilege::require_root(service)?;
+    crate::privilege::apply(&crate::privilege::plan(&service.security.keep_capabilities))?;
     let env_file = crate::host::check(service, &ctx.config_dir)?;
+    // From here on the paths are the resolved ones the checks saw (see host::canonicalize).
+    let canonical = crate::host::canonicalize(service);
+    let service = &canonical;
     // Before any thread exists and before the first child: orphans of the CLI (the master)
     // must be reparented to us.
     instance::become_subreaper().map_err(os("PR_SET_CHILD_SUBREAPER"))?;

@@ -40,6 +40,7 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("OSERR", exit::OSERR),
     ("CANTCREAT", exit::CANTCREAT),
     ("TEMPFAIL", exit::TEMPFAIL),
+    ("NOPERM", exit::NOPERM),
     ("CONFIG", exit::CONFIG),
     ("REBOOTED", exit::REBOOTED),
 ];

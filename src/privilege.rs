@@ -1,0 +1,403 @@
+//! Least privilege: what the supervisor may do itself, what the processes it starts may
+//! ever get, and the settings that need root at all.
+//!
+//! Three capability sets matter (capabilities(7)):
+//!
+//! * the supervisor's own *effective* and *permitted* sets: only [`SUPERVISOR_CAPS`], from
+//!   before the event loop on, for good (capset(2) can never raise them again);
+//! * the *bounding* set, which limits everything the supervisor starts later: `apptainer
+//!   instance start`/`stop`/`overlay create`, Apptainer's starter, the CNI plugins and the
+//!   container's own init and services. [`BOUNDING_DROP`] leaves it, unless the service file
+//!   keeps one (`security.keep_capabilities`);
+//! * the *inheritable* and *ambient* sets: cleared; nothing uses them.
+//!
+//! Why the children still get what they need although our own sets are narrow: an
+//! execve(2) by a process whose real or effective uid is 0 treats the new program's file
+//! capabilities as all-ones (capabilities(7), "Capabilities and execution of programs by
+//! root"), so the new permitted and effective sets are our *bounding* set, whatever our own
+//! permitted set holds. `apptainer` (run as root, with the non-setuid starter:
+//! `launcher_linux.go` `useSuid()` picks it "if running as root", and falls back to a user
+//! namespace only "for root user without effective capability CAP_SYS_ADMIN") thus starts
+//! with every capability but the dropped ones, as it needs to create namespaces, mounts,
+//! loop devices and CNI interfaces. Raising our own effective set around each spawn would
+//! buy nothing and would need the capabilities kept in our permitted set.
+//!
+//! What the supervisor itself does, and the capability each step needs (or not):
+//!
+//! | step | capability |
+//! |---|---|
+//! | `/proc/<init>/root/run/dbus/system_bus_socket`, `/proc/<init>/ns/net` of a container whose init holds capabilities we do not | `CAP_SYS_PTRACE` (proc(5): ptrace access mode check; `cap_ptrace_access_check` wants the target's permitted set to be a subset of ours otherwise) |
+//! | kill(2)/pidfd_send_signal(2) to the master and the container init (uid 0 like us) | none by uid; `CAP_KILL` kept so that a container whose init changed its uids can still be halted |
+//! | stat(2) of bind sources and the image under users' 0700 directories, the service and env files | `CAP_DAC_READ_SEARCH` |
+//! | writing `/run/apptainer-supervisor`, conflists in `/etc/apptainer/network`, the overlay's directory when a site made it not owner-writable | `CAP_DAC_OVERRIDE` |
+//! | pidfd_open(2), `PR_SET_CHILD_SUBREAPER`, flock(2), `/sys/block/loop*/loop/backing_file`, `/proc/<pid>/stat` | none |
+//!
+//! `PR_SET_NO_NEW_PRIVS` is *not* set: it is inherited across execve(2) and cannot be
+//! unset, so it would reach the container's init and every service in it, where setuid
+//! programs (`sudo`, `su`, `ssh-keysign` on a login node) and file capabilities (`ping`)
+//! stop working (prctl(2), PR_SET_NO_NEW_PRIVS), and Apptainer's own `--allow-setuid` for
+//! root (launcher_linux.go: "When running as root, the user can optionally allow setuid
+//! with container") would silently do nothing. For the same reason the unit does not set
+//! `NoNewPrivileges=` (see units/apptainer-supervisor@.service).
+
+use caps::{CapSet, Capability, CapsHashSet};
+use tracing::debug;
+
+use crate::config::Service;
+use crate::keys;
+
+/// A set of capabilities, sorted by number (`caps::Capability` is not `Ord`).
+pub type Caps = Vec<Capability>;
+
+fn sorted(mut v: Caps) -> Caps {
+    v.sort_by_key(|c| c.index());
+    v.dedup();
+    v
+}
+
+/// What the supervisor keeps in its own effective and permitted sets (see the table in the
+/// module docs).
+pub const SUPERVISOR_CAPS: &[Capability] = &[
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_DAC_READ_SEARCH,
+    Capability::CAP_KILL,
+    Capability::CAP_SYS_PTRACE,
+];
+
+/// Dropped from the bounding set: neither Apptainer (starter, CNI plugins, `overlay
+/// create`) nor the services these containers run (Open OnDemand, sshd, HAProxy,
+/// keepalived, Warewulf, munge, slurmd) need them, and each one in a container's hands
+/// reaches the whole host. A site that needs one keeps it with `security.keep_capabilities`.
+pub const BOUNDING_DROP: &[(Capability, &str)] = &[
+    (
+        Capability::CAP_SYS_MODULE,
+        "loading kernel modules; Apptainer never does, the kernel loads overlay, loop, squashfs and macvlan itself",
+    ),
+    (
+        Capability::CAP_SYS_RAWIO,
+        "raw I/O ports and /dev/mem; Apptainer drops it for --boot containers anyway (launcher_linux.go)",
+    ),
+    (
+        Capability::CAP_SYS_BOOT,
+        "reboot(2) and kexec; Apptainer drops it for --boot containers anyway (launcher_linux.go), and the inner systemd then just exits",
+    ),
+    (
+        Capability::CAP_SYS_TIME,
+        "setting the host's clock, which a container shares; time sync is the host's job",
+    ),
+    (
+        Capability::CAP_WAKE_ALARM,
+        "wake-up alarms of the host's suspend",
+    ),
+    (
+        Capability::CAP_BLOCK_SUSPEND,
+        "blocking the host's suspend",
+    ),
+    (
+        Capability::CAP_SYSLOG,
+        "reading and clearing the host's kernel log",
+    ),
+    (
+        Capability::CAP_SYS_PACCT,
+        "the host's process accounting",
+    ),
+    (
+        Capability::CAP_SYS_TTY_CONFIG,
+        "vhangup(2) and the host's virtual consoles",
+    ),
+    (
+        Capability::CAP_MAC_ADMIN,
+        "changing the MAC policy (Smack, AppArmor); SELinux labels need no capability",
+    ),
+    (
+        Capability::CAP_AUDIT_CONTROL,
+        "changing the host's audit rules (AUDIT_WRITE, used by sshd and PAM, stays)",
+    ),
+    (
+        Capability::CAP_LINUX_IMMUTABLE,
+        "setting immutable/append-only flags on shared files",
+    ),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    #[error("{file}: these settings need root, and the supervisor runs as uid {euid}:\n{}\n  hint: run it as root (the systemd unit does), or change these settings", .settings.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n"))]
+    NeedsRoot {
+        file: String,
+        euid: u32,
+        settings: Vec<String>,
+    },
+    #[error("{what}: {reason}")]
+    Caps { what: String, reason: String },
+}
+
+/// The capability sets the supervisor sets up for itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Capabilities to drop from the bounding set (only those the kernel knows and the set
+    /// still holds are dropped).
+    pub drop_bounding: Caps,
+    /// The supervisor's own effective and permitted sets.
+    pub own: Caps,
+}
+
+/// Pure: the plan for a service, `keep` being `security.keep_capabilities`.
+pub fn plan(keep: &[Capability]) -> Plan {
+    Plan {
+        drop_bounding: sorted(
+            BOUNDING_DROP
+                .iter()
+                .map(|(c, _)| *c)
+                .filter(|c| !keep.contains(c))
+                .collect(),
+        ),
+        own: sorted(SUPERVISOR_CAPS.to_vec()),
+    }
+}
+
+/// Why each setting of `s` needs root, for a supervisor that runs as `euid`. Empty when
+/// `euid` is 0.
+pub fn needs_root(s: &Service, euid: u32) -> Vec<String> {
+    if euid == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    if s.boot {
+        // launcher_linux.go: `launcher.WithPrivilege(l.uid, l.cfg.Boot, "--boot", ...)`,
+        // which fails for any uid but 0.
+        out.push(format!(
+            "{}: --boot is for root only in Apptainer (launcher_linux.go, WithPrivilege)",
+            s.locate(keys::BOOT)
+        ));
+    }
+    if let Some(n) = s.networks.first() {
+        // container_linux.go, setupNetwork: "network requires root or a suid installation
+        // with /etc/subuid --fakeroot"; besides, the conflists go to a root-owned directory.
+        out.push(format!(
+            "{}:{}: network: --network (CNI) needs root in Apptainer (container_linux.go, setupNetwork), and its conflists are written to {}",
+            s.file.display(),
+            n.line,
+            s.apptainer.network_dir.display()
+        ));
+    }
+    // Without root Apptainer mounts an ext3 overlay image through fuse2fs in a user
+    // namespace (Apptainer's persistent_overlays docs), not on a loop device: the
+    // supervisor's guard against mounting it twice (loop devices backed by the image)
+    // would see nothing.
+    out.push(format!(
+        "{}: a writable ext3 overlay image ({}) is loop-mounted only as root; unprivileged Apptainer uses fuse2fs, where nothing guards against mounting it twice",
+        s.locate(keys::OVERLAY_PATH),
+        s.overlay.path.display()
+    ));
+    out
+}
+
+/// Refuses a configuration that needs root when we are not root (exit 77).
+pub fn require_root(s: &Service) -> Result<(), PrivilegeError> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let settings = needs_root(s, euid);
+    if settings.is_empty() {
+        return Ok(());
+    }
+    Err(PrivilegeError::NeedsRoot {
+        file: s.file.display().to_string(),
+        euid,
+        settings,
+    })
+}
+
+/// The sets after [`apply`], as the kernel reports them.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub effective: Caps,
+    pub permitted: Caps,
+    pub inheritable: Caps,
+    pub bounding: Caps,
+}
+
+/// Applies `plan` to this process. Call it before any thread exists: capability sets are
+/// per thread and a new thread copies its creator's. Does nothing but report when we are
+/// not root (an unprivileged supervisor has nothing to give up, and [`require_root`] has
+/// already refused the settings that need root).
+pub fn apply(plan: &Plan) -> Result<Applied, PrivilegeError> {
+    let err = |what: &str| {
+        let what = what.to_owned();
+        move |e: caps::errors::CapsError| PrivilegeError::Caps {
+            what,
+            reason: e.to_string(),
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Bounding first: dropping from it needs CAP_SETPCAP in the effective set, which
+        // the next step gives up.
+        let bounding =
+            caps::read(None, CapSet::Bounding).map_err(err("reading the bounding set"))?;
+        for cap in plan.drop_bounding.iter().filter(|c| bounding.contains(c)) {
+            caps::drop(None, CapSet::Bounding, *cap)
+                .map_err(err(&format!("dropping {cap} from the bounding set")))?;
+        }
+        caps::clear(None, CapSet::Ambient).map_err(err("clearing the ambient set"))?;
+        caps::clear(None, CapSet::Inheritable).map_err(err("clearing the inheritable set"))?;
+        let own: CapsHashSet = plan.own.iter().copied().collect();
+        // Effective before permitted: the effective set must stay a subset of the permitted.
+        caps::set(None, CapSet::Effective, &own).map_err(err("setting the effective set"))?;
+        caps::set(None, CapSet::Permitted, &own).map_err(err("setting the permitted set"))?;
+    }
+    let read = |set: CapSet, what: &str| -> Result<Caps, PrivilegeError> {
+        Ok(sorted(
+            caps::read(None, set)
+                .map_err(err(what))?
+                .into_iter()
+                .collect(),
+        ))
+    };
+    let applied = Applied {
+        effective: read(CapSet::Effective, "reading the effective set")?,
+        permitted: read(CapSet::Permitted, "reading the permitted set")?,
+        inheritable: read(CapSet::Inheritable, "reading the inheritable set")?,
+        bounding: read(CapSet::Bounding, "reading the bounding set")?,
+    };
+    debug!(
+        cap_effective = %show(&applied.effective),
+        cap_permitted = %show(&applied.permitted),
+        cap_inheritable = %show(&applied.inheritable),
+        cap_bounding = format_args!("{:016x}", mask(&applied.bounding)),
+        cap_bounding_dropped = %show(&plan.drop_bounding.iter().copied().filter(|c| !applied.bounding.contains(c)).collect()),
+        "capabilities"
+    );
+    Ok(applied)
+}
+
+/// `CAP_A,CAP_B` (or `none`), sorted.
+pub fn show(set: &Caps) -> String {
+    if set.is_empty() {
+        return "none".to_owned();
+    }
+    set.iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses a capability name as `security.keep_capabilities` takes it: `CAP_SYS_TIME`,
+/// case-insensitive, the `CAP_` prefix optional.
+pub fn parse_cap(name: &str) -> Result<Capability, String> {
+    let canonical = caps::to_canonical(name);
+    canonical
+        .parse::<Capability>()
+        .map_err(|_| format!("{name:?} is not a Linux capability name (capabilities(7))"))
+}
+
+/// The bitmask `/proc/<pid>/status` shows for a set (`CapBnd:` etc.).
+pub fn mask(set: &Caps) -> u64 {
+    set.iter().fold(0, |m, c| m | c.bitmask())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_drops_the_list_but_what_is_kept() {
+        let p = plan(&[Capability::CAP_SYS_TIME]);
+        assert!(!p.drop_bounding.contains(&Capability::CAP_SYS_TIME));
+        assert!(p.drop_bounding.contains(&Capability::CAP_SYS_MODULE));
+        assert_eq!(p.drop_bounding.len(), BOUNDING_DROP.len() - 1);
+        assert_eq!(
+            show(&p.own),
+            "CAP_DAC_OVERRIDE,CAP_DAC_READ_SEARCH,CAP_KILL,CAP_SYS_PTRACE"
+        );
+    }
+
+    #[test]
+    fn nothing_apptainer_needs_is_dropped() {
+        // What `apptainer instance start --boot --network` needs as root: namespaces and
+        // mounts, CNI interfaces, raw sockets for DHCP/keepalived, uid changes in the
+        // starter, chroot/pivot_root, device nodes, ownership of session files.
+        let p = plan(&[]);
+        for c in [
+            Capability::CAP_SYS_ADMIN,
+            Capability::CAP_NET_ADMIN,
+            Capability::CAP_NET_RAW,
+            Capability::CAP_SETUID,
+            Capability::CAP_SETGID,
+            Capability::CAP_SYS_CHROOT,
+            Capability::CAP_MKNOD,
+            Capability::CAP_CHOWN,
+            Capability::CAP_FOWNER,
+            Capability::CAP_DAC_OVERRIDE,
+            Capability::CAP_SETPCAP,
+            Capability::CAP_SYS_PTRACE,
+            Capability::CAP_KILL,
+            Capability::CAP_AUDIT_WRITE,
+            Capability::CAP_NET_BIND_SERVICE,
+            Capability::CAP_SYS_RESOURCE,
+        ] {
+            assert!(!p.drop_bounding.contains(&c), "{c} stays");
+        }
+    }
+
+    #[test]
+    fn capability_names_parse_as_capabilities7_spells_them() {
+        assert_eq!(parse_cap("CAP_SYS_TIME"), Ok(Capability::CAP_SYS_TIME));
+        assert_eq!(parse_cap("sys_time"), Ok(Capability::CAP_SYS_TIME));
+        assert!(parse_cap("CAP_FLY")
+            .unwrap_err()
+            .contains("not a Linux capability"));
+    }
+
+    #[test]
+    fn mask_matches_proc_status_bits() {
+        let s: Caps = vec![Capability::CAP_KILL, Capability::CAP_SYS_PTRACE];
+        // CAP_KILL is bit 5, CAP_SYS_PTRACE bit 19.
+        assert_eq!(mask(&s), (1 << 5) | (1 << 19));
+    }
+
+    fn load(extra: &str) -> Result<Service, crate::config::ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("svc001.toml");
+        std::fs::write(
+            &p,
+            format!("name = \"svc001\"\nservice_dir = \"/srv/svc001\"\n{extra}"),
+        )
+        .unwrap();
+        crate::config::load(&p, None)
+    }
+
+    #[test]
+    fn keep_capabilities_is_read_and_checked() {
+        let s = load("[security]\nkeep_capabilities = [\"CAP_SYS_TIME\", \"syslog\"]\n").unwrap();
+        assert_eq!(
+            s.security.keep_capabilities,
+            [Capability::CAP_SYS_TIME, Capability::CAP_SYSLOG]
+        );
+        let e = load("[security]\nkeep_capabilities = [\"CAP_FLY\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":4:")
+                && e.contains("security.keep_capabilities")
+                && e.contains("\"CAP_FLY\" is not a Linux capability name"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn needs_root_names_each_setting_unless_root() {
+        let s = load("[[network]]\nname = \"macvlan_svc001\"\nexternal = true\n").unwrap();
+        assert!(needs_root(&s, 0).is_empty());
+        let why = needs_root(&s, 1000);
+        assert_eq!(why.len(), 3, "{why:?}");
+        assert!(why[0].contains("boot (default): --boot is for root only"));
+        assert!(why[1].contains(":4: network: --network (CNI) needs root"));
+        assert!(why[2].contains("overlay.path (default): a writable ext3 overlay image"));
+        let s = load("boot = false\n").unwrap();
+        assert_eq!(
+            needs_root(&s, 1000).len(),
+            1,
+            "the overlay still needs root"
+        );
+    }
+}
