@@ -160,9 +160,6 @@ fn generate_all(config_dir: &Path, out: &Path, unit_dirs: &[PathBuf], log: &mut 
 
 /// A config error as one line per issue (the caret snippets are for a terminal).
 fn config_message(e: &ConfigError) -> String {
-    if e.issues().is_empty() {
-        return e.to_string();
-    }
     let ConfigError::Invalid { path, issues } = e else {
         return e.to_string();
     };
@@ -206,6 +203,7 @@ fn write(out: &Path, g: &Generated) -> std::io::Result<()> {
         .open(&unit)
         .and_then(|mut f| f.write_all(g.text.as_bytes()))
         .map_err(|e| err(&unit, e))?;
+    // Unit names were validated (config.rs): no '/', so every path stays in `out`.
     for (dir, name) in &g.links {
         let d = out.join(dir);
         std::fs::create_dir_all(&d).map_err(|e| err(&d, e))?;
