@@ -17,6 +17,7 @@ pub mod instance;
 pub mod keys;
 pub mod lock;
 pub mod logging;
+pub mod migrate;
 pub mod network;
 pub mod notify;
 pub mod overlay;

@@ -44,6 +44,10 @@ pub mod exit {
     pub const INSTANCE_ENDED: i32 = 1;
     /// Bad command line (clap).
     pub const USAGE: i32 = 2;
+    /// `migrate`: an input (start.sh, host_vars) cannot be parsed.
+    pub const DATAERR: i32 = 65;
+    /// `migrate`: an input file cannot be read.
+    pub const NOINPUT: i32 = 66;
     /// `apptainer instance start` or `overlay create` failed, the container's systemd could
     /// not be reached, or the service was not ready within `timeouts.start_sec`.
     pub const UNAVAILABLE: i32 = 69;
@@ -51,7 +55,8 @@ pub mod exit {
     pub const SOFTWARE: i32 = 70;
     /// An operating-system call failed (fork, pidfd, mkdir…).
     pub const OSERR: i32 = 71;
-    /// The overlay path is unusable (exists but is not a regular file).
+    /// The overlay path is unusable (exists but is not a regular file); `migrate`'s output
+    /// file exists already or cannot be written.
     pub const CANTCREAT: i32 = 73;
     /// The service is already running: lock held, overlay in use, or a live instance of that
     /// name that this supervisor did not start.

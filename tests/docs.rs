@@ -33,6 +33,8 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("OK", exit::OK),
     ("INSTANCE_ENDED", exit::INSTANCE_ENDED),
     ("USAGE", exit::USAGE),
+    ("DATAERR", exit::DATAERR),
+    ("NOINPUT", exit::NOINPUT),
     ("UNAVAILABLE", exit::UNAVAILABLE),
     ("SOFTWARE", exit::SOFTWARE),
     ("OSERR", exit::OSERR),
