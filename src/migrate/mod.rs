@@ -724,7 +724,8 @@ fn build(inputs: &Inputs) -> Result<Model, MigrateError> {
                 || &mut m.env_file_note.as_mut().expect("set above").notes,
                 |s| &mut s.notes,
             );
-            target.extend(service_env_notes(env));
+            let allexport = sh.as_ref().is_some_and(|s| s.allexport);
+            target.extend(service_env_notes(env, allexport));
         }
     }
     if let Some(s) = &sh {
@@ -842,7 +843,7 @@ fn merge_lists(
 }
 
 /// What becomes of each variable of `.service_env` (read, never sourced).
-fn service_env_notes(env: &Input) -> Vec<Note> {
+fn service_env_notes(env: &Input, allexport: bool) -> Vec<Note> {
     let label = env.label();
     let vars = match config::parse_env_file(&env.text) {
         Ok(v) => v,
@@ -877,7 +878,7 @@ fn service_env_notes(env: &Input) -> Vec<Note> {
             file: label.clone(),
             line,
         };
-        if !exported {
+        if !exported && !allexport {
             out.push(Note {
                 level: Level::Warning,
                 at: at.clone(),

@@ -46,6 +46,8 @@ pub struct StartSh {
     /// Exported variables and `VAR=x apptainer …` prefixes: what reached apptainer.
     pub env: Vec<Setting<(String, String)>>,
     pub extra_args: Vec<Setting<String>>,
+    /// `set -a` came before: sourced variables were exported.
+    pub allexport: bool,
     /// Notes about the script as a whole.
     pub notes: Vec<Note>,
 }
@@ -191,7 +193,19 @@ impl Reader<'_> {
                     self.out.notes.push(n);
                 }
             }
-            "set" | "true" | ":" | "echo" | "[" | "test" | "[[" => {}
+            "set" => {
+                // `set -a` (allexport): every later assignment, the sourced ones
+                // included, is exported (bash(1), The Set Builtin).
+                let args: Vec<String> = words[1..].iter().filter_map(Word::literal).collect();
+                let short_a = args
+                    .iter()
+                    .any(|w| w.starts_with('-') && !w.starts_with("--") && w.contains('a'));
+                let long = args.windows(2).any(|p| p[0] == "-o" && p[1] == "allexport");
+                if short_a || long {
+                    self.out.allexport = true;
+                }
+            }
+            "true" | ":" | "echo" | "[" | "test" | "[[" => {}
             _ => {
                 let n = self.note(
                     Level::Warning,
@@ -830,6 +844,24 @@ apptainer instance start \
             "{:?}",
             s.notes
         );
+    }
+
+    #[test]
+    fn set_a_exports_what_is_sourced() {
+        let s = read(
+            "set -a\nsource /x\napptainer instance start /c.sif x\n",
+            "start.sh",
+            "/s",
+        )
+        .unwrap();
+        assert!(s.allexport);
+        let long = read(
+            "set -o allexport\napptainer instance start /c.sif x\n",
+            "start.sh",
+            "/s",
+        );
+        assert!(long.unwrap().allexport);
+        assert!(!read(OOD, "start.sh", "/s").unwrap().allexport);
     }
 
     #[test]
