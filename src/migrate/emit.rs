@@ -196,6 +196,15 @@ pub fn render(m: &Model) -> (String, Vec<(usize, Ref)>) {
     if let Some(n) = &m.env_file_note {
         o.from(n);
         o.notes(&n.notes);
+        // Left unset on purpose: a set env_file must exist, start.sh's `[ -f ]` made it optional.
+        o.push(
+            &format!(
+                "# {} = {}  (the default; read only when it exists)",
+                keys::ENV_FILE,
+                q(crate::config::DEFAULT_ENV_FILE)
+            ),
+            None,
+        );
     }
     if let Some(s) = &m.env_file {
         o.setting(keys::ENV_FILE, s, q(&s.value), Some(Ref::EnvFile));
