@@ -1,4 +1,4 @@
-//! The command line: `check`, `run` and `status`.
+//! The command line: `check`, `run`, `status` and `migrate`.
 
 use std::path::PathBuf;
 
@@ -54,6 +54,30 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         run_dir: Option<PathBuf>,
     },
+    /// Write a service file from today's start.sh and/or Ansible host_vars (read, never run).
+    Migrate(MigrateArgs),
+}
+
+/// `migrate`'s inputs and output.
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group = clap::ArgGroup::new("migrate_input").required(true).multiple(true))]
+pub struct MigrateArgs {
+    /// The service's start.sh (parsed, never executed or sourced).
+    #[arg(long, value_name = "PATH", group = "migrate_input")]
+    pub start_sh: Option<PathBuf>,
+    /// The service's Ansible host_vars YAML (inventory/…/host_vars/NAME.yml).
+    #[arg(long, value_name = "PATH", group = "migrate_input")]
+    pub host_vars: Option<PathBuf>,
+    /// Service name [default: start.sh's instance name, else host_vars' servicename].
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Service directory (start.sh's $DIRNAME) [default: the directory above start.sh's bin/].
+    #[arg(long, value_name = "DIR")]
+    pub service_dir: Option<String>,
+    /// Write the service file here (never over an existing file) instead of to stdout.
+    #[arg(short, long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
 }
 
 /// A service by name (looked up in --config-dir) or by file.

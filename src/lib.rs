@@ -21,6 +21,7 @@ pub mod journal;
 pub mod keys;
 pub mod lock;
 pub mod logging;
+pub mod migrate;
 pub mod network;
 pub mod notify;
 pub mod output;

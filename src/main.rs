@@ -8,7 +8,7 @@ use apptainer_supervisor::apptainer::InstancePaths;
 use apptainer_supervisor::cli::{Cli, Command, Target};
 use apptainer_supervisor::config::{self, Service};
 use apptainer_supervisor::supervise::{self, exit};
-use apptainer_supervisor::{check, host, logging, status};
+use apptainer_supervisor::{check, host, logging, migrate, status};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -116,6 +116,13 @@ fn real_main(cli: Cli) -> i32 {
                 }
             }
         }
+        Command::Migrate(args) => match migrate::run(args) {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                eprintln!("error: {e}");
+                e.exit_code()
+            }
+        },
         Command::Run { target, run_dir } => {
             let s = match load(&cli, target) {
                 Ok(s) => s,

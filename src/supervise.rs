@@ -48,6 +48,10 @@ pub mod exit {
     /// `status` (text): at least one service shown is not up (as `systemctl status` says 3
     /// for a unit that is not active).
     pub const NOT_ALL_UP: i32 = 3;
+    /// `migrate`: an input (start.sh, host_vars) cannot be parsed.
+    pub const DATAERR: i32 = 65;
+    /// `migrate`: an input file cannot be read.
+    pub const NOINPUT: i32 = 66;
     /// `apptainer instance start` or `overlay create` failed, the container's systemd could
     /// not be reached, or the service was not ready within `timeouts.start_sec`.
     pub const UNAVAILABLE: i32 = 69;
@@ -55,7 +59,8 @@ pub mod exit {
     pub const SOFTWARE: i32 = 70;
     /// An operating-system call failed (fork, pidfd, mkdir…).
     pub const OSERR: i32 = 71;
-    /// The overlay path is unusable (exists but is not a regular file).
+    /// The overlay path is unusable (exists but is not a regular file); `migrate`'s output
+    /// file exists already or cannot be written.
     pub const CANTCREAT: i32 = 73;
     /// The service is already running: lock held, overlay in use, or a live instance of that
     /// name that this supervisor did not start.

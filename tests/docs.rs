@@ -35,6 +35,8 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("INSTANCE_ENDED", exit::INSTANCE_ENDED),
     ("USAGE", exit::USAGE),
     ("NOT_ALL_UP", exit::NOT_ALL_UP),
+    ("DATAERR", exit::DATAERR),
+    ("NOINPUT", exit::NOINPUT),
     ("UNAVAILABLE", exit::UNAVAILABLE),
     ("SOFTWARE", exit::SOFTWARE),
     ("OSERR", exit::OSERR),
