@@ -1,0 +1,71 @@
+//! Overlay figures, printed, never asserted (`cargo bench --bench overlay`).
+//!
+//! - the time `apptainer overlay create -S -s SIZE` takes for ww001's 100 000 MiB sparse
+//!   image (the double runs `truncate` + `mkfs.ext3 -d`, as Apptainer's
+//!   internal/app/apptainer/overlay_create.go does), and the disk space it really uses;
+//! - the time `overlay::read_superblock` takes on it (the start-up check, a few reads
+//!   whatever the size).
+//!
+//! Needs root (the double's config dir) and ~700 MB free in `BENCH_DIR` (default the
+//! system temp dir). `BENCH_OVERLAY_MIB` (default 100000) and `BENCH_RUNS` (default 1)
+//! adjust it.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Instant;
+
+fn env_num(k: &str, d: u64) -> u64 {
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
+}
+
+fn main() {
+    // cargo bench passes `--bench`; nothing else is expected.
+    let mib = env_num("BENCH_OVERLAY_MIB", 100_000);
+    let runs = env_num("BENCH_RUNS", 1);
+    let base = std::env::var_os("BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    for run in 1..=runs {
+        let dir = tempfile::Builder::new()
+            .prefix("asv-bench-overlay-")
+            .tempdir_in(&base)
+            .expect("tempdir");
+        let img = dir.path().join("overlay.img");
+        let t = Instant::now();
+        let out = std::process::Command::new(support::support("apptainer"))
+            .args(["overlay", "create", "-S", "-s", &mib.to_string()])
+            .arg(&img)
+            .env("APPTAINER_CONFIGDIR", dir.path().join("cfg"))
+            .output()
+            .expect("run the apptainer double");
+        let create = t.elapsed();
+        if !out.status.success() {
+            eprintln!(
+                "overlay create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::process::exit(1);
+        }
+        let m = std::fs::metadata(&img).expect("the image");
+        let t = Instant::now();
+        let sb = apptainer_supervisor::overlay::read_superblock(&img).expect("a sound image");
+        let read = t.elapsed();
+        println!(
+            "run {run}: overlay create -S -s {mib}: {:.2} s wall; apparent {} MiB, allocated {} MiB; \
+             read_superblock {} us ({} blocks of {} B, {:.2}% used, journal {})",
+            create.as_secs_f64(),
+            m.len() >> 20,
+            (m.blocks() * 512) >> 20,
+            read.as_micros(),
+            sb.blocks_count,
+            sb.block_size,
+            sb.fill_percent(),
+            sb.has_journal
+        );
+    }
+}
