@@ -58,6 +58,10 @@ pub struct Service {
     pub apptainer: Apptainer,
     pub readiness: Readiness,
     pub timeouts: Timeouts,
+    /// `[unit]`: the host-side dependencies of the generated `NAME.service`.
+    pub unit: UnitDeps,
+    /// `[install]`: the `.wants/` and `.requires/` links the generator writes.
+    pub install: Install,
     /// Line of each key the file sets explicitly (absent: the default was used), so host
     /// checks that fail later can still point at the line.
     pub lines: BTreeMap<&'static str, usize>,
@@ -320,6 +324,29 @@ impl Default for Timeouts {
     }
 }
 
+/// `[unit]`: what the generated `NAME.service` adds to the template's `[Unit]` section
+/// (apptainer-supervisor-generator(8)). The template unit ignores it: a drop-in is the
+/// template's way to add dependencies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitDeps {
+    pub description: Option<String>,
+    /// URIs (`man:`, `https:`, ...), as `Documentation=` takes them.
+    pub documentation: Vec<String>,
+    /// Host unit names, each checked as systemd.unit(5) spells them.
+    pub after: Vec<String>,
+    pub before: Vec<String>,
+    pub wants: Vec<String>,
+    pub requires: Vec<String>,
+}
+
+/// `[install]`: units that pull the generated `NAME.service` in. Generated units are never
+/// `systemctl enable`d (systemd.generator(7)), so the generator writes these links itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Install {
+    pub wanted_by: Vec<String>,
+    pub required_by: Vec<String>,
+}
+
 // ---------------------------------------------------------------------------------------
 // Errors
 
@@ -409,6 +436,10 @@ struct RawService {
     readiness: RawReadiness,
     #[serde(default)]
     timeouts: RawTimeouts,
+    #[serde(default)]
+    unit: RawUnit,
+    #[serde(default)]
+    install: RawInstall,
 }
 
 fn yes() -> bool {
@@ -487,6 +518,31 @@ struct RawTimeouts {
     stop_sec: Option<Spanned<u64>>,
     kill_sec: Option<Spanned<u64>>,
     watchdog_sec: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUnit {
+    description: Option<Spanned<String>>,
+    #[serde(default)]
+    documentation: Vec<Spanned<String>>,
+    #[serde(default)]
+    after: Vec<Spanned<String>>,
+    #[serde(default)]
+    before: Vec<Spanned<String>>,
+    #[serde(default)]
+    wants: Vec<Spanned<String>>,
+    #[serde(default)]
+    requires: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstall {
+    #[serde(default)]
+    wanted_by: Vec<Spanned<String>>,
+    #[serde(default)]
+    required_by: Vec<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -713,6 +769,15 @@ impl Validator<'_> {
 
         let timeouts = self.timeouts(&raw.timeouts);
         let readiness = self.readiness(&raw.readiness, raw.boot);
+        let unit = self.unit_deps(&raw.unit, &name);
+        let install = Install {
+            wanted_by: self.host_units(&raw.install.wanted_by, keys::INSTALL_WANTED_BY, &name),
+            required_by: self.host_units(
+                &raw.install.required_by,
+                keys::INSTALL_REQUIRED_BY,
+                &name,
+            ),
+        };
 
         let mut lines = BTreeMap::new();
         for (key, v) in [
@@ -743,6 +808,8 @@ impl Validator<'_> {
             apptainer,
             readiness,
             timeouts,
+            unit,
+            install,
             lines,
         }
     }
@@ -1362,6 +1429,74 @@ impl Validator<'_> {
         }
     }
 
+    /// `[unit]`: free text and URIs checked for what a unit file line can carry, unit
+    /// names as systemd.unit(5) spells them.
+    fn unit_deps(&mut self, raw: &RawUnit, name: &str) -> UnitDeps {
+        let description = raw.description.as_ref().map(|d| {
+            let text = d.get_ref();
+            if text.trim().is_empty() {
+                self.push(d.span().start, keys::UNIT_DESCRIPTION, "is empty", None);
+            } else if text.chars().any(char::is_control) {
+                self.push(
+                    d.span().start,
+                    keys::UNIT_DESCRIPTION,
+                    "contains a newline or another control character; a unit file line cannot",
+                    None,
+                );
+            }
+            text.clone()
+        });
+        let mut documentation = Vec::new();
+        for d in &raw.documentation {
+            if let Err(reason) = check_doc_uri(d.get_ref()) {
+                self.push(
+                    d.span().start,
+                    keys::UNIT_DOCUMENTATION,
+                    reason,
+                    Some("systemd takes http:, https:, file:, info: and man: URIs (systemd.unit(5) Documentation=)"),
+                );
+            }
+            documentation.push(d.get_ref().clone());
+        }
+        UnitDeps {
+            description,
+            documentation,
+            after: self.host_units(&raw.after, keys::UNIT_AFTER, name),
+            before: self.host_units(&raw.before, keys::UNIT_BEFORE, name),
+            wants: self.host_units(&raw.wants, keys::UNIT_WANTS, name),
+            requires: self.host_units(&raw.requires, keys::UNIT_REQUIRES, name),
+        }
+    }
+
+    /// A list of host unit names: each a loadable name (no template), none twice, and not
+    /// the generated unit itself.
+    fn host_units(&mut self, raw: &[Spanned<String>], key: &str, name: &str) -> Vec<String> {
+        let own = format!("{name}.service");
+        let mut out: Vec<String> = Vec::new();
+        for u in raw {
+            let unit = u.get_ref();
+            if let Err(reason) = check_host_unit_name(unit) {
+                self.push(u.span().start, key, reason, None);
+            } else if *unit == own {
+                self.push(
+                    u.span().start,
+                    key,
+                    format!("{unit:?} is the generated unit itself"),
+                    None,
+                );
+            } else if out.contains(unit) {
+                self.push(
+                    u.span().start,
+                    key,
+                    format!("{unit:?} is listed twice"),
+                    None,
+                );
+            }
+            out.push(unit.clone());
+        }
+        out
+    }
+
     fn timeouts(&mut self, raw: &RawTimeouts) -> Timeouts {
         let d = Timeouts::default();
         let mut get = |v: &Option<Spanned<u64>>, key: &str, default: u64, min: u64| match v {
@@ -1474,6 +1609,50 @@ fn check_unit_name(u: &str) -> Result<(), String> {
     {
         return Err(format!(
             "{u:?} contains characters systemd does not allow in unit names"
+        ));
+    }
+    Ok(())
+}
+
+/// A unit name on the host, for `[unit]` and `[install]`: systemd.unit(5)'s syntax
+/// (`unit_name_is_valid()` in systemd's src/basic/unit-name.c: a prefix, at most one `@`
+/// with a non-empty instance, a type suffix), and no template, which no dependency can
+/// name.
+fn check_host_unit_name(u: &str) -> Result<(), String> {
+    check_unit_name(u)?;
+    let stem = &u[..u.rfind('.').unwrap_or(u.len())];
+    match stem.split_once('@') {
+        _ if stem.is_empty() || stem.starts_with('@') => {
+            Err(format!("{u:?} has no name before its type or '@'"))
+        }
+        Some((_, instance)) if instance.contains('@') => {
+            Err(format!("{u:?} contains more than one '@'"))
+        }
+        Some((prefix, "")) => Err(format!(
+            "{u:?} is a template; name an instance ({prefix}@NAME{})",
+            &u[stem.len()..]
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// A `Documentation=` URI: one of the schemes systemd.unit(5) lists, nothing that would
+/// split the space-separated list, and no `%` (systemd would read a specifier).
+fn check_doc_uri(d: &str) -> Result<(), String> {
+    const SCHEMES: &[&str] = &["http://", "https://", "file:", "info:", "man:"];
+    if !SCHEMES
+        .iter()
+        .any(|s| d.len() > s.len() && d.starts_with(s))
+    {
+        return Err(format!(
+            "{d:?} is not an http:, https:, file:, info: or man: URI"
+        ));
+    }
+    if d.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '%' || c == '"' || c == '\\')
+    {
+        return Err(format!(
+            "{d:?} contains a space, a quote, a backslash, '%' or a control character"
         ));
     }
     Ok(())
@@ -1997,6 +2176,93 @@ external = true
             e.contains("3:14: readiness.on_failure: unknown variant `reboot`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn unit_and_install_tables_are_read() {
+        let s = p("service_dir = \"/x\"\n[unit]\ndescription = \"OOD portal\"\ndocumentation = [\"https://example.org/ood\"]\nafter = [\"munge.service\"]\nwants = [\"getty@tty1.service\"]\n[install]\nwanted_by = [\"multi-user.target\"]\n").unwrap();
+        assert_eq!(s.unit.description.as_deref(), Some("OOD portal"));
+        assert_eq!(s.unit.after, ["munge.service"]);
+        assert_eq!(s.unit.wants, ["getty@tty1.service"]);
+        assert_eq!(s.install.wanted_by, ["multi-user.target"]);
+        assert!(s.install.required_by.is_empty() && s.unit.before.is_empty());
+        assert_eq!(p(OOD).unwrap().unit, UnitDeps::default());
+    }
+
+    #[test]
+    fn unit_and_install_values_are_checked() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "[unit]\nafter = [\"munge\"]\n",
+                "3:10: unit.after",
+                "\"munge\" is not a unit name with its type",
+            ),
+            (
+                "[unit]\nwants = [\"getty@.service\"]\n",
+                "3:10: unit.wants",
+                "is a template; name an instance (getty@NAME.service)",
+            ),
+            (
+                "[unit]\nrequires = [\"a b.service\"]\n",
+                "3:13: unit.requires",
+                "characters systemd does not allow",
+            ),
+            (
+                "[unit]\nbefore = [\"a@b@c.service\"]\n",
+                "3:11: unit.before",
+                "more than one '@'",
+            ),
+            (
+                "[unit]\nafter = [\"@x.service\"]\n",
+                "3:10: unit.after",
+                "no name before",
+            ),
+            (
+                "[unit]\nafter = [\"x.target\", \"x.target\"]\n",
+                "3:22: unit.after",
+                "listed twice",
+            ),
+            (
+                "[unit]\nafter = [\"ood001.service\"]\n",
+                "3:10: unit.after",
+                "the generated unit itself",
+            ),
+            (
+                "[unit]\ndescription = \"a\\nb\"\n",
+                "3:15: unit.description",
+                "control character",
+            ),
+            (
+                "[unit]\ndocumentation = [\"www.example.org\"]\n",
+                "3:18: unit.documentation",
+                "is not an http:",
+            ),
+            (
+                "[unit]\ndocumentation = [\"man:a b\"]\n",
+                "3:18: unit.documentation",
+                "contains a space",
+            ),
+            (
+                "[unit]\nafer = []\n",
+                "3:1: unit.afer",
+                "unknown field `afer`",
+            ),
+            (
+                "[install]\nwanted_by = [\"multi-user\"]\n",
+                "3:14: install.wanted_by",
+                "not a unit name",
+            ),
+            (
+                "[install]\nalso = []\n",
+                "3:1: install.also",
+                "unknown field `also`",
+            ),
+        ];
+        for (body, at, reason) in cases {
+            let e = one_error(&format!("service_dir = \"/x\"\n{body}"));
+            assert!(e.contains(&format!("ood001.toml:{at}: ")), "{body}: {e}");
+            assert!(e.contains(reason), "{body}: {e}");
+        }
     }
 
     #[test]

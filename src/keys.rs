@@ -58,6 +58,18 @@ pub const TIMEOUTS_STOP_SEC: &str = "timeouts.stop_sec";
 pub const TIMEOUTS_KILL_SEC: &str = "timeouts.kill_sec";
 pub const TIMEOUTS_WATCHDOG_SEC: &str = "timeouts.watchdog_sec";
 
+pub const UNIT: &str = "unit";
+pub const UNIT_DESCRIPTION: &str = "unit.description";
+pub const UNIT_DOCUMENTATION: &str = "unit.documentation";
+pub const UNIT_AFTER: &str = "unit.after";
+pub const UNIT_BEFORE: &str = "unit.before";
+pub const UNIT_WANTS: &str = "unit.wants";
+pub const UNIT_REQUIRES: &str = "unit.requires";
+
+pub const INSTALL: &str = "install";
+pub const INSTALL_WANTED_BY: &str = "install.wanted_by";
+pub const INSTALL_REQUIRED_BY: &str = "install.required_by";
+
 /// Every key a service file may set, in the order the man page documents them.
 /// `tests/docs.rs` fails when one of them is missing from
 /// `man/apptainer-supervisor.toml.5`.
@@ -105,4 +117,12 @@ pub const ALL: &[&str] = &[
     TIMEOUTS_STOP_SEC,
     TIMEOUTS_KILL_SEC,
     TIMEOUTS_WATCHDOG_SEC,
+    UNIT_DESCRIPTION,
+    UNIT_DOCUMENTATION,
+    UNIT_AFTER,
+    UNIT_BEFORE,
+    UNIT_WANTS,
+    UNIT_REQUIRES,
+    INSTALL_WANTED_BY,
+    INSTALL_REQUIRED_BY,
 ];

@@ -11,6 +11,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod generator;
 pub mod host;
 pub mod inner;
 pub mod instance;

@@ -7,7 +7,7 @@
 //!   apptainer-supervisor(8), and nothing else is;
 //! - every field of the tracing events and spans in `src/` is in the JOURNAL FIELDS section
 //!   of apptainer-supervisor(8), and nothing else is;
-//! - both pages pass `mandoc -T lint -W warning`;
+//! - the pages (and apptainer-supervisor-generator(8)) pass `mandoc -T lint -W warning`;
 //! - the template unit passes `systemd-analyze verify`, its timeouts cover the defaults of
 //!   `timeouts.*`, and its restart rules match the exit codes (133 restarts, 78 does not).
 //!
@@ -24,6 +24,7 @@ use apptainer_supervisor::supervise::exit;
 
 const TOML_PAGE: &str = "man/apptainer-supervisor.toml.5";
 const MAIN_PAGE: &str = "man/apptainer-supervisor.8";
+const GENERATOR_PAGE: &str = "man/apptainer-supervisor-generator.8";
 const UNIT: &str = "units/apptainer-supervisor@.service";
 const UNIT_EXEC_START: &str = "ExecStart=/usr/bin/apptainer-supervisor run %i";
 
@@ -527,6 +528,11 @@ fn main_page_passes_mandoc_lint() {
 #[test]
 fn service_file_page_passes_mandoc_lint() {
     mandoc_lint(TOML_PAGE);
+}
+
+#[test]
+fn generator_page_passes_mandoc_lint() {
+    mandoc_lint(GENERATOR_PAGE);
 }
 
 // ---------------------------------------------------------------------------------------

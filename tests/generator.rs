@@ -1,0 +1,338 @@
+//! apptainer-supervisor-generator, run as systemd runs it (`GENERATOR NORMAL EARLY LATE`)
+//! on copies of `tests/fixtures/generator/*.toml`:
+//!
+//! - golden: each `CASE.toml` gives exactly `CASE.service` and `CASE.links`; the broken
+//!   and invalid files give nothing but their messages, and the good ones are still made;
+//! - every generated unit passes `systemd-analyze verify` without a word;
+//! - messages go to /dev/kmsg as `<3>apptainer-supervisor-generator[PID]: FILE: REASON`,
+//!   and to stderr when /dev/kmsg cannot be opened (a private mount namespace with a file
+//!   bound over /dev/kmsg: the machine's kernel log is never written);
+//! - a unit that already exists elsewhere is still generated, with a notice;
+//! - only an unusable output directory fails the run.
+//!
+//! `UPDATE_GOLDEN=1` rewrites the expected files (read the diff before committing).
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::require_root;
+
+const GEN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor-generator");
+const SUPERVISOR: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
+const FIXTURES: &str = "tests/fixtures/generator";
+/// Cases that must give a unit.
+const GOOD: &[&str] = &["custom-timeouts", "minimal", "no-watchdog", "ood001"];
+/// Cases that must give none.
+const BAD: &[&str] = &["broken", "invalid"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURES)
+}
+
+/// A copy of the fixtures as the config directory, and an empty output directory.
+struct Run {
+    dir: tempfile::TempDir,
+}
+
+impl Run {
+    fn new(cases: &[&str]) -> Run {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::create_dir(dir.path().join("out")).unwrap();
+        for c in cases {
+            std::fs::copy(
+                fixtures().join(format!("{c}.toml")),
+                dir.path().join("etc").join(format!("{c}.toml")),
+            )
+            .unwrap();
+        }
+        Run { dir }
+    }
+
+    fn etc(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+
+    /// The generator as systemd calls it, messages to stderr.
+    fn generate(&self) -> Output {
+        self.command(&["env"], "console")
+    }
+
+    /// `prefix` runs the generator (e.g. `unshare -m sh -c ...`); `target` is
+    /// SYSTEMD_LOG_TARGET.
+    fn command(&self, prefix: &[&str], target: &str) -> Output {
+        let d = self.dir.path();
+        Command::new(prefix[0])
+            .args(&prefix[1..])
+            .arg(GEN)
+            .arg(self.out())
+            .arg(d.join("early"))
+            .arg(d.join("late"))
+            .env("APPTAINER_SUPERVISOR_CONFIG_DIR", self.etc())
+            .env("SYSTEMD_LOG_TARGET", target)
+            .output()
+            .expect("running the generator")
+    }
+
+    /// Every file and link under the output directory, relative (`x.wants/y -> ../y`).
+    fn tree(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        walk(&self.out(), &self.out(), &mut out);
+        out
+    }
+}
+
+fn walk(root: &Path, d: &Path, out: &mut BTreeSet<String>) {
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let t = e.file_type().unwrap();
+        if t.is_symlink() {
+            out.insert(format!(
+                "{rel} -> {}",
+                std::fs::read_link(&p).unwrap().display()
+            ));
+        } else if t.is_dir() {
+            walk(root, &p, out);
+        } else {
+            out.insert(rel);
+        }
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn update() -> bool {
+    std::env::var_os("UPDATE_GOLDEN").is_some()
+}
+
+#[test]
+fn each_service_file_gives_its_golden_unit_and_links() {
+    let all: Vec<&str> = GOOD.iter().chain(BAD).copied().collect();
+    let r = Run::new(&all);
+    let o = r.generate();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let etc = r.etc().display().to_string();
+
+    let mut expected_tree = BTreeSet::new();
+    for case in GOOD {
+        let unit = format!("{case}.service");
+        let got = std::fs::read_to_string(r.out().join(&unit))
+            .unwrap_or_else(|e| panic!("{unit} not generated: {e}\n{}", stderr(&o)))
+            .replace(&etc, "@CONFIG_DIR@");
+        let golden = fixtures().join(&unit);
+        if update() {
+            std::fs::write(&golden, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(&golden).unwrap();
+        assert_eq!(got, want, "{unit} differs from {}", golden.display());
+        expected_tree.insert(unit);
+
+        let links_file = fixtures().join(format!("{case}.links"));
+        let got_links: Vec<String> = r
+            .tree()
+            .into_iter()
+            .filter(|l| l.contains(" -> ") && l.ends_with(&format!("/{case}.service")))
+            .collect();
+        if update() && !got_links.is_empty() {
+            std::fs::write(&links_file, got_links.join("\n") + "\n").unwrap();
+        }
+        let want_links: Vec<String> = std::fs::read_to_string(&links_file)
+            .map(|t| t.lines().map(str::to_owned).collect())
+            .unwrap_or_default();
+        assert_eq!(got_links, want_links, "links of {case}");
+        expected_tree.extend(want_links);
+    }
+    assert_eq!(
+        r.tree(),
+        expected_tree,
+        "nothing else in the output directory (no unit for {BAD:?})"
+    );
+    assert!(
+        r.tree().iter().any(|l| l.contains(".wants/")),
+        "at least one case has [install] links"
+    );
+
+    // The broken files are named, with the line and key, and the run went on past them.
+    let err = stderr(&o);
+    for line in [
+        format!("{etc}/broken.toml:1:36: service_dir: invalid basic string"),
+        format!("{etc}/broken.toml: no unit generated for it"),
+        format!("{etc}/invalid.toml:4:10: unit.after: \"munge\" is not a unit name with its type"),
+        format!("{etc}/invalid.toml:7:35: install.wanted_by: \"getty@.service\" is a template"),
+        format!("{etc}/invalid.toml: no unit generated for it"),
+    ] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("apptainer-supervisor-generator[")
+                    && l.contains(&format!("]: {line}"))),
+            "{line:?} in:\n{err}"
+        );
+    }
+    assert!(
+        !err.contains("minimal.toml") && !err.contains("ood001.toml"),
+        "nothing said about good files:\n{err}"
+    );
+}
+
+/// The generated units, with ExecStart='s binary made the built one and the man pages of
+/// this tree on MANPATH (as tests/docs.rs verifies the template).
+#[test]
+fn every_generated_unit_passes_systemd_analyze_verify() {
+    let r = Run::new(GOOD);
+    let o = r.generate();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let verify = r.dir.path().join("verify");
+    let manpath = r.dir.path().join("man");
+    for (page, sect) in [
+        ("man/apptainer-supervisor.8", "man8"),
+        ("man/apptainer-supervisor-generator.8", "man8"),
+        ("man/apptainer-supervisor.toml.5", "man5"),
+    ] {
+        let d = manpath.join(sect);
+        std::fs::create_dir_all(&d).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(page);
+        std::fs::copy(&src, d.join(src.file_name().unwrap())).unwrap();
+    }
+    std::fs::create_dir(&verify).unwrap();
+    for case in GOOD {
+        let unit = format!("{case}.service");
+        let text = std::fs::read_to_string(r.out().join(&unit)).unwrap();
+        let exec = "\nExecStart=/usr/bin/apptainer-supervisor ";
+        assert_eq!(text.matches(exec).count(), 1, "{unit}: one ExecStart=");
+        let text = text.replace(exec, &format!("\nExecStart={SUPERVISOR} "));
+        std::fs::write(verify.join(&unit), text).unwrap();
+        let mut cmd = Command::new("systemd-analyze");
+        cmd.arg("verify")
+            .current_dir(&verify)
+            .env("MANPATH", &manpath)
+            .env_remove("SYSTEMD_LOG_LEVEL");
+        if Command::new("man").arg("-w").arg("man").output().is_err() {
+            cmd.arg("--man=no");
+        }
+        let out = cmd
+            .arg(verify.join(&unit))
+            .output()
+            .expect("systemd-analyze (apt-get install systemd)");
+        assert!(
+            out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+            "systemd-analyze verify {unit}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        );
+    }
+}
+
+/// kmsg records carry the priority and the generator's name and pid; without /dev/kmsg
+/// the same lines go to stderr. Both in a private mount namespace, so the machine's
+/// kernel log is never written.
+#[test]
+fn messages_go_to_kmsg_or_else_to_stderr() {
+    if !require_root() {
+        return;
+    }
+    let r = Run::new(&["minimal", "broken"]);
+    let kmsg = r.dir.path().join("kmsg");
+    std::fs::write(&kmsg, "").unwrap();
+    let script = format!(
+        "mount --make-rprivate / && mount --bind {} /dev/kmsg && exec \"$@\"",
+        kmsg.display()
+    );
+    let o = r.command(&["unshare", "-m", "sh", "-c", &script, "sh"], "kmsg");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stderr.is_empty(), "kmsg was usable: {}", stderr(&o));
+    let records = std::fs::read_to_string(&kmsg).unwrap();
+    let etc = r.etc().display().to_string();
+    let want = format!("]: {etc}/broken.toml:1:36: service_dir: invalid basic string");
+    assert!(
+        records
+            .lines()
+            .any(|l| l.starts_with("<3>apptainer-supervisor-generator[") && l.contains(&want)),
+        "{want:?} in kmsg records:\n{records}"
+    );
+    assert!(r.out().join("minimal.service").exists());
+
+    // /dev/kmsg read-only: opening it for writing fails, the lines go to stderr.
+    let script = format!(
+        "mount --make-rprivate / && mount -o bind,ro {} /dev/kmsg && exec \"$@\"",
+        kmsg.display()
+    );
+    std::fs::remove_file(r.out().join("minimal.service")).unwrap();
+    let o = r.command(&["unshare", "-m", "sh", "-c", &script, "sh"], "kmsg");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("apptainer-supervisor-generator[") && l.contains(&want)),
+        "{want:?} on stderr:\n{err}"
+    );
+    assert!(r.out().join("minimal.service").exists());
+}
+
+/// A service named like a unit that exists already is generated all the same (it ranks
+/// below /etc and /run, above /usr), with a notice that says so.
+#[test]
+fn a_unit_that_exists_elsewhere_is_generated_with_a_notice() {
+    let existing = ["/lib/systemd/system", "/usr/lib/systemd/system"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let stem = n.strip_suffix(".service")?.to_owned();
+            stem.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                .then_some((e.path(), stem))
+        })
+        .next();
+    let (path, stem) = existing.expect("a service unit in /lib/systemd/system (systemd installed)");
+    let r = Run::new(&[]);
+    std::fs::write(
+        r.etc().join(format!("{stem}.toml")),
+        "service_dir = \"/srv/x\"\n",
+    )
+    .unwrap();
+    let o = r.generate();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(r.out().join(format!("{stem}.service")).exists());
+    let err = stderr(&o);
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    assert!(
+        err.lines().any(|l| l.contains(&format!("{stem}.toml: "))
+            && l.contains("exists too")
+            && ["/lib/systemd/system", "/usr/lib/systemd/system"]
+                .iter()
+                .any(|d| canonical(&Path::new(d).join(format!("{stem}.service")))
+                    == canonical(&path)
+                    && l.contains(&format!("{d}/{stem}.service")))),
+        "a notice naming {}:\n{err}",
+        path.display()
+    );
+}
+
+#[test]
+fn only_an_unusable_output_directory_fails() {
+    let r = Run::new(&["minimal"]);
+    std::fs::remove_dir(r.out()).unwrap();
+    let o = r.generate();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the output directory does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    // No config directory at all: nothing to do, and no failure.
+    let r = Run::new(&[]);
+    std::fs::remove_dir(r.etc()).unwrap();
+    let o = r.generate();
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
+    assert!(r.tree().is_empty());
+}
