@@ -1,8 +1,8 @@
-//! The command line: `check`, `run`, `status` and `migrate`.
+//! The command line: `check`, `run`, `status`, `migrate` and `completions`.
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +56,11 @@ pub enum Command {
     },
     /// Write a service file from today's start.sh and/or Ansible host_vars (read, never run).
     Migrate(MigrateArgs),
+    /// Print a shell completion script, made from this command line (the RPM installs them).
+    Completions {
+        /// The shell to complete for.
+        shell: CompletionShell,
+    },
 }
 
 /// `migrate`'s inputs and output.
@@ -78,6 +83,35 @@ pub struct MigrateArgs {
     /// Write the service file here (never over an existing file) instead of to stdout.
     #[arg(short, long, value_name = "OUT")]
     pub output: Option<PathBuf>,
+}
+
+/// The shells the package installs completions for (bash-completion on EL, zsh's
+/// site-functions); clap_complete knows more, but only these are built and tested.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+}
+
+impl CompletionShell {
+    fn generator(self) -> clap_complete::Shell {
+        match self {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        }
+    }
+}
+
+/// The completion script for `shell`, generated from [`Cli`] itself so that it never lags
+/// behind a new subcommand or flag. Made in memory: `clap_complete::generate` panics on a
+/// write error (clap_complete 4.6 `aot/shells/shell.rs`, `.expect("failed to write
+/// completion file")`), and a closed pipe must be an error message, not an abort.
+pub fn completions(shell: CompletionShell) -> Vec<u8> {
+    let mut cmd = Cli::command();
+    let name = cmd.get_name().to_string();
+    let mut out = Vec::new();
+    clap_complete::generate(shell.generator(), &mut cmd, name, &mut out);
+    out
 }
 
 /// A service by name (looked up in --config-dir) or by file.

@@ -26,7 +26,7 @@ pub mod network;
 pub mod notify;
 pub mod output;
 pub mod overlay;
+pub mod privilege;
 pub mod state;
 pub mod status;
-pub mod privilege;
 pub mod supervise;

@@ -1,5 +1,6 @@
 //! Thin: parse the command line, call the library, print the error once, pick the exit code.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -123,6 +124,16 @@ fn real_main(cli: Cli) -> i32 {
                 e.exit_code()
             }
         },
+        Command::Completions { shell } => {
+            let script = apptainer_supervisor::cli::completions(*shell);
+            match std::io::stdout().lock().write_all(&script) {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    eprintln!("error: writing the completion script to standard output: {e}");
+                    exit::OSERR
+                }
+            }
+        }
         Command::Run { target, run_dir } => {
             let s = match load(&cli, target) {
                 Ok(s) => s,

@@ -1,0 +1,135 @@
+//! `apptainer-supervisor completions bash|zsh`: the scripts the RPM installs parse in their
+//! shell and offer every subcommand of the command line as it is now.
+
+use std::path::Path;
+use std::process::Command;
+
+use clap::CommandFactory;
+
+use apptainer_supervisor::cli::Cli;
+
+const BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
+
+/// The script `completions SHELL` prints, checked to be the whole of a successful run.
+fn script(shell: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["completions", shell])
+        .output()
+        .expect("run apptainer-supervisor completions");
+    assert!(
+        out.status.success(),
+        "completions {shell}: {:?}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "completions {shell} wrote to stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("completion script is UTF-8")
+}
+
+/// Every subcommand's name, taken from the CLI definition so that a subcommand added later
+/// is checked without editing this test.
+fn subcommands() -> Vec<String> {
+    let names: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    for known in ["check", "run", "completions"] {
+        assert!(
+            names.iter().any(|n| n == known),
+            "{known} missing from {names:?}"
+        );
+    }
+    names
+}
+
+/// `SHELL -n FILE`: parse without running. Panics with the shell's own message.
+fn parses(shell: &str, script: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join(format!("apptainer-supervisor.{shell}"));
+    std::fs::write(&file, script).expect("write script");
+    let out = Command::new(shell)
+        .arg("-n")
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| panic!("run {shell} -n: {e}"));
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{shell} -n rejects the script: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether `shell` is on PATH; in CI (`CI=true`) a missing shell is a failure, since
+/// .ci/run installs it.
+fn have_shell(shell: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| Path::new(&d).join(shell).is_file()))
+        .unwrap_or(false);
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{shell} is not installed and CI=true: .ci/run installs it"
+        );
+        eprintln!("SKIPPED: {shell} is not installed");
+    }
+    found
+}
+
+#[test]
+fn bash_completion_parses_and_offers_every_subcommand() {
+    let s = script("bash");
+    // The function bash-completion loads, registered for the binary's name.
+    assert!(
+        s.contains("complete -F _apptainer__supervisor") && s.contains("apptainer-supervisor"),
+        "no `complete -F` line for apptainer-supervisor:\n{s}"
+    );
+    for sub in subcommands() {
+        // clap_complete's bash generator lists the subcommand words in the top-level
+        // `opts="..."` and gives each its own `apptainer__supervisor,NAME)` case arm.
+        assert!(
+            s.contains(&format!("apptainer__supervisor,{sub})")),
+            "bash script has no case for subcommand {sub}"
+        );
+    }
+    assert!(
+        have_shell("bash"),
+        "bash is needed to check bash completions"
+    );
+    parses("bash", &s);
+}
+
+#[test]
+fn zsh_completion_parses_and_offers_every_subcommand() {
+    let s = script("zsh");
+    assert!(
+        s.starts_with("#compdef apptainer-supervisor"),
+        "zsh script must start with #compdef for autoloading from site-functions:\n{}",
+        s.lines().next().unwrap_or("")
+    );
+    for sub in subcommands() {
+        // _describe's entries are `'NAME:help'`.
+        assert!(
+            s.contains(&format!("'{sub}:")),
+            "zsh script does not describe subcommand {sub}"
+        );
+    }
+    if have_shell("zsh") {
+        parses("zsh", &s);
+    }
+}
+
+#[test]
+fn completions_rejects_an_unknown_shell() {
+    let out = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .expect("run apptainer-supervisor completions tcsh");
+    assert_eq!(out.status.code(), Some(2), "usage error expected");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bash") && err.contains("zsh"), "stderr: {err}");
+}
