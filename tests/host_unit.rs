@@ -15,6 +15,10 @@
 //! The unit file is the shipped one with one change, ExecStart='s binary path (the built
 //! binary, with `--config-dir` for the test's service file); a drop-in adds the test's
 //! plumbing and shorter timeouts. Needs root and the rootfs (`tests/support/build-rootfs.sh`).
+//!
+//! With `ASV_INSTALLED_ROOT` set to an extracted binary RPM (`.ci/run` does this after
+//! `packaging/build-rpm.sh`), the binary, the generator and the template unit are the
+//! package's files as they install, so the same tests prove the package works as installed.
 
 mod support;
 
@@ -23,11 +27,42 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::host::{HostSystemd, BOOT_TARGET, GENERATOR_DIR};
-use support::{loops_for, require_root, rootfs, support, BIN};
+use support::{loops_for, require_root, rootfs, support};
 
 const NAME: &str = "ood001";
 const UNIT: &str = "apptainer-supervisor@ood001.service";
-const GENERATOR_BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor-generator");
+
+/// The files under test: the build tree's, or those of the package extracted at
+/// `ASV_INSTALLED_ROOT` (the paths the RPM installs them to).
+struct Files {
+    bin: PathBuf,
+    generator: PathBuf,
+    template: PathBuf,
+}
+
+fn files() -> Files {
+    match std::env::var_os("ASV_INSTALLED_ROOT") {
+        Some(root) => {
+            let root = PathBuf::from(root);
+            let f = Files {
+                bin: root.join("usr/bin/apptainer-supervisor"),
+                generator: root
+                    .join("usr/lib/systemd/system-generators/apptainer-supervisor-generator"),
+                template: root.join("usr/lib/systemd/system/apptainer-supervisor@.service"),
+            };
+            for p in [&f.bin, &f.generator, &f.template] {
+                assert!(p.exists(), "ASV_INSTALLED_ROOT lacks {}", p.display());
+            }
+            f
+        }
+        None => Files {
+            bin: support::BIN.into(),
+            generator: env!("CARGO_BIN_EXE_apptainer-supervisor-generator").into(),
+            template: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("units/apptainer-supervisor@.service"),
+        },
+    }
+}
 /// The unit apptainer-supervisor-generator makes of ood001.toml.
 const GENERATED: &str = "ood001.service";
 const SEC: Duration = Duration::from_secs(1);
@@ -137,10 +172,9 @@ impl Setup {
 
         // The shipped unit, with only the binary's path changed (and --config-dir, a
         // global option, put before the shipped arguments).
-        let shipped = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("units/apptainer-supervisor@.service"),
-        )
-        .unwrap();
+        let f = files();
+        let bin = f.bin.display();
+        let shipped = std::fs::read_to_string(&f.template).unwrap();
         let exec = "\nExecStart=/usr/bin/apptainer-supervisor ";
         assert_eq!(
             shipped.matches(exec).count(),
@@ -149,7 +183,7 @@ impl Setup {
         );
         let unit = shipped.replace(
             exec,
-            &format!("\nExecStart={BIN} --config-dir {} ", etc.display()),
+            &format!("\nExecStart={bin} --config-dir {} ", etc.display()),
         );
         let log = root.join("supervisor.log");
         let mut dropin = format!(
@@ -191,7 +225,7 @@ impl Setup {
                  RestartSec=1s\n\
                  LimitCORE=0\n\
                  ExecStart=\n\
-                 ExecStart={BIN} --config-dir {} run {NAME}\n",
+                 ExecStart={bin} --config-dir {} run {NAME}\n",
                 root.join("apptainer").display(),
                 etc.display(),
                 log = log.display(),
@@ -228,8 +262,9 @@ impl Setup {
         std::fs::write(
             &p,
             format!(
-                "#!/bin/sh\nexport APPTAINER_SUPERVISOR_CONFIG_DIR={}\nexec {GENERATOR_BIN} \"$@\"\n",
-                self.root().join("etc").display()
+                "#!/bin/sh\nexport APPTAINER_SUPERVISOR_CONFIG_DIR={}\nexec {} \"$@\"\n",
+                self.root().join("etc").display(),
+                files().generator.display()
             ),
         )
         .unwrap();
