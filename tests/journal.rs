@@ -157,7 +157,10 @@ fn events_and_instance_output_reach_journald_with_their_fields() {
         own.iter().all(|e| e["SERVICE"] == "t-journal"),
         "SERVICE on every event: {own:#?}"
     );
-    let starting = one(j.with("PHASE", "starting-instance"), "PHASE=starting-instance");
+    let starting = one(
+        j.with("PHASE", "starting-instance"),
+        "PHASE=starting-instance",
+    );
     assert_eq!(starting["MESSAGE"], "starting instance");
     assert_eq!(starting["PRIORITY"], "5");
     let booting = one(j.with("PHASE", "booting"), "PHASE=booting");
