@@ -859,8 +859,10 @@ impl Validator<'_> {
                 let s = a.get_ref();
                 // `--network-args` is a pflag string slice read as CSV
                 // (cmd/internal/cli/action_flags.go, pkg/cmdline/flag.go): a ',' would split
-                // the value and hand the rest to every network, a '"' is CSV quoting.
-                if !s.contains('=')
+                // the value and hand the rest to every network, a '"' is CSV quoting. Apptainer's
+                // parseArg (pkg/network/network.go) splits each pair on every '=' and wants
+                // exactly two parts, so a value may not contain '=' either.
+                if s.matches('=').count() != 1
                     || s.starts_with('=')
                     || s.chars()
                         .any(|c| matches!(c, ';' | ',' | '"') || c.is_control())
@@ -868,7 +870,7 @@ impl Validator<'_> {
                     self.push(
                         a.span().start,
                         keys::NETWORK_ARGS,
-                        format!("{s:?} is not one KEY=VALUE without ';', ',' or '\"'"),
+                        format!("{s:?} is not one KEY=VALUE (one '=', no ';', ',' or '\"')"),
                         Some("one entry per argument, e.g. args = [\"IP=10.1.225.1/16\"]"),
                     );
                 }
@@ -1620,6 +1622,23 @@ fn parse_bind(spec: &str) -> Result<Bind, (String, Option<&'static str>)> {
                 None,
             ));
         }
+        // Apptainer's ParseBindPath (pkg/runtime/engine/apptainer/config/bind.go) cuts the value into pieces
+        // with the regexp `([^,^:]+:?)` (a '^' falls between pieces and is lost), trims
+        // each piece with strings.TrimSpace, and reads a '\' before ',' or ':' as an
+        // escape: such a path would not arrive as written.
+        if let Some(c) = s.chars().find(|c| matches!(c, '^' | '\\')) {
+            return Err((
+                format!("contains {c:?}, which Apptainer's bind parser does not keep"),
+                None,
+            ));
+        }
+        if s.starts_with(char::is_whitespace) || s.ends_with(char::is_whitespace) {
+            return Err((
+                "a path starts or ends with white space, which Apptainer's bind parser trims"
+                    .into(),
+                None,
+            ));
+        }
         if p.components().any(|c| c == Component::ParentDir) {
             return Err(("contains \"..\"".into(), None));
         }
@@ -1921,6 +1940,21 @@ external = true
             e.contains("network.args: \"IP=10.0.0.2/24,FOO=1\" is not one KEY=VALUE"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bind_paths_apptainer_would_not_keep_are_refused() {
+        for (spec, why) in [
+            ("/a^b:/c", "contains '^'"),
+            ("/a\\\\b:/c", "contains '\\\\'"),
+            ("/a:/c ", "white space"),
+            ("/a :/c", "white space"),
+        ] {
+            let e = one_error(&format!("service_dir = \"/x\"\nbinds = [{spec:?}]\n"));
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+        let e = one_error("service_dir = \"/x\"\n[[network]]\nname = \"n\"\nexternal = true\nargs = [\"K=a=b\"]\n");
+        assert!(e.contains("\"K=a=b\" is not one KEY=VALUE (one '='"), "{e}");
     }
 
     #[test]
