@@ -86,6 +86,8 @@ pub struct Bind {
     pub opts: Option<BindOpt>,
     /// Line of the entry in the service file, for host checks that fail later.
     pub line: usize,
+    /// Column of the entry on that line (1-based), for the same messages.
+    pub column: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -919,7 +921,7 @@ impl Validator<'_> {
             };
             match parse_bind(&expanded) {
                 Ok(mut bind) => {
-                    bind.line = line_col(self.text, at).0;
+                    (bind.line, bind.column) = line_col(self.text, at);
                     if let Some(prev) = out.iter().find(|b| b.target() == bind.target()) {
                         self.push(
                             at,
@@ -927,7 +929,7 @@ impl Validator<'_> {
                             format!(
                                 "{:?} is mounted at {} already (line {})",
                                 expanded,
-                                bind.target().display(),
+                                prev.target().display(),
                                 prev.line
                             ),
                             Some("each container path may be the target of one bind"),
@@ -960,11 +962,20 @@ impl Validator<'_> {
             let mut args = Vec::new();
             for a in &n.args {
                 let s = a.get_ref();
-                if !s.contains('=') || s.contains(';') || s.starts_with('=') {
+                // `--network-args` is a pflag string slice read as CSV
+                // (cmd/internal/cli/action_flags.go, pkg/cmdline/flag.go): a ',' would split
+                // the value and hand the rest to every network, a '"' is CSV quoting. Apptainer's
+                // parseArg (pkg/network/network.go) splits each pair on every '=' and wants
+                // exactly two parts, so a value may not contain '=' either.
+                if s.matches('=').count() != 1
+                    || s.starts_with('=')
+                    || s.chars()
+                        .any(|c| matches!(c, ';' | ',' | '"') || c.is_control())
+                {
                     self.push(
                         a.span().start,
                         keys::NETWORK_ARGS,
-                        format!("{s:?} is not one KEY=VALUE"),
+                        format!("{s:?} is not one KEY=VALUE (one '=', no ';', ',' or '\"')"),
                         Some("one entry per argument, e.g. args = [\"IP=10.1.225.1/16\"]"),
                     );
                 }
@@ -1601,21 +1612,42 @@ impl Subst<'_> {
     }
 }
 
-/// Apptainer's instance-name rule (`^[a-zA-Z0-9._-]+$`, internal/pkg/instance), minus the
-/// two names that are path components of their own.
+/// Longest service or network name. A booted instance's host name defaults to its instance
+/// name (`--boot` implies `--uts`, and Apptainer sets the hostname to the instance name),
+/// and sethostname(2) refuses more than HOST_NAME_MAX = 64 bytes; every file named after a
+/// service (`NAME.lock`, `NAME.run`, Apptainer's `NAME.json`) and the unit
+/// `apptainer-supervisor@NAME.service` stay far below NAME_MAX (255) with it.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The one rule for every name that becomes part of a path, a file name or a command-line
+/// value: service names (instance name, `/run/apptainer-supervisor/NAME.lock`, unit
+/// instance) and network names (`NAME.conflist`). Apptainer's instance-name rule
+/// (`^[a-zA-Z0-9._-]+$`, internal/pkg/instance) narrowed so that no name is a path of its own
+/// (`.`, `..`, a hidden file) or looks like an option: the name is a positional argument
+/// after the image in `apptainer instance start IMAGE NAME`, where a leading `-` would be
+/// read as a flag.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty".into());
-    }
-    if name == "." || name == ".." {
-        return Err(format!("{name:?} is not a usable name"));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(format!(
-            "{name:?} contains {c:?}; Apptainer instance names allow only letters, digits, '.', '_' and '-'"
+            "{name:?} contains {c:?}; names allow only ASCII letters, digits, '.', '_' and '-'"
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!(
+            "{name:?} starts with {:?}; a name must start with a letter, a digit or '_'",
+            &name[..1]
+        ));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "{name:?} is {} characters long; the limit is {MAX_NAME_LEN} (the host name a booted instance gets)",
+            name.len()
         ));
     }
     Ok(())
@@ -1710,20 +1742,11 @@ fn check_hostname(h: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// CNI network names: what `--network` selects by the conflist's `"name"`. A comma would
-/// split the `--network a,b` list.
+/// CNI network names: what `--network` selects by the conflist's `"name"`, and the file
+/// name `NAME.conflist`. Same rule as service names ([`check_name`]): no ',' (it would split
+/// the `--network a,b` list), nothing that is a path of its own.
 fn check_network_name(n: &str) -> Result<(), String> {
-    if n.is_empty() {
-        return Err("is empty".into());
-    }
-    if n.chars()
-        .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{n:?} may contain only letters, digits, '.', '_' and '-'"
-        ));
-    }
-    Ok(())
+    check_name(n)
 }
 
 /// A network interface name (IFNAMSIZ 16 with the NUL; no '/' or spaces).
@@ -1765,6 +1788,14 @@ fn check_path(p: &Path) -> Result<(), String> {
             "{s:?} contains ':' or ',', which Apptainer's option lists split on"
         ));
     }
+    // `--overlay` is a pflag string slice (pkg/cmdline/flag.go registers a `[]string`
+    // default as StringSlice), whose values pflag reads as one CSV record: a '"' is a
+    // quote (a bare one is a parse error) and a line break ends the record.
+    if let Some(c) = s.chars().find(|c| *c == '"' || c.is_control()) {
+        return Err(format!(
+            "{s:?} contains {c:?}, which Apptainer's option parser reads as CSV syntax"
+        ));
+    }
     Ok(())
 }
 
@@ -1788,11 +1819,40 @@ fn parse_bind(spec: &str) -> Result<Bind, (String, Option<&'static str>)> {
             return Err(("the destination is not an absolute path".into(), None));
         }
     }
+    // A bind onto the container's root would hide the image and the overlay that
+    // `--overlay` puts there: the one mount target Apptainer itself always owns.
+    let target = dst.as_ref().unwrap_or(&src);
+    if target
+        .components()
+        .all(|c| c == Component::RootDir || c == Component::CurDir)
+    {
+        return Err((
+            "the target is the container's root, where the image and overlay are".into(),
+            None,
+        ));
+    }
     for p in std::iter::once(&src).chain(dst.iter()) {
         let s = p.to_string_lossy();
         if s.contains(',') || s.contains('\0') {
             return Err((
                 "contains ',' or NUL, which Apptainer's --bind splits on".into(),
+                None,
+            ));
+        }
+        // Apptainer's ParseBindPath (pkg/runtime/engine/apptainer/config/bind.go) cuts the value into pieces
+        // with the regexp `([^,^:]+:?)` (a '^' falls between pieces and is lost), trims
+        // each piece with strings.TrimSpace, and reads a '\' before ',' or ':' as an
+        // escape: such a path would not arrive as written.
+        if let Some(c) = s.chars().find(|c| matches!(c, '^' | '\\')) {
+            return Err((
+                format!("contains {c:?}, which Apptainer's bind parser does not keep"),
+                None,
+            ));
+        }
+        if s.starts_with(char::is_whitespace) || s.ends_with(char::is_whitespace) {
+            return Err((
+                "a path starts or ends with white space, which Apptainer's bind parser trims"
+                    .into(),
                 None,
             ));
         }
@@ -1816,6 +1876,7 @@ fn parse_bind(spec: &str) -> Result<Bind, (String, Option<&'static str>)> {
         dst,
         opts,
         line: 0,
+        column: 0,
     })
 }
 
@@ -2052,10 +2113,84 @@ external = true
 
     #[test]
     fn invalid_names_are_refused() {
-        for bad in ["../x", "a b", "..", "x/y", ""] {
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        for bad in [
+            "../x",
+            "a b",
+            "..",
+            ".",
+            "x/y",
+            "",
+            ".hidden",
+            "-x",
+            "--help",
+            "caf\u{e9}",
+            "a\nb",
+            &long,
+        ] {
             let e = one_error(&format!("name = {bad:?}\nservice_dir = \"/x\"\n"));
             assert!(e.contains(":1:8: name: "), "{bad}: {e}");
         }
+        for good in ["ood001", "_x", "0", "a.b-c_d", &long[1..]] {
+            assert_eq!(check_name(good), Ok(()), "{good}");
+        }
+    }
+
+    #[test]
+    fn network_names_follow_the_name_rule() {
+        let e = one_error("service_dir = \"/x\"\n[[network]]\nname = \".n\"\nexternal = true\n");
+        assert!(
+            e.contains("3:8: network.name: \".n\" starts with \".\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn csv_syntax_is_refused_where_apptainer_reads_csv() {
+        let e = one_error("service_dir = \"/x\"\n[overlay]\npath = \"/o/a\\\"b.img\"\n");
+        assert!(
+            e.contains("overlay.path: \"/o/a\\\"b.img\" contains '\"'"),
+            "{e}"
+        );
+        let e = one_error("service_dir = \"/x\"\n[[network]]\nname = \"n\"\nexternal = true\nargs = [\"IP=10.0.0.2/24,FOO=1\"]\n");
+        assert!(
+            e.contains("network.args: \"IP=10.0.0.2/24,FOO=1\" is not one KEY=VALUE"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bind_paths_apptainer_would_not_keep_are_refused() {
+        for (spec, why) in [
+            ("/a^b:/c", "contains '^'"),
+            ("/a\\\\b:/c", "contains '\\\\'"),
+            ("/a:/c ", "white space"),
+            ("/a :/c", "white space"),
+        ] {
+            let e = one_error(&format!("service_dir = \"/x\"\nbinds = [{spec:?}]\n"));
+            assert!(e.contains(why), "{spec}: {e}");
+        }
+        let e = one_error("service_dir = \"/x\"\n[[network]]\nname = \"n\"\nexternal = true\nargs = [\"K=a=b\"]\n");
+        assert!(e.contains("\"K=a=b\" is not one KEY=VALUE (one '='"), "{e}");
+    }
+
+    #[test]
+    fn bind_onto_the_root_is_refused() {
+        for spec in ["/srv/r:/", "/", "/srv/r:/.:ro"] {
+            let e = one_error(&format!("service_dir = \"/x\"\nbinds = [{spec:?}]\n"));
+            assert!(
+                e.contains("the target is the container's root"),
+                "{spec}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn equivalent_bind_targets_are_one_target() {
+        let e = one_error("service_dir = \"/x\"\nbinds = [\"/a:/d\", \"/b:/d/\"]\n");
+        assert!(e.contains("is mounted at /d already"), "{e}");
+        let e = one_error("service_dir = \"/x\"\nbinds = [\"/d\", \"/b://d\"]\n");
+        assert!(e.contains("\"/b://d\" is mounted at /d already"), "{e}");
     }
 
     #[test]

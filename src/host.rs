@@ -51,8 +51,18 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
     for b in &s.binds {
         if !b.src.exists() {
             push(
-                format!("{}:{}: {}", s.file.display(), b.line, keys::BINDS),
-                format!("bind source {} does not exist", b.src.display()),
+                format!(
+                    "{}:{}:{}: {}",
+                    s.file.display(),
+                    b.line,
+                    b.column,
+                    keys::BINDS
+                ),
+                format!(
+                    "bind source {} does not exist on this host (bind {:?})\n  hint: create it, or remove the bind",
+                    b.src.display(),
+                    b.spec()
+                ),
             );
         }
     }

@@ -26,76 +26,200 @@ fn check(dir: &Path, text: &str, extra: &[&str]) -> (i32, String) {
     )
 }
 
-/// (what, file text, expected start of the message after "error: <file>:")
+/// (what, file text, the whole of stderr with `@` for the file's path). Golden: each
+/// class of mistake has exactly this message, its position, caret and hint.
 const STATIC_CASES: &[(&str, &str, &str)] = &[
     (
         "malformed TOML",
         "service_dir = \"/x\nboot = true\n",
-        "1:18: service_dir: invalid basic string",
+        "error: @:1:18: service_dir: invalid basic string, expected `\"`
+   1 | service_dir = \"/x
+     |                  ^
+",
     ),
     (
         "unknown key",
         "service_dir = \"/x\"\nbot = true\n",
-        "2:1: bot: unknown field `bot`",
+        "error: @:2:1: bot: unknown field `bot`, expected one of `name`, `service_dir`, `image`, `image_url`, `boot`, `hostname`, `binds`, `env_file`, `env`, `network`, `overlay`, `apptainer`, `readiness`, `timeouts`, `unit`, `install`, `security`
+   2 | bot = true
+     | ^
+",
     ),
     (
         "wrong type",
         "service_dir = \"/x\"\nboot = \"yes\"\n",
-        "2:8: boot: invalid type: string \"yes\", expected a boolean",
+        "error: @:2:8: boot: invalid type: string \"yes\", expected a boolean
+   2 | boot = \"yes\"
+     |        ^
+",
     ),
     (
-        "relative bind",
+        "relative bind source",
         "service_dir = \"/x\"\nbinds = [\"data:/data\"]\n",
-        "2:10: binds: \"data:/data\": the source is not an absolute path",
+        "error: @:2:10: binds: \"data:/data\": the source is not an absolute path
+   2 | binds = [\"data:/data\"]
+     |          ^
+  hint: bind sources are host paths; write them in full, or use ${service_dir}/…
+",
+    ),
+    (
+        "bind source still relative after substitution",
+        "name = \"svc\"\nservice_dir = \"/x\"\nbinds = [\"${name}/data:/data\"]\n",
+        "error: @:3:10: binds: \"svc/data:/data\": the source is not an absolute path
+   3 | binds = [\"${name}/data:/data\"]
+     |          ^
+  hint: bind sources are host paths; write them in full, or use ${service_dir}/…
+",
+    ),
+    (
+        "relative bind target",
+        "service_dir = \"/x\"\nbinds = [\"${service_dir}/data:data\"]\n",
+        "error: @:2:10: binds: \"/x/data:data\": the destination is not an absolute path
+   2 | binds = [\"${service_dir}/data:data\"]
+     |          ^
+",
     ),
     (
         "duplicate mount target",
         "service_dir = \"/x\"\nbinds = [\"/a:/d\", \"/b:/d\"]\n",
-        "2:19: binds: \"/b:/d\" is mounted at /d already (line 2)",
+        "error: @:2:19: binds: \"/b:/d\" is mounted at /d already (line 2)
+   2 | binds = [\"/a:/d\", \"/b:/d\"]
+     |                   ^
+  hint: each container path may be the target of one bind
+",
+    ),
+    (
+        "duplicate mount target, implicit and spelled differently",
+        "service_dir = \"/x\"\nbinds = [\n  \"/data\",\n  \"/srv/data:/data/:ro\",\n]\n",
+        "error: @:4:3: binds: \"/srv/data:/data/:ro\" is mounted at /data already (line 3)
+   4 |   \"/srv/data:/data/:ro\",
+     |   ^
+  hint: each container path may be the target of one bind
+",
+    ),
+    (
+        "bind onto the container's root",
+        "service_dir = \"/x\"\nbinds = [\"/srv:/\"]\n",
+        "error: @:2:10: binds: \"/srv:/\": the target is the container's root, where the image and overlay are
+   2 | binds = [\"/srv:/\"]
+     |          ^
+",
     ),
     (
         "traversal in the name",
         "name = \"../x\"\nservice_dir = \"/x\"\n",
-        "1:8: name: \"../x\" contains '/'",
+        "error: @:1:8: name: \"../x\" contains '/'; names allow only ASCII letters, digits, '.', '_' and '-'
+   1 | name = \"../x\"
+     |        ^
+",
+    ),
+    (
+        "slash in the name",
+        "name = \"x/y\"\nservice_dir = \"/x\"\n",
+        "error: @:1:8: name: \"x/y\" contains '/'; names allow only ASCII letters, digits, '.', '_' and '-'
+   1 | name = \"x/y\"
+     |        ^
+",
     ),
     (
         "space in the name",
         "name = \"a b\"\nservice_dir = \"/x\"\n",
-        "1:8: name: \"a b\" contains ' '",
+        "error: @:1:8: name: \"a b\" contains ' '; names allow only ASCII letters, digits, '.', '_' and '-'
+   1 | name = \"a b\"
+     |        ^
+",
+    ),
+    (
+        "leading dot in the name",
+        "name = \".x\"\nservice_dir = \"/x\"\n",
+        "error: @:1:8: name: \".x\" starts with \".\"; a name must start with a letter, a digit or '_'
+   1 | name = \".x\"
+     |        ^
+",
+    ),
+    (
+        "leading dash in the name",
+        "name = \"-x\"\nservice_dir = \"/x\"\n",
+        "error: @:1:8: name: \"-x\" starts with \"-\"; a name must start with a letter, a digit or '_'
+   1 | name = \"-x\"
+     |        ^
+",
+    ),
+    (
+        "empty name",
+        "name = \"\"\nservice_dir = \"/x\"\n",
+        "error: @:1:8: name: is empty
+   1 | name = \"\"
+     |        ^
+",
+    ),
+    (
+        "name too long",
+        "name = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\nservice_dir = \"/x\"\n",
+        "error: @:1:8: name: \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\" is 65 characters long; the limit is 64 (the host name a booted instance gets)
+   1 | name = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"
+     |        ^
+",
+    ),
+    (
+        "non-ASCII name",
+        "name = \"café\"\nservice_dir = \"/x\"\n",
+        "error: @:1:8: name: \"café\" contains 'é'; names allow only ASCII letters, digits, '.', '_' and '-'
+   1 | name = \"café\"
+     |        ^
+",
+    ),
+    (
+        "network name that is a hidden file",
+        "service_dir = \"/x\"\n[[network]]\nname = \".n\"\nexternal = true\n",
+        "error: @:3:8: network.name: \".n\" starts with \".\"; a name must start with a letter, a digit or '_'
+   3 | name = \".n\"
+     |        ^
+",
     ),
     (
         "missing service_dir",
         "name = \"x\"\n",
-        "1:1: service_dir: missing field `service_dir`",
+        "error: @:1:1: service_dir: missing field `service_dir`
+   1 | name = \"x\"
+     | ^
+",
     ),
     (
         "overlay too small",
         "service_dir = \"/x\"\n[overlay]\nsize_mib = 10\n",
-        "3:12: overlay.size_mib: 10 MiB is below Apptainer's minimum of 64 MiB",
+        "error: @:3:12: overlay.size_mib: 10 MiB is below Apptainer's minimum of 64 MiB
+   3 | size_mib = 10
+     |            ^
+",
     ),
     (
         "network without a name",
         "service_dir = \"/x\"\n[[network]]\nargs = []\n",
-        "2:1: network.name: missing field `name`",
+        "error: @:2:1: network.name: missing field `name`
+   2 | [[network]]
+     | ^
+",
     ),
     (
         "unknown network key",
         "service_dir = \"/x\"\n[[network]]\nname = \"n\"\nparent = \"eth0\"\n",
-        "4:1: network.parent: unknown field `parent`",
+        "error: @:4:1: network.parent: unknown field `parent`, expected one of `name`, `args`, `type`, `master`, `mode`, `bridge`, `mtu`, `mac`, `external`, `manage`, `ipam`
+   4 | parent = \"eth0\"
+     | ^
+",
     ),
 ];
 
 #[test]
 fn static_config_errors_name_file_line_key_and_exit_78() {
     let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("svc.toml");
     for (what, text, want) in STATIC_CASES {
         let (code, err) = check(d.path(), text, &[]);
         assert_eq!(code, 78, "{what}: {err}");
-        let prefix = format!("error: {}:{want}", d.path().join("svc.toml").display());
-        assert!(
-            err.starts_with(&prefix),
-            "{what}:\n got: {err}\nwant: {prefix}…"
-        );
+        let want = want.replace('@', &file.display().to_string());
+        assert_eq!(err, want, "{what}");
     }
 }
 
@@ -110,7 +234,7 @@ fn host_errors_need_host_flag_and_name_the_key() {
     let file = d.path().join("svc.toml");
     for want in [
         format!("{}: image (default): image /nonexistent/svc/containers/container.sif does not exist", file.display()),
-        format!("{}:2: binds: bind source /nonexistent/src does not exist", file.display()),
+        format!("{}:2:10: binds: bind source /nonexistent/src does not exist on this host", file.display()),
         format!("{}: overlay.path (default): the overlay is missing and its directory /nonexistent/svc/overlay does not exist", file.display()),
     ] {
         assert!(err.contains(&want), "missing {want:?} in:\n{err}");
@@ -236,4 +360,64 @@ fn service_file_writable_by_others_is_refused() {
         "{err}"
     );
     assert!(err.contains("hint: chmod go-w"), "{err}");
+}
+
+/// A service whose image, overlay directory and apptainer binary exist, so that a host check
+/// reports only what the case adds. Returns the service file's text.
+fn host_ready(dir: &Path, extra: &str) -> String {
+    let svc = dir.join("svc");
+    std::fs::create_dir_all(svc.join("containers")).unwrap();
+    std::fs::create_dir_all(svc.join("overlay")).unwrap();
+    std::fs::write(svc.join("containers/container.sif"), b"").unwrap();
+    format!(
+        "service_dir = \"{}\"\n{extra}[apptainer]\nbinary = \"/bin/true\"\n",
+        svc.display()
+    )
+}
+
+#[test]
+fn missing_bind_source_is_its_own_error_with_file_line_column_and_key() {
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(
+        d.path(),
+        "binds = [\n  \"/shared\",\n  \"/nonexistent/src:/dst:ro\",\n]\n",
+    );
+    let text = text.replace("/shared", d.path().to_str().unwrap());
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "error: {}:4:3: binds: bind source /nonexistent/src does not exist on this host (bind \"/nonexistent/src:/dst:ro\")\n  hint: create it, or remove the bind\n",
+            d.path().join("svc.toml").display()
+        )
+    );
+}
+
+#[test]
+fn service_file_not_owned_by_root_is_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(d.path(), "");
+    let file = d.path().join("svc.toml");
+    std::fs::write(&file, &text).unwrap();
+    std::os::unix::fs::chown(&file, Some(65534), None).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(d.path())
+        .args(["check", "--host", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "error: {f}: service file is owned by uid 65534, not root: it decides what runs as root\n  hint: chown root {f}\n",
+            f = file.display()
+        )
+    );
 }
