@@ -8,6 +8,19 @@ use std::path::Path;
 /// Writes `data` to a temporary file beside `path`, fsyncs it, renames it over `path` and
 /// fsyncs the directory. A crash or a full disk leaves the previous file intact.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_with(path, data, mode, true)
+}
+
+/// As [`write_atomic`], without the two fsyncs: for runtime state under /run that a
+/// reboot discards anyway. Readers still never see half a file (rename is atomic), a full
+/// disk still leaves the previous file; what is given up is durability across a crash of
+/// the machine, which /run does not have. The fsyncs cost milliseconds on a disk-backed
+/// directory, on the path between the inner boot's end and READY=1.
+pub fn write_replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_with(path, data, mode, false)
+}
+
+fn write_with(path: &Path, data: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -23,9 +36,14 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

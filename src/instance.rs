@@ -216,7 +216,9 @@ impl RunRecord {
 
     pub fn write(&self, path: &Path) -> io::Result<()> {
         let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
-        crate::fsutil::write_atomic(path, &text, 0o644)
+        // Under /run: it must outlive a killed supervisor, not a reboot (which empties
+        // /run), so the rename is enough and no fsync delays the start.
+        crate::fsutil::write_replace(path, &text, 0o644)
     }
 }
 

