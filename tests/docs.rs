@@ -678,3 +678,52 @@ fn unit_restart_rules_match_the_exit_codes() {
         "{UNIT}: RestartPreventExitStatus="
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// (e) the README's developer commands
+
+/// The line in the README's `sh` blocks that runs the tests (the one with `cargo test`).
+fn readme_test_line() -> String {
+    let readme = read("README.md");
+    let mut in_sh = false;
+    let mut found = Vec::new();
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh" && !in_sh;
+            continue;
+        }
+        if in_sh && line.trim_start().starts_with("tests/setup.sh") {
+            found.push(line.trim().to_owned());
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "README.md: want exactly one `tests/setup.sh && cargo test …` line in a ```sh block, found {found:?}"
+    );
+    found.remove(0)
+}
+
+#[test]
+fn ci_runs_the_readme_test_line_exactly() {
+    let line = readme_test_line();
+    assert!(
+        line.contains("cargo test --locked"),
+        "README's test line does not run cargo test --locked: {line}"
+    );
+    let ci = read(".ci/run");
+    assert!(
+        ci.lines().any(|l| l.trim() == line),
+        ".ci/run does not run the README's test line `{line}` as one line of its own"
+    );
+}
+
+#[test]
+fn setup_script_exists_and_is_executable() {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(root().join("tests/setup.sh")).expect("tests/setup.sh");
+    assert!(
+        meta.permissions().mode() & 0o111 == 0o111,
+        "tests/setup.sh is not executable: the README runs it as a command"
+    );
+}
