@@ -35,6 +35,7 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("INSTANCE_ENDED", exit::INSTANCE_ENDED),
     ("USAGE", exit::USAGE),
     ("NOT_ALL_UP", exit::NOT_ALL_UP),
+    ("NO_SUCH_SERVICE", exit::NO_SUCH_SERVICE),
     ("DATAERR", exit::DATAERR),
     ("NOINPUT", exit::NOINPUT),
     ("UNAVAILABLE", exit::UNAVAILABLE),
