@@ -728,3 +728,46 @@ fn setup_script_exists_and_is_executable() {
         "tests/setup.sh is not executable: the README runs it as a command"
     );
 }
+
+/// Each page names the package and its version in `.Os`, so `man` shows which release
+/// the page documents.
+#[test]
+fn pages_name_the_package_version_in_os() {
+    let want = format!(".Os apptainer-supervisor {}", env!("CARGO_PKG_VERSION"));
+    for page in [MAIN_PAGE, TOML_PAGE, GENERATOR_PAGE] {
+        let text = read(page);
+        assert!(
+            text.lines().any(|l| l == want),
+            "{page}: no `{want}` line (update it with Cargo.toml's version)"
+        );
+    }
+}
+
+/// Man pages and README are for operators: no file names of the source tree, and today's
+/// setup is named as such (docs/DESIGN.md holds the internals).
+#[test]
+fn operator_docs_name_no_source_files_and_no_seed() {
+    for doc in ["README.md", MAIN_PAGE, TOML_PAGE, GENERATOR_PAGE] {
+        let text = read(doc);
+        for (n, line) in text.lines().enumerate() {
+            // roff comments are for whoever edits the page.
+            if line.starts_with(".\\\"") {
+                continue;
+            }
+            let lower = line.to_lowercase();
+            assert!(
+                !lower.contains("the seed") && !lower.contains("seed's"),
+                "{doc}:{}: call it today's start.sh setup: {line}",
+                n + 1
+            );
+            if doc != MAIN_PAGE {
+                // The main page's HARDENING text still cites its tests (issue 10's area).
+                assert!(
+                    !line.contains("src/") && !line.contains(".rs"),
+                    "{doc}:{}: a source file name belongs in docs/DESIGN.md: {line}",
+                    n + 1
+                );
+            }
+        }
+    }
+}
