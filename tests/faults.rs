@@ -505,7 +505,7 @@ fn overlay_from_mkfs_reads_as_a_sound_ext3() {
     }
     let w = World::new("f-sb");
     let overlay = create_overlay(&w);
-    let sb = apptainer_supervisor::overlay::read_superblock(&overlay).unwrap();
+    let sb = apptainer_supervisor::host::read_superblock(&overlay).unwrap();
     assert!(sb.has_journal, "ext3: {sb:?}");
     assert!(!sb.needs_recovery && !sb.errors);
     assert_eq!(sb.blocks_count * sb.block_size, 64 << 20, "{sb:?}");
@@ -585,7 +585,7 @@ fn overlay_over_90_percent_full_is_warned_about_at_start() {
         .output()
         .unwrap();
     stop(&mut w, 0);
-    let sb = apptainer_supervisor::overlay::read_superblock(&w.overlay()).unwrap();
+    let sb = apptainer_supervisor::host::read_superblock(&w.overlay()).unwrap();
     assert!(sb.fill_percent() > 90.0, "{sb:?}");
     start(&mut w);
     let out = stop(&mut w, 1);
@@ -657,8 +657,8 @@ fn full_tmpfs_keeps_previous_files_intact() {
         rerun_in_private_mounts("full_tmpfs_keeps_previous_files_intact");
         return;
     }
-    use apptainer_supervisor::fsutil::write_atomic;
-    use apptainer_supervisor::instance::{ProcId, RunRecord};
+    use apptainer_supervisor::os::write_atomic;
+    use apptainer_supervisor::os::{ProcId, RunRecord};
     // Room for the old files, then nothing.
     let d = tiny_tmpfs(16, 3);
     let root = d.path();

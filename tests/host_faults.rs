@@ -2,7 +2,7 @@
 //! systemd booted as PID 1 in namespaces of its own) with the container's systemd booted
 //! from the cached test rootfs through the Apptainer double:
 //!
-//! * the capability sets the supervisor runs with (`src/privilege.rs`), as
+//! * the capability sets the supervisor runs with (`src/host/privilege.rs`), as
 //!   `/proc/<pid>/status` shows them, and the bounding set its container inherits;
 //! * the hardening directives of `units/apptainer-supervisor@.service`: the kept ones run
 //!   in every test here (the unit is the shipped one), the dropped ones each in a drop-in
@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use apptainer_supervisor::privilege;
+use apptainer_supervisor::host::privilege;
 use support::host::{HostSystemd, BOOT_TARGET};
 use support::{loops_for, require_root, rootfs, support, World, BIN};
 

@@ -3,7 +3,7 @@
 //! datagram socket of this test. Every entry is parsed from journald's native protocol
 //! (<https://systemd.io/JOURNAL_NATIVE_PROTOCOL/>) and the fields and priorities of the real
 //! events are checked: the supervisor's own (tracing-journald) and the instance's output
-//! lines forwarded by `src/output.rs`. Needs root.
+//! lines forwarded by `src/os/output.rs`. Needs root.
 
 mod support;
 

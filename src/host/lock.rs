@@ -32,8 +32,13 @@ pub struct ServiceLock {
     _file: File,
 }
 
+/// The lock file of service `name` (also listed by `check`).
+pub fn path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("{name}.lock"))
+}
+
 pub fn acquire(run_dir: &Path, name: &str) -> Result<ServiceLock, LockError> {
-    let path = run_dir.join(format!("{name}.lock"));
+    let path = path(run_dir, name);
     let open_err = |source| LockError::Open {
         path: path.clone(),
         source,

@@ -5,7 +5,9 @@
 //! [`toml::Spanned`] so a later check can still point at a line), then [`validate`] turns
 //! them into a [`Service`] with every path absolute and every default filled in, collecting
 //! all problems before it gives up. Nothing here touches the host: checks that need the
-//! host (does the image exist?) live in `host.rs`.
+//! host (does the image exist?) live in [`crate::host`].
+
+pub mod keys;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,8 +15,6 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
-
-use crate::keys;
 
 /// Where `run NAME` and `check NAME` look for `NAME.toml`.
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/apptainer-supervisor";
@@ -309,7 +309,7 @@ impl ReadinessMode {
 }
 
 /// `[security]`: what the supervisor leaves in the capability bounding set of what it
-/// starts (see [`crate::privilege`]).
+/// starts (see [`crate::host::privilege`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Security {
     /// Capabilities of `privilege::BOUNDING_DROP` this service keeps.
@@ -793,7 +793,7 @@ impl Validator<'_> {
                 .security
                 .keep_capabilities
                 .iter()
-                .filter_map(|c| match crate::privilege::parse_cap(c.get_ref()) {
+                .filter_map(|c| match parse_cap(c.get_ref()) {
                     Ok(cap) => Some(cap),
                     Err(reason) => {
                         self.push(
@@ -2006,6 +2006,15 @@ fn unquote(v: &str) -> Option<String> {
     Some(v.to_owned())
 }
 
+/// Parses a capability name as `security.keep_capabilities` takes it: `CAP_SYS_TIME`,
+/// case-insensitive, the `CAP_` prefix optional.
+pub fn parse_cap(name: &str) -> Result<caps::Capability, String> {
+    let canonical = caps::to_canonical(name);
+    canonical
+        .parse::<caps::Capability>()
+        .map_err(|_| format!("{name:?} is not a Linux capability name (capabilities(7))"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2443,5 +2452,17 @@ external = true
         let t = "a = 1\n[[network]]\nname = 2\n";
         assert_eq!(key_at(t, t.find("2").unwrap()), "network.name");
         assert_eq!(key_at(t, 0), "a");
+    }
+
+    #[test]
+    fn capability_names_parse_as_capabilities7_spells_them() {
+        assert_eq!(
+            parse_cap("CAP_SYS_TIME"),
+            Ok(caps::Capability::CAP_SYS_TIME)
+        );
+        assert_eq!(parse_cap("sys_time"), Ok(caps::Capability::CAP_SYS_TIME));
+        assert!(parse_cap("CAP_FLY")
+            .unwrap_err()
+            .contains("not a Linux capability"));
     }
 }

@@ -167,7 +167,7 @@ async fn release_one(
     dirs: &[PathBuf],
     per_plugin: Duration,
 ) -> Result<(), CniError> {
-    let path = crate::network::path(&s.apptainer.network_dir, network);
+    let path = crate::host::cni_dir::path(&s.apptainer.network_dir, network);
     let text = std::fs::read_to_string(&path).map_err(|source| CniError::ReadConf {
         path: path.clone(),
         source,

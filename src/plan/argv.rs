@@ -6,8 +6,8 @@
 
 use std::ffi::OsString;
 
+use crate::config::keys;
 use crate::config::Service;
-use crate::keys;
 
 /// How a table entry turns into arguments.
 enum Emit {

@@ -16,8 +16,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::{self, Service};
-use crate::inner::{ManagerProxy, UnitProxy};
-use crate::state::{self, LiveState, Phase};
+use crate::os::inner::{ManagerProxy, UnitProxy};
+use crate::os::live::{self, LiveState, Phase};
 
 /// Overlay fill at which `status` and the start warn.
 pub const OVERLAY_WARN_PERCENT: f64 = 90.0;
@@ -104,7 +104,7 @@ impl ServiceStatus {
 /// (a service removed while it still runs). `status NAME` of neither is an error.
 pub fn known(config_dir: &Path, run_dir: &Path, name: &str) -> bool {
     config::path_for(config_dir, name).is_ok_and(|p| p.exists())
-        || state::path(run_dir, name).exists()
+        || live::path(run_dir, name).exists()
 }
 
 /// The services to show: the named ones, or every `*.toml` of the config directory plus any
@@ -150,7 +150,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
         },
         _ => (None, None, None),
     };
-    let live = LiveState::read(&state::path(run_dir, name));
+    let live = LiveState::read(&live::path(run_dir, name));
     let mut st = ServiceStatus {
         schema_version: SCHEMA_VERSION,
         service: name.to_owned(),
@@ -174,7 +174,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
         warnings: Vec::new(),
     };
     match live {
-        Ok(Some(l)) => apply_live(&mut st, &l, state::unix_now()),
+        Ok(Some(l)) => apply_live(&mut st, &l, live::unix_now()),
         Ok(None) => {}
         Err(e) => st.warnings.push(e.to_string()),
     }
@@ -186,7 +186,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
             .push("no service file in the config directory".to_owned());
     }
     // A unit of the same name outranks or is shadowed by ours: say so, on one line.
-    if let Some(c) = crate::unit_names::clash(name, &crate::unit_names::unit_root()) {
+    if let Some(c) = crate::host::unit_names::clash(name, &crate::host::unit_names::unit_root()) {
         st.warnings
             .push(c.message(name).replace("\n  hint: ", "; "));
     }
@@ -260,14 +260,15 @@ pub fn overlay_use(path: &Path) -> OverlayUse {
     let (apparent, allocated) = meta
         .as_ref()
         .map_or((0, 0), |m| (m.len(), m.blocks() * 512));
-    let (fs_used_percent, fs_size_bytes, fs_error) = match crate::overlay::read_superblock(path) {
-        Ok(sb) => (
-            Some((sb.fill_percent() * 10.0).round() / 10.0),
-            Some(sb.blocks_count * sb.block_size),
-            None,
-        ),
-        Err(e) => (None, None, Some(e.to_string())),
-    };
+    let (fs_used_percent, fs_size_bytes, fs_error) =
+        match crate::host::overlay::read_superblock(path) {
+            Ok(sb) => (
+                Some((sb.fill_percent() * 10.0).round() / 10.0),
+                Some(sb.blocks_count * sb.block_size),
+                None,
+            ),
+            Err(e) => (None, None, Some(e.to_string())),
+        };
     OverlayUse {
         path: path.to_owned(),
         apparent_bytes: apparent,
@@ -288,7 +289,7 @@ fn image_info(s: &Service) -> ImageInfo {
         path: s.image.clone(),
         url: s.image_url.clone(),
         mtime,
-        age_days: mtime.map(|t| state::unix_now().saturating_sub(t) / 86_400),
+        age_days: mtime.map(|t| live::unix_now().saturating_sub(t) / 86_400),
     }
 }
 
@@ -317,7 +318,7 @@ pub async fn ask_buses(rows: &mut [ServiceStatus]) {
         }
         if let Some(pid) = row.instance_pid {
             let live = tokio::time::timeout(BUS_TIMEOUT, async {
-                let i = crate::inner::connect_now(pid).await.ok()?;
+                let i = crate::os::inner::connect_now(pid).await.ok()?;
                 i.failed_units().await.ok()
             })
             .await;
@@ -520,8 +521,8 @@ pub fn render_warnings(rows: &[ServiceStatus]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::ProcId;
-    use crate::state::{InnerSummary, LiveState};
+    use crate::os::instance::ProcId;
+    use crate::os::live::{InnerSummary, LiveState};
 
     fn row(name: &str) -> ServiceStatus {
         ServiceStatus {

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::unix::AsyncFd;
 
-use crate::journal::Journal;
+use crate::os::journal::Journal;
 
 /// Longest line forwarded as one entry; longer lines are cut into pieces of this size
 /// (journald's own stream transport cuts at `LineMax=48K`). It also keeps every entry far

@@ -43,8 +43,8 @@
 use caps::{CapSet, Capability, CapsHashSet};
 use tracing::debug;
 
+use crate::config::keys;
 use crate::config::Service;
-use crate::keys;
 
 /// A set of capabilities, sorted by number (`caps::Capability` is not `Ord`).
 pub type Caps = Vec<Capability>;
@@ -281,15 +281,6 @@ pub fn show(set: &Caps) -> String {
         .join(",")
 }
 
-/// Parses a capability name as `security.keep_capabilities` takes it: `CAP_SYS_TIME`,
-/// case-insensitive, the `CAP_` prefix optional.
-pub fn parse_cap(name: &str) -> Result<Capability, String> {
-    let canonical = caps::to_canonical(name);
-    canonical
-        .parse::<Capability>()
-        .map_err(|_| format!("{name:?} is not a Linux capability name (capabilities(7))"))
-}
-
 /// The bitmask `/proc/<pid>/status` shows for a set (`CapBnd:` etc.).
 pub fn mask(set: &Caps) -> u64 {
     set.iter().fold(0, |m, c| m | c.bitmask())
@@ -337,15 +328,6 @@ mod tests {
         ] {
             assert!(!p.drop_bounding.contains(&c), "{c} stays");
         }
-    }
-
-    #[test]
-    fn capability_names_parse_as_capabilities7_spells_them() {
-        assert_eq!(parse_cap("CAP_SYS_TIME"), Ok(Capability::CAP_SYS_TIME));
-        assert_eq!(parse_cap("sys_time"), Ok(Capability::CAP_SYS_TIME));
-        assert!(parse_cap("CAP_FLY")
-            .unwrap_err()
-            .contains("not a Linux capability"));
     }
 
     #[test]
