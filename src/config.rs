@@ -722,6 +722,8 @@ impl Validator<'_> {
         for (k, value) in raw.env {
             if let Err(reason) = check_env_name(k.get_ref()) {
                 self.push(k.span().start, keys::ENV, reason, None);
+            } else if let Some(reason) = state_dir_env(k.get_ref()) {
+                self.push(k.span().start, keys::ENV, reason, Some(STATE_DIR_ENV_HINT));
             }
             env.insert(k.into_inner(), value);
         }
@@ -1775,6 +1777,25 @@ fn check_network_name(n: &str) -> Result<(), String> {
 /// is given. A service asks for it with `[[network]] name = "bridge"`, `external = true`.
 pub const APPTAINER_BRIDGE: &str = "bridge";
 
+/// Variables that decide where Apptainer keeps an instance's state file and logs
+/// (pkg/syfs/syfs.go `ConfigDir`: `APPTAINER_CONFIGDIR`, then `SINGULARITY_CONFIGDIR`, then
+/// `$HOME/.apptainer`). Set in the env file or `[env]`, they would reach the CLI only, so
+/// the instance would be recorded where neither the supervisor nor an operator's `apptainer
+/// instance list` looks: refused.
+pub const STATE_DIR_ENV: &[&str] = &["HOME", "APPTAINER_CONFIGDIR", "SINGULARITY_CONFIGDIR"];
+
+/// Why `k` may not be set for the Apptainer CLI, if it may not.
+pub fn state_dir_env(k: &str) -> Option<String> {
+    STATE_DIR_ENV.contains(&k).then(|| {
+        format!(
+            "{k} would move Apptainer's instance state and logs away from where `apptainer instance list` and the supervisor look for them (pkg/syfs ConfigDir)"
+        )
+    })
+}
+
+/// The hint that goes with [`state_dir_env`].
+pub const STATE_DIR_ENV_HINT: &str = "remove it: with boot = true the container's init gets HOME=/root anyway; to move Apptainer's state, set it in the unit's environment (systemctl edit), for the supervisor and Apptainer alike";
+
 /// A network interface name (IFNAMSIZ 16 with the NUL; no '/' or spaces).
 fn check_ifname(n: &str) -> Result<(), String> {
     if n.is_empty() || n.len() > 15 || n == "." || n == ".." {
@@ -1995,6 +2016,17 @@ impl fmt::Display for BindOpt {
 /// `#` comments and blank lines are skipped, an `export ` prefix is allowed, a value in
 /// matching single or double quotes loses them. Nothing is expanded. Errors name the line.
 pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, (usize, String)> {
+    Ok(parse_env_file_lines(text)?
+        .into_iter()
+        .map(|(_, k, v)| (k, v))
+        .collect())
+}
+
+/// One variable of the env file: its line, name and value.
+pub type EnvLine = (usize, String, String);
+
+/// [`parse_env_file`], with the line of each variable, for messages about one of them.
+pub fn parse_env_file_lines(text: &str) -> Result<Vec<EnvLine>, (usize, String)> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let lineno = i + 1;
@@ -2014,7 +2046,7 @@ pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, (usize, Strin
                 format!("{k}: command substitution is not supported (the file is read, not run by a shell)"),
             ));
         }
-        out.push((k.to_owned(), v));
+        out.push((lineno, k.to_owned(), v));
     }
     Ok(out)
 }
@@ -2494,5 +2526,18 @@ external = true
         let s =
             p("service_dir = \"/x\"\n[[network]]\nname = \"bridge\"\nexternal = true\n").unwrap();
         assert!(s.networks[0].cni.is_none());
+    }
+
+    #[test]
+    fn env_may_not_move_apptainers_state() {
+        for k in STATE_DIR_ENV {
+            let e = one_error(&format!("service_dir = \"/x\"\n[env]\n{k} = \"/srv\"\n"));
+            assert!(
+                e.contains(&format!(
+                    "3:1: env: {k} would move Apptainer's instance state"
+                )),
+                "{e}"
+            );
+        }
     }
 }
