@@ -261,3 +261,45 @@ fn reboot_inside_exits_133_and_poweroff_exits_0() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("powered off from inside"));
 }
+
+/// Apptainer mounts a fresh sysfs read-write (container_linux.go `addKernelMount`), and the
+/// double does too. With a writable /sys, systemd-udevd and systemd-udev-trigger would run
+/// and trigger uevents on the host's devices: the test rootfs must have no udev (and has
+/// none), which this checks before anything else, as the booted systemd sees it.
+#[test]
+fn sysfs_is_writable_as_under_apptainer_and_the_test_rootfs_runs_no_udev() {
+    if !require_root() {
+        return;
+    }
+    let rootfs = rootfs();
+    for p in ["bin/udevadm", "lib/systemd/systemd-udevd"] {
+        assert!(
+            !rootfs.join(p).exists(),
+            "{p} in the test rootfs: mask the udev units there before booting it with a writable /sys"
+        );
+    }
+    let mut w = World::booted("i-sysfs", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    let mounts = w.inside(&["cat", "/proc/self/mounts"]);
+    let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
+    let sys = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some("/sys"))
+        .unwrap_or_else(|| panic!("no /sys mount: {mounts}"));
+    assert!(sys.starts_with("sysfs /sys sysfs rw,nosuid,nodev"), "{sys}");
+    for unit in ["systemd-udevd.service", "systemd-udev-trigger.service"] {
+        let out = w.inside(&["systemctl", "show", "-p", "LoadState", "--value", unit]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "not-found",
+            "{unit}"
+        );
+    }
+    let out = stop(&mut w, 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
