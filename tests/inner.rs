@@ -303,3 +303,51 @@ fn sysfs_is_writable_as_under_apptainer_and_the_test_rootfs_runs_no_udev() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The first cgroup2 mount's super options (the hierarchy's root flags, e.g. `nsdelegate`).
+fn cgroup2_super_options() -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| l.split_once(" - "))
+        .find(|(_, r)| r.starts_with("cgroup2 "))
+        .map(|(_, r)| r.split(' ').nth(2).unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+/// Apptainer creates no cgroup namespace and puts the container in a cgroup of its own; the
+/// booted systemd then builds its tree below that cgroup, in the host's hierarchy (here the
+/// cgroupfs path `/apptainer/<pid>`, DOUBLE.md deviation 5). The host's cgroup2 root flags
+/// are left as they were.
+#[test]
+fn no_cgroup_namespace_the_inner_systemd_lives_below_the_containers_cgroup() {
+    if !require_root() {
+        return;
+    }
+    let flags = cgroup2_super_options();
+    let mut w = World::booted("i-cgroup", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    let (pid, _) = w.instance_pids();
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/cgroup")).unwrap();
+    assert_eq!(ns(&pid.to_string()), ns("self"), "no cgroup namespace");
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cg.lines()
+            .any(|l| l == format!("0::/apptainer/{pid}/init.scope")),
+        "{cg}"
+    );
+    let inner = w.inside(&["cat", "/proc/1/cgroup"]);
+    assert!(
+        String::from_utf8_lossy(&inner.stdout).contains(&format!("0::/apptainer/{pid}/init.scope")),
+        "the container sees the host's path: {}",
+        String::from_utf8_lossy(&inner.stdout)
+    );
+    assert_eq!(unit_state(&w, "asv-simple.service"), "active");
+    assert_eq!(cgroup2_super_options(), flags, "root flags unchanged");
+    let out = stop(&mut w, 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
