@@ -13,8 +13,9 @@
 //!   supervisor's exit 69, the message quoted once, for 1.4 (log echoed on stderr) and 1.3
 //!   (on stdout);
 //! - `no`: no capabilities and no_new_privs in the container.
+//! - `security.keep_capabilities` still parses, has no effect, and `check` and `run` say so.
 //!
-//! Light init (`fake-init`), needs root.
+//! Light init (`fake-init`), needs root (but the `check` test).
 
 mod support;
 
@@ -59,15 +60,13 @@ fn kernel_caps() -> u64 {
     (1u64 << (last + 1)) - 1
 }
 
-fn stop(w: &mut World) {
+/// Stops the supervisor; its stderr.
+fn stop(w: &mut World) -> String {
     kill(w.child(0).id() as i32, libc::SIGTERM);
     let out = w.wait(0, 30 * SEC);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    err
 }
 
 #[test]
@@ -77,6 +76,8 @@ fn file_list_of_the_whole_bounding_set_starts_and_the_container_holds_it() {
     }
     let bounding = own_bounding();
     let mut w = World::new("t-capfile");
+    // A deployed file that still keeps a capability back: it runs, with a warning.
+    w.append_config("[security]\nkeep_capabilities = [\"CAP_SYS_TIME\"]\n");
     w.spawn_run();
     w.wait_ready();
     let (init, master) = w.instance_pids();
@@ -105,7 +106,51 @@ fn file_list_of_the_whole_bounding_set_starts_and_the_container_holds_it() {
         );
     }
     assert_eq!(status(init, "NoNewPrivs"), "0");
-    stop(&mut w);
+    let err = stop(&mut w);
+    assert!(
+        err.contains(" WARN ")
+            && err.contains("security.keep_capabilities: has no effect any more"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_warns_that_keep_capabilities_has_no_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("svc001.toml");
+    std::fs::write(
+        &file,
+        "name = \"svc001\"\nservice_dir = \"/srv/svc001\"\n\
+         [security]\nkeep_capabilities = [\"CAP_SYS_TIME\", \"syslog\"]\n",
+    )
+    .unwrap();
+    let check = |json: bool| {
+        let mut c = std::process::Command::new(BIN);
+        c.arg("--config-dir")
+            .arg(dir.path())
+            .args(["check", "svc001"]);
+        if json {
+            c.arg("--json");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let text = check(false);
+    assert!(
+        text.contains(&format!(
+            "warning: {}:4: security.keep_capabilities: has no effect any more",
+            file.display()
+        )),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&check(true)).unwrap();
+    assert!(
+        v["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("security.keep_capabilities: has no effect")),
+        "{v}"
+    );
 }
 
 /// `full` on a bounding set without CAP_SYS_RESOURCE: Apptainer's exact refusal. Returns
