@@ -30,3 +30,4 @@ pub mod privilege;
 pub mod state;
 pub mod status;
 pub mod supervise;
+pub mod unit_names;

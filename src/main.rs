@@ -1,6 +1,6 @@
 //! Thin: parse the command line, call the library, print the error once, pick the exit code.
 
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -9,7 +9,8 @@ use apptainer_supervisor::apptainer::InstancePaths;
 use apptainer_supervisor::cli::{Cli, Command, Target};
 use apptainer_supervisor::config::{self, Service};
 use apptainer_supervisor::supervise::{self, exit};
-use apptainer_supervisor::{check, host, logging, migrate, status};
+use apptainer_supervisor::unit_names::{self, UnitClash};
+use apptainer_supervisor::{check, cli, host, logging, migrate, status};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -23,11 +24,38 @@ fn main() -> ExitCode {
     ExitCode::from(real_main(cli) as u8)
 }
 
+/// Writes a command's output to stdout. A reader that went away (EPIPE: `| head`, a
+/// closed pipe) ends the output quietly and the command keeps its exit code; Rust's
+/// `print!` would panic there, and the release build (panic=abort) dump core.
+fn emit(text: &str) -> Result<(), i32> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => {
+            eprintln!("error: writing to standard output: {e}");
+            Err(exit::OSERR)
+        }
+    }
+}
+
+/// The service file of a `check` or `run`, refused when its name is a unit the system
+/// ships (the generated unit would shadow it, the template's Conflicts= stop it).
 fn load(cli: &Cli, target: &Target) -> Result<Service, i32> {
+    let s = load_file(cli, target)?;
+    if let Some(c @ UnitClash::System { .. }) = unit_names::clash(&s.name, &unit_names::unit_root())
+    {
+        eprintln!("error: {}: {}", s.file.display(), c.message(&s.name));
+        return Err(exit::CONFIG);
+    }
+    Ok(s)
+}
+
+fn load_file(cli: &Cli, target: &Target) -> Result<Service, i32> {
     let loaded = match (&target.name, &target.config) {
         (_, Some(path)) => config::load(path, None),
-        (Some(name), None) => match config::path_for(&cli.config_dir, name) {
-            Ok(path) => config::load(&path, Some(name)),
+        (Some(name), None) => match config::path_for(&cli.config_dir, cli::service_name(name)) {
+            Ok(path) => config::load(&path, Some(cli::service_name(name))),
             Err(reason) => {
                 eprintln!("error: service name {reason}");
                 return Err(exit::CONFIG);
@@ -57,6 +85,13 @@ fn real_main(cli: Cli) -> i32 {
                     eprintln!("error: {e}");
                     return exit::CONFIG;
                 }
+                // Today's start.sh unit of the same name: valid, but it must go before the
+                // generated unit is used.
+                if let Some(c @ UnitClash::Admin { .. }) =
+                    unit_names::clash(&s.name, &unit_names::unit_root())
+                {
+                    eprintln!("warning: {}", c.message(&s.name));
+                }
             } else {
                 // Claims shared with other services in --config-dir are static facts too.
                 let issues = host::claims(&s, &cli.config_dir);
@@ -71,51 +106,77 @@ fn real_main(cli: Cli) -> i32 {
                 &InstancePaths::for_current(&s.name),
                 *host_check,
             );
-            if *json {
+            let text = if *json {
                 match serde_json::to_string_pretty(&plan) {
-                    Ok(j) => println!("{j}"),
+                    Ok(j) => j + "\n",
                     Err(e) => {
                         eprintln!("error: {e}");
                         return exit::SOFTWARE;
                     }
                 }
             } else {
-                print!("{}", check::render_text(&plan));
-            }
-            exit::OK
+                check::render_text(&plan)
+            };
+            emit(&text).map_or_else(|code| code, |()| exit::OK)
         }
         Command::Status {
             names,
             json,
+            no_legend,
             run_dir,
         } => {
             let run_dir = run_dir.clone().unwrap_or_else(supervise::default_run_dir);
-            let names = match status::service_names(&cli.config_dir, &run_dir, names) {
+            let named: Vec<String> = names
+                .iter()
+                .map(|n| cli::service_name(n).to_owned())
+                .collect();
+            let names = match status::service_names(&cli.config_dir, &run_dir, &named) {
                 Ok(n) => n,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return exit::CONFIG;
                 }
             };
+            // A name with neither a service file nor a supervisor is an error, not a
+            // made-up row (systemctl: "Unit … could not be found", exit 4).
+            let (names, unknown): (Vec<String>, Vec<String>) = names
+                .into_iter()
+                .partition(|n| status::known(&cli.config_dir, &run_dir, n));
+            for n in &unknown {
+                eprintln!(
+                    "error: no service {n}: no {} and no supervisor's state in {}",
+                    cli.config_dir.join(format!("{n}.toml")).display(),
+                    run_dir.display()
+                );
+            }
             let rows = status::collect(&cli.config_dir, &run_dir, &names);
-            if *json {
+            let code = if !unknown.is_empty() {
+                exit::NO_SUCH_SERVICE
+            } else if *json || rows.iter().all(|r| r.is_up()) {
+                // --json: for collectors (telegraf's exec input drops output on a non-zero
+                // exit), "not up" is in the data.
+                exit::OK
+            } else {
+                exit::NOT_ALL_UP
+            };
+            let text = if *json {
                 match serde_json::to_string_pretty(&rows) {
-                    Ok(j) => println!("{j}"),
+                    Ok(j) => j + "\n",
                     Err(e) => {
                         eprintln!("error: {e}");
                         return exit::SOFTWARE;
                     }
                 }
-                // For collectors (telegraf's exec input drops output on a non-zero exit).
-                exit::OK
+            } else if *no_legend {
+                // Only rows on stdout, for scripts; the warnings to stderr.
+                eprint!("{}", status::render_warnings(&rows));
+                status::render_table(&rows, false)
+            } else if rows.is_empty() && !unknown.is_empty() {
+                String::new()
             } else {
-                print!("{}", status::render_table(&rows));
-                if rows.iter().all(|r| r.is_up()) {
-                    exit::OK
-                } else {
-                    exit::NOT_ALL_UP
-                }
-            }
+                status::render_table(&rows, true) + &status::render_warnings(&rows)
+            };
+            emit(&text).map_or_else(|c| c, |()| code)
         }
         Command::Migrate(args) => match migrate::run(args) {
             Ok(()) => exit::OK,
@@ -125,14 +186,8 @@ fn real_main(cli: Cli) -> i32 {
             }
         },
         Command::Completions { shell } => {
-            let script = apptainer_supervisor::cli::completions(*shell);
-            match std::io::stdout().lock().write_all(&script) {
-                Ok(()) => exit::OK,
-                Err(e) => {
-                    eprintln!("error: writing the completion script to standard output: {e}");
-                    exit::OSERR
-                }
-            }
+            let script = cli::completions(*shell);
+            emit(&String::from_utf8_lossy(&script)).map_or_else(|c| c, |()| exit::OK)
         }
         Command::Run { target, run_dir } => {
             let s = match load(&cli, target) {
@@ -152,13 +207,13 @@ fn real_main(cli: Cli) -> i32 {
                     let code = e.exit_code();
                     if code == exit::OK {
                         tracing::info!("{e}");
-                    } else {
+                    } else if logging::under_systemd() {
+                        // To the journal, with its fields and priority.
                         tracing::error!(exit_code = code, "{e}");
-                        // stderr too: under systemd it lands in the journal as plain text,
-                        // and by hand it is what the operator reads.
-                        if std::env::var_os("JOURNAL_STREAM").is_none() {
-                            eprintln!("error: {e}");
-                        }
+                    } else {
+                        // By hand: the tracing layer writes to stderr too, so one
+                        // `error:` line, not the same message twice.
+                        eprintln!("error: {e}");
                     }
                     code
                 }

@@ -22,6 +22,10 @@ use crate::state::{self, LiveState, Phase};
 /// Overlay fill at which `status` and the start warn.
 pub const OVERLAY_WARN_PERCENT: f64 = 90.0;
 
+/// `schema_version` of every `status --json` object: raised when a field changes meaning
+/// or goes away (a new field does not raise it).
+pub const SCHEMA_VERSION: u32 = 1;
+
 /// How long one D-Bus question may take before the answer is `unknown`.
 const BUS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -60,6 +64,8 @@ pub struct ImageInfo {
 /// One row of `status`, and one object of `status --json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ServiceStatus {
+    /// [`SCHEMA_VERSION`], so that scripts can tell which fields they read.
+    pub schema_version: u32,
     pub service: String,
     /// The service file (None: only a state file exists, the service file is gone).
     pub config: Option<PathBuf>,
@@ -92,6 +98,13 @@ impl ServiceStatus {
     pub fn is_up(&self) -> bool {
         !self.stale && matches!(self.phase.as_str(), "ready" | "degraded")
     }
+}
+
+/// Whether a named service exists at all: a service file, or a state file of a supervisor
+/// (a service removed while it still runs). `status NAME` of neither is an error.
+pub fn known(config_dir: &Path, run_dir: &Path, name: &str) -> bool {
+    config::path_for(config_dir, name).is_ok_and(|p| p.exists())
+        || state::path(run_dir, name).exists()
 }
 
 /// The services to show: the named ones, or every `*.toml` of the config directory plus any
@@ -139,6 +152,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
     };
     let live = LiveState::read(&state::path(run_dir, name));
     let mut st = ServiceStatus {
+        schema_version: SCHEMA_VERSION,
         service: name.to_owned(),
         config,
         config_error,
@@ -170,6 +184,11 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
     if st.config.is_none() {
         st.warnings
             .push("no service file in the config directory".to_owned());
+    }
+    // A unit of the same name outranks or is shadowed by ours: say so, on one line.
+    if let Some(c) = crate::unit_names::clash(name, &crate::unit_names::unit_root()) {
+        st.warnings
+            .push(c.message(name).replace("\n  hint: ", "; "));
     }
     if let Some(s) = &service {
         st.overlay = Some(overlay_use(&s.overlay.path));
@@ -399,8 +418,9 @@ pub fn human_duration(s: u64) -> String {
     }
 }
 
-/// The table: one line per service, then one line per warning.
-pub fn render_table(rows: &[ServiceStatus]) -> String {
+/// The table: the header line when `legend` (`--no-legend` leaves it out, as systemctl's
+/// does), then one line per service. Warnings are [`render_warnings`].
+pub fn render_table(rows: &[ServiceStatus], legend: bool) -> String {
     let header = [
         "SERVICE", "UNIT", "PHASE", "PID", "IP", "UPTIME", "INNER", "FAILED", "OVERLAY", "IMAGE",
     ];
@@ -474,13 +494,21 @@ pub fn render_table(rows: &[ServiceStatus]) -> String {
         }
         out.push('\n');
     };
-    line(
-        &mut out,
-        &header.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-    );
+    if legend {
+        line(
+            &mut out,
+            &header.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+        );
+    }
     for row in &cells {
         line(&mut out, row);
     }
+    out
+}
+
+/// One `warning: SERVICE: …` line per warning.
+pub fn render_warnings(rows: &[ServiceStatus]) -> String {
+    let mut out = String::new();
     for r in rows {
         for w in &r.warnings {
             out.push_str(&format!("warning: {}: {w}\n", r.service));
@@ -497,6 +525,7 @@ mod tests {
 
     fn row(name: &str) -> ServiceStatus {
         ServiceStatus {
+            schema_version: SCHEMA_VERSION,
             service: name.into(),
             config: None,
             config_error: None,
@@ -590,7 +619,7 @@ mod tests {
             fs_error: None,
         });
         r.warnings.push("overlay /x/overlay.img is 93% full".into());
-        let t = render_table(&[r]);
+        let t = render_table(std::slice::from_ref(&r), true) + &render_warnings(&[r.clone()]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("SERVICE  UNIT     PHASE"), "{t}");
         assert!(lines[1].starts_with("ww001    unknown  ready"), "{t}");
@@ -599,6 +628,15 @@ mod tests {
             lines[2],
             "warning: ww001: overlay /x/overlay.img is 93% full"
         );
+    }
+
+    #[test]
+    fn no_legend_leaves_out_the_header_only() {
+        let r = row("ood001");
+        let t = render_table(std::slice::from_ref(&r), false);
+        assert_eq!(t.lines().count(), 1, "{t}");
+        // The same columns as with the header, so both forms line up the same.
+        assert!(t.starts_with("ood001   unknown  not-running"), "{t}");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub mod exit {
     /// `status` (text): at least one service shown is not up (as `systemctl status` says 3
     /// for a unit that is not active).
     pub const NOT_ALL_UP: i32 = 3;
+    /// `status NAME`: no such service (neither a service file nor a supervisor's state file),
+    /// as systemctl says 4 for a unit it cannot find.
+    pub const NO_SUCH_SERVICE: i32 = 4;
     /// `migrate`: an input (start.sh, host_vars) cannot be parsed.
     pub const DATAERR: i32 = 65;
     /// `migrate`: an input file cannot be read.

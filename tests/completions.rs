@@ -133,3 +133,111 @@ fn completions_rejects_an_unknown_shell() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bash") && err.contains("zsh"), "stderr: {err}");
 }
+
+/// What bash offers at a TAB after `line` (the cursor at its end): the script sourced in
+/// a fresh `bash -c`, the function that `complete -p apptainer-supervisor` names called
+/// with COMP_WORDS, COMP_CWORD, COMP_LINE and COMP_POINT set and the three arguments bash
+/// passes (the command, the word being completed, the word before it), then COMPREPLY.
+fn tab(script: &str, line: &str) -> Vec<String> {
+    assert!(
+        have_shell("bash"),
+        "bash is needed to drive bash completion"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("apptainer-supervisor.bash");
+    std::fs::write(&file, script).expect("write script");
+    let driver = r#"
+source "$1" || exit 90
+COMP_LINE="$2"
+COMP_POINT=${#COMP_LINE}
+read -ra COMP_WORDS <<< "$COMP_LINE"
+[[ "$COMP_LINE" == *" " ]] && COMP_WORDS+=("")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+spec=$(complete -p apptainer-supervisor) || exit 91
+fn=${spec#*-F }
+fn=${fn%% *}
+"$fn" apptainer-supervisor "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"
+printf '%s\n' "${COMPREPLY[@]}"
+"#;
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(driver)
+        .arg("bash")
+        .arg(&file)
+        .arg(line)
+        .output()
+        .expect("run bash");
+    assert!(
+        out.status.success(),
+        "bash completion of {line:?}: {:?}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// clap-rs/clap#6421: with a hyphen in the binary's name, clap_complete's script
+/// completes no option after a subcommand. `status --<TAB>` must offer status's options.
+#[test]
+fn bash_completes_the_options_of_a_subcommand() {
+    let s = script("bash");
+    let got = tab(&s, "apptainer-supervisor status --");
+    for want in [
+        "--json",
+        "--no-legend",
+        "--run-dir",
+        "--config-dir",
+        "--help",
+    ] {
+        assert!(got.iter().any(|g| g == want), "status --<TAB>: {got:?}");
+    }
+    assert!(
+        got.iter().all(|g| g.starts_with("--")),
+        "status --<TAB>: {got:?}"
+    );
+    let got = tab(&s, "apptainer-supervisor check --h");
+    assert!(got.iter().any(|g| g == "--host"), "check --h<TAB>: {got:?}");
+    let got = tab(&s, "apptainer-supervisor st");
+    assert_eq!(got, ["status"], "st<TAB>");
+}
+
+/// The NAME of `check`, `run` and `status` completes to the service files of the config
+/// directory (here given with --config-dir, as the default is the host's).
+#[test]
+fn bash_completes_service_names_from_the_config_directory() {
+    let s = script("bash");
+    let etc = tempfile::tempdir().expect("tempdir");
+    for f in [
+        "ood001.toml",
+        "ood002.toml",
+        "ww001.toml",
+        ".hidden.toml",
+        "notes.txt",
+    ] {
+        std::fs::write(etc.path().join(f), "").unwrap();
+    }
+    let d = etc.path().display().to_string();
+    let got = tab(
+        &s,
+        &format!("apptainer-supervisor --config-dir {d} status "),
+    );
+    for want in ["ood001", "ood002", "ww001"] {
+        assert!(got.iter().any(|g| g == want), "status <TAB>: {got:?}");
+    }
+    assert!(
+        !got.iter()
+            .any(|g| g.contains("hidden") || g.contains("notes")),
+        "status <TAB>: {got:?}"
+    );
+    let got = tab(
+        &s,
+        &format!("apptainer-supervisor --config-dir {d} check oo"),
+    );
+    assert_eq!(got, ["ood001", "ood002"], "check oo<TAB>");
+    let got = tab(&s, &format!("apptainer-supervisor run --config-dir {d} w"));
+    assert_eq!(got, ["ww001"], "run w<TAB>");
+}

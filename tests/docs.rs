@@ -35,6 +35,7 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("INSTANCE_ENDED", exit::INSTANCE_ENDED),
     ("USAGE", exit::USAGE),
     ("NOT_ALL_UP", exit::NOT_ALL_UP),
+    ("NO_SUCH_SERVICE", exit::NO_SUCH_SERVICE),
     ("DATAERR", exit::DATAERR),
     ("NOINPUT", exit::NOINPUT),
     ("UNAVAILABLE", exit::UNAVAILABLE),
@@ -677,4 +678,96 @@ fn unit_restart_rules_match_the_exit_codes() {
         BTreeSet::from([exit::CONFIG]),
         "{UNIT}: RestartPreventExitStatus="
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// (e) the README's developer commands
+
+/// The line in the README's `sh` blocks that runs the tests (the one with `cargo test`).
+fn readme_test_line() -> String {
+    let readme = read("README.md");
+    let mut in_sh = false;
+    let mut found = Vec::new();
+    for line in readme.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh" && !in_sh;
+            continue;
+        }
+        if in_sh && line.trim_start().starts_with("tests/setup.sh") {
+            found.push(line.trim().to_owned());
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "README.md: want exactly one `tests/setup.sh && cargo test …` line in a ```sh block, found {found:?}"
+    );
+    found.remove(0)
+}
+
+#[test]
+fn ci_runs_the_readme_test_line_exactly() {
+    let line = readme_test_line();
+    assert!(
+        line.contains("cargo test --locked"),
+        "README's test line does not run cargo test --locked: {line}"
+    );
+    let ci = read(".ci/run");
+    assert!(
+        ci.lines().any(|l| l.trim() == line),
+        ".ci/run does not run the README's test line `{line}` as one line of its own"
+    );
+}
+
+#[test]
+fn setup_script_exists_and_is_executable() {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(root().join("tests/setup.sh")).expect("tests/setup.sh");
+    assert!(
+        meta.permissions().mode() & 0o111 == 0o111,
+        "tests/setup.sh is not executable: the README runs it as a command"
+    );
+}
+
+/// Each page names the package and its version in `.Os`, so `man` shows which release
+/// the page documents.
+#[test]
+fn pages_name_the_package_version_in_os() {
+    let want = format!(".Os apptainer-supervisor {}", env!("CARGO_PKG_VERSION"));
+    for page in [MAIN_PAGE, TOML_PAGE, GENERATOR_PAGE] {
+        let text = read(page);
+        assert!(
+            text.lines().any(|l| l == want),
+            "{page}: no `{want}` line (update it with Cargo.toml's version)"
+        );
+    }
+}
+
+/// Man pages and README are for operators: no file names of the source tree, and today's
+/// setup is named as such (docs/DESIGN.md holds the internals).
+#[test]
+fn operator_docs_name_no_source_files_and_no_seed() {
+    for doc in ["README.md", MAIN_PAGE, TOML_PAGE, GENERATOR_PAGE] {
+        let text = read(doc);
+        for (n, line) in text.lines().enumerate() {
+            // roff comments are for whoever edits the page.
+            if line.starts_with(".\\\"") {
+                continue;
+            }
+            let lower = line.to_lowercase();
+            assert!(
+                !lower.contains("the seed") && !lower.contains("seed's"),
+                "{doc}:{}: call it today's start.sh setup: {line}",
+                n + 1
+            );
+            if doc != MAIN_PAGE {
+                // The main page's HARDENING text still cites its tests (issue 10's area).
+                assert!(
+                    !line.contains("src/") && !line.contains(".rs"),
+                    "{doc}:{}: a source file name belongs in docs/DESIGN.md: {line}",
+                    n + 1
+                );
+            }
+        }
+    }
 }

@@ -7,7 +7,9 @@
 //! - messages go to /dev/kmsg as `<3>apptainer-supervisor-generator[PID]: FILE: REASON`,
 //!   and to stderr when /dev/kmsg cannot be opened (a private mount namespace with a file
 //!   bound over /dev/kmsg: the machine's kernel log is never written);
-//! - a unit that already exists elsewhere is still generated, with a notice;
+//! - a name the system's units use gets no unit; an old unit in /etc/systemd/system wins
+//!   and is named for removal; a unit below ours is shadowed, with a notice;
+//! - `--help` and `--dryrun` print to stdout and never write to the kernel log;
 //! - only an unusable output directory fails the run.
 //!
 //! `UPDATE_GOLDEN=1` rewrites the expected files (read the diff before committing).
@@ -60,6 +62,11 @@ impl Run {
         self.dir.path().join("out")
     }
 
+    /// The test's `/` for unit directories (empty unless a test fills it).
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
     /// The generator as systemd calls it, messages to stderr.
     fn generate(&self) -> Output {
         self.command(&["env"], "console")
@@ -76,6 +83,7 @@ impl Run {
             .arg(d.join("early"))
             .arg(d.join("late"))
             .env("APPTAINER_SUPERVISOR_CONFIG_DIR", self.etc())
+            .env("APPTAINER_SUPERVISOR_UNIT_ROOT", self.root())
             .env("SYSTEMD_LOG_TARGET", target)
             .output()
             .expect("running the generator")
@@ -278,43 +286,135 @@ fn messages_go_to_kmsg_or_else_to_stderr() {
     assert!(r.out().join("minimal.service").exists());
 }
 
-/// A service named like a unit that exists already is generated all the same (it ranks
-/// below /etc and /run, above /usr), with a notice that says so.
+/// The unit directories of a host of the test's own (`APPTAINER_SUPERVISOR_UNIT_ROOT`
+/// stands for `/`).
+fn unit_dir(r: &Run, dir: &str) -> PathBuf {
+    let d = r.root().join(dir.trim_start_matches('/'));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A service named like a unit the system ships gets no unit (ours would shadow it, and
+/// the template's Conflicts= would stop it), and the message names that unit; the other
+/// services are still generated.
 #[test]
-fn a_unit_that_exists_elsewhere_is_generated_with_a_notice() {
-    let existing = ["/lib/systemd/system", "/usr/lib/systemd/system"]
-        .iter()
-        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
-        .filter_map(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let stem = n.strip_suffix(".service")?.to_owned();
-            stem.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-                .then_some((e.path(), stem))
-        })
-        .next();
-    let (path, stem) = existing.expect("a service unit in /lib/systemd/system (systemd installed)");
-    let r = Run::new(&[]);
+fn a_name_the_system_already_uses_gets_no_unit() {
+    let r = Run::new(&["minimal"]);
+    let shipped = unit_dir(&r, "/usr/lib/systemd/system").join("systemd-journald.service");
+    std::fs::write(&shipped, "[Unit]\nDescription=Journal Service\n").unwrap();
     std::fs::write(
-        r.etc().join(format!("{stem}.toml")),
+        r.etc().join("systemd-journald.toml"),
         "service_dir = \"/srv/x\"\n",
     )
     .unwrap();
     let o = r.generate();
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(r.out().join(format!("{stem}.service")).exists());
+    assert!(!r.out().join("systemd-journald.service").exists());
+    assert!(r.out().join("minimal.service").exists());
     let err = stderr(&o);
-    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
     assert!(
-        err.lines().any(|l| l.contains(&format!("{stem}.toml: "))
-            && l.contains("exists too")
-            && ["/lib/systemd/system", "/usr/lib/systemd/system"]
-                .iter()
-                .any(|d| canonical(&Path::new(d).join(format!("{stem}.service")))
-                    == canonical(&path)
-                    && l.contains(&format!("{d}/{stem}.service")))),
-        "a notice naming {}:\n{err}",
-        path.display()
+        err.contains(&format!(
+            "systemd-journald.toml: service name \"systemd-journald\": {} is a unit the system ships",
+            shipped.display()
+        )) && err.contains("no unit generated for it"),
+        "{err}"
+    );
+}
+
+/// Today's start.sh unit in /etc/systemd/system wins over a generated unit: the generator
+/// skips that name and says which file to remove.
+#[test]
+fn an_old_unit_in_etc_is_named_for_removal_and_wins() {
+    let r = Run::new(&["minimal", "ood001"]);
+    let old = unit_dir(&r, "/etc/systemd/system").join("ood001.service");
+    std::fs::write(&old, "[Service]\nType=forking\nExecStart=/bin/true\n").unwrap();
+    let o = r.generate();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!r.out().join("ood001.service").exists());
+    assert!(r.out().join("minimal.service").exists());
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "{}: this unit file takes precedence over the ood001.service generated",
+            old.display()
+        )) && err.contains(&format!("remove {}", old.display())),
+        "{err}"
+    );
+}
+
+/// A unit of the same name in a directory ranked below the generator's (/usr/local/lib)
+/// is shadowed by the generated one, with a notice that says so.
+#[test]
+fn a_unit_that_exists_below_is_generated_with_a_notice() {
+    let r = Run::new(&["minimal"]);
+    let local = unit_dir(&r, "/usr/local/lib/systemd/system").join("minimal.service");
+    std::fs::write(&local, "[Unit]\n").unwrap();
+    let o = r.generate();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(r.out().join("minimal.service").exists());
+    let err = stderr(&o);
+    assert!(
+        err.lines().any(|l| l.contains("minimal.toml: ")
+            && l.contains(&format!("{} exists too", local.display()))),
+        "{err}"
+    );
+}
+
+/// `--help` prints the usage on stdout and succeeds; `--dryrun` prints the units on stdout
+/// and the problems on stderr, writes nothing else, and fails when a file gave no unit.
+/// Neither writes to the kernel log: /dev/kmsg is a file of the test's own, in a private
+/// mount namespace, and must stay empty.
+#[test]
+fn help_and_dryrun_are_for_people_and_never_reach_kmsg() {
+    if !require_root() {
+        return;
+    }
+    let r = Run::new(&["minimal", "broken"]);
+    let kmsg = r.dir.path().join("kmsg");
+    std::fs::write(&kmsg, "").unwrap();
+    let script = format!(
+        "mount --make-rprivate / && mount --bind {} /dev/kmsg && exec \"$@\"",
+        kmsg.display()
+    );
+    let by_hand = |args: &[&str]| {
+        Command::new("unshare")
+            .args(["-m", "sh", "-c", &script, "sh", GEN])
+            .args(args)
+            .env("APPTAINER_SUPERVISOR_CONFIG_DIR", r.etc())
+            .env("APPTAINER_SUPERVISOR_UNIT_ROOT", r.root())
+            .env_remove("SYSTEMD_LOG_TARGET")
+            .output()
+            .expect("running the generator")
+    };
+    let o = by_hand(&["--help"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains("--dryrun") && help.contains("NORMAL_DIR EARLY_DIR LATE_DIR"),
+        "{help}"
+    );
+    let o = by_hand(&["--dryrun"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "broken.toml gives no unit: {}",
+        stderr(&o)
+    );
+    let units = String::from_utf8_lossy(&o.stdout);
+    assert!(units.starts_with("---minimal.service---\n"), "{units}");
+    assert!(units.contains("\nExecStart="), "{units}");
+    assert!(
+        stderr(&o).contains("broken.toml:1:36: service_dir"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(r.tree().is_empty(), "--dryrun wrote {:?}", r.tree());
+    let o = by_hand(&["one", "two"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(&kmsg).unwrap(),
+        "",
+        "kmsg written by hand"
     );
 }
 

@@ -443,6 +443,12 @@ fn unprivileged_run_of_a_service_that_needs_root_exits_77() {
         .expect("setpriv");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(77), "{err}");
+    // By hand (no journal), the error is printed once, not by the log layer as well.
+    assert_eq!(
+        err.matches("these settings need root").count(),
+        1,
+        "the error once: {err}"
+    );
     let cfg = w.config_path();
     for want in [
         format!(

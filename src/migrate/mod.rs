@@ -14,6 +14,7 @@ pub mod start_sh;
 pub mod yaml;
 
 use std::fmt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::config::{self, DEFAULT_ENV_FILE, DEFAULT_OVERLAY, DEFAULT_OVERLAY_MIB};
@@ -273,7 +274,19 @@ pub fn run(args: &crate::cli::MigrateArgs) -> Result<(), MigrateError> {
         eprintln!("{line}");
     }
     match &args.output {
-        None => print!("{}", m.toml),
+        None => {
+            // A reader that went away (EPIPE) ends the output quietly; print! would panic.
+            let mut out = std::io::stdout().lock();
+            match out.write_all(m.toml.as_bytes()).and_then(|()| out.flush()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(MigrateError::WriteOutput {
+                        path: PathBuf::from("-"),
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
         Some(out) => {
             write_new(out, m.toml.as_bytes())?;
             eprintln!(

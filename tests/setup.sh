@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# What `cargo test --locked` needs on a fresh Debian 12 machine, and nothing else:
+#   tests/setup.sh && cargo test --locked        (the README's line; .ci/run runs it too)
+# 1. the Debian packages the tests run (apt-get update only when one is missing);
+# 2. the test rootfs a real systemd boots in (tests/support/build-rootfs.sh: debootstrap,
+#    ~4 min the first time, then cached under /var/cache/apptainer-supervisor-tests).
+# Idempotent: once both are there it only checks (about a second). Run as root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "tests/setup.sh: run as root (apt-get; the tests need root too)" >&2
+  exit 1
+fi
+
+# e2fsprogs: mkfs.ext3 -d and debugfs for overlay images; util-linux: losetup, nsenter,
+# unshare, setpriv; mandoc: man page lint; man-db: `systemd-analyze verify` checks the
+# unit's Documentation= pages; systemd: systemd-analyze and the host-systemd tests;
+# systemd-container: systemd-nspawn, the peer the readiness benchmark compares with;
+# python3: the Apptainer CLI double (tests/support/apptainer); debootstrap: the test
+# rootfs; containernetworking-plugins, iproute2, iputils-ping: the real CNI plugins in
+# test network namespaces; zsh: `zsh -n` on the zsh completion script.
+pkgs=(e2fsprogs util-linux mandoc man-db systemd systemd-container python3 debootstrap
+      containernetworking-plugins iproute2 iputils-ping zsh)
+missing=()
+for p in "${pkgs[@]}"; do
+  # `dpkg -s` also lists removed-but-not-purged packages: ask for the installed state.
+  [ "$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null)" = installed ] || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "tests/setup.sh: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
+    "${missing[@]}" >&2
+fi
+
+# The rootfs path goes to stderr: stdout stays empty, so `setup.sh && cargo test` reads
+# as one command.
+rootfs=$(tests/support/build-rootfs.sh)
+echo "tests/setup.sh: packages present; test rootfs $rootfs" >&2
