@@ -43,7 +43,7 @@ const TABLE: &[Entry] = &[
     Entry {
         key: keys::NETWORK_NAME,
         flag: "--network",
-        emit: Emit::Joined(|s| s.networks.iter().map(|n| n.name.clone()).collect(), ","),
+        emit: Emit::Joined(networks, ","),
     },
     Entry {
         key: keys::NETWORK_ARGS,
@@ -61,6 +61,36 @@ const TABLE: &[Entry] = &[
         emit: Emit::Single(|s| Some(s.overlay.path.display().to_string())),
     },
 ];
+
+/// The `--network` list: the service's networks, or `none` when it has none and Apptainer
+/// would otherwise make a network namespace. `--boot` (and `--net`) turn the network
+/// namespace on, and Apptainer then picks its default `bridge` network when no `--network`
+/// is given (internal/pkg/runtime/launch/launcher_linux.go: the `l.cfg.Boot` block sets
+/// `Namespaces.Net`, v1.3.6:367-369, v1.4.5:365-367; `setNamespaces` sets `Network =
+/// "bridge"`, v1.3.6:946-949, v1.4.5:959-962): a CNI lease on sbr0 that nobody asked for
+/// and nobody releases after a master dies. `none` gives an empty namespace instead
+/// (container_linux.go `prepareNetworkSetup`: no CNI for `none`, v1.3.6:2693, v1.4.5:2742).
+/// A service that wants that bridge names it: `[[network]] name = "bridge"`, `external =
+/// true`. Without `--boot` or `--net` there is no network namespace and nothing is added:
+/// `--network none` would create one (`setNamespaces`) and cut the host network off.
+fn networks(s: &Service) -> Vec<String> {
+    if !s.networks.is_empty() {
+        return s.networks.iter().map(|n| n.name.clone()).collect();
+    }
+    let net_flag = s
+        .apptainer
+        .extra_args
+        .iter()
+        .any(|a| a == "--net" || a == "-n");
+    if s.boot || net_flag {
+        vec![NO_NETWORK.to_owned()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Apptainer's network name for "a network namespace with no CNI network in it".
+pub const NO_NETWORK: &str = "none";
 
 /// One `--network-args "net:K=V;K2=V2"` per network that has arguments. Apptainer's
 /// `SetArgs` (pkg/network) gives every `;`-separated key to the network named before the
@@ -218,8 +248,55 @@ mod tests {
                 "instance",
                 "start",
                 "--boot",
+                "--network",
+                "none",
                 "--overlay",
                 "/srv/x/overlay/overlay.img",
+                "/srv/x/containers/container.sif",
+                "x",
+            ],
+        ),
+        (
+            "Apptainer's default bridge, asked for",
+            "name = \"x\"\nservice_dir = \"/srv/x\"\n[[network]]\nname = \"bridge\"\nexternal = true\n",
+            &[
+                "/usr/bin/apptainer",
+                "instance",
+                "start",
+                "--boot",
+                "--network",
+                "bridge",
+                "--overlay",
+                "/srv/x/overlay/overlay.img",
+                "/srv/x/containers/container.sif",
+                "x",
+            ],
+        ),
+        (
+            "no boot, no network: the host's network, no namespace",
+            "name = \"x\"\nservice_dir = \"/srv/x\"\nboot = false\n",
+            &[
+                "/usr/bin/apptainer",
+                "instance",
+                "start",
+                "--overlay",
+                "/srv/x/overlay/overlay.img",
+                "/srv/x/containers/container.sif",
+                "x",
+            ],
+        ),
+        (
+            "no boot but --net: a namespace, so none",
+            "name = \"x\"\nservice_dir = \"/srv/x\"\nboot = false\n[apptainer]\nextra_args = [\"--net\"]\n",
+            &[
+                "/usr/bin/apptainer",
+                "instance",
+                "start",
+                "--network",
+                "none",
+                "--overlay",
+                "/srv/x/overlay/overlay.img",
+                "--net",
                 "/srv/x/containers/container.sif",
                 "x",
             ],

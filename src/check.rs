@@ -47,12 +47,15 @@ pub fn plan(s: &Service, run_dir: &Path, paths: &InstancePaths, host_checked: bo
         files: s
             .networks
             .iter()
-            .map(|n| PlannedFile {
-                path: crate::network::path(&s.apptainer.network_dir, &n.name),
-                what: if n.cni.is_some() {
-                    "CNI conflist: written when its content changes, never over a file we did not write"
-                } else {
-                    "CNI conflist (external): must exist, never written"
+            .map(|n| match n.cni {
+                Some(_) => PlannedFile {
+                    path: crate::network::path(&s.apptainer.network_dir, &n.name),
+                    what: "CNI conflist: written when its content changes, never over a file we did not write",
+                },
+                // Found by its "name" field, whatever its file name (libcni LoadConfList).
+                None => PlannedFile {
+                    path: s.apptainer.network_dir.clone(),
+                    what: "CNI conflist of an external network (--network), found here by its \"name\": must exist, never written; its lease is released if the master dies",
                 },
             })
             .chain([

@@ -40,6 +40,8 @@ pub enum CniError {
     },
     #[error("{path} is not a CNI conflist: {reason}")]
     BadConf { path: PathBuf, reason: String },
+    #[error("no CNI configuration in {dir} has \"name\": {network:?}")]
+    NotFound { network: String, dir: PathBuf },
     #[error("CNI plugin {plugin:?} of network {network} not found in {dirs}")]
     NoPlugin {
         network: String,
@@ -107,11 +109,18 @@ pub struct DelStep {
 /// `cniVersion` (libcni `buildOneConfig`); there is no cached result to pass as
 /// `prevResult`.
 pub fn del_steps(conflist: &str, path: &Path) -> Result<Vec<DelStep>, CniError> {
+    let v: serde_json::Value = serde_json::from_str(conflist).map_err(|e| CniError::BadConf {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    steps_of(&v, path)
+}
+
+fn steps_of(v: &serde_json::Value, path: &Path) -> Result<Vec<DelStep>, CniError> {
     let bad = |reason: &str| CniError::BadConf {
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
-    let v: serde_json::Value = serde_json::from_str(conflist).map_err(|e| bad(&e.to_string()))?;
     let name = v.get("name").cloned().ok_or_else(|| bad("no \"name\""))?;
     let version = v
         .get("cniVersion")
@@ -142,6 +151,79 @@ pub fn del_steps(conflist: &str, path: &Path) -> Result<Vec<DelStep>, CniError> 
     Ok(steps)
 }
 
+/// The configuration of network `name` in `dir`, found as Apptainer finds it: by its
+/// `"name"` field, not its file name (pkg/network/network_linux.go `NewSetup` →
+/// containernetworking/cni libcni/conf.go `LoadConfList`, v1.1.2:187-217 in Apptainer
+/// 1.3.6, v1.2.3:262-293 in 1.4.5): the `*.conflist` files sorted by path, the first whose
+/// name matches; else the `*.conf`/`*.json` files (`LoadConf`, v1.1.2:165-185,
+/// v1.2.3:240-260), up-converted to a one-plugin list (`ConfListFromConf`, v1.1.2:248-270,
+/// v1.2.3:324-346). A file that does not parse on the way stops the search with its error,
+/// as in libcni. Returns the file and the configuration as a list.
+pub fn find_conf(dir: &Path, name: &str) -> Result<(PathBuf, serde_json::Value), CniError> {
+    let files = |exts: &[&str]| -> Result<Vec<PathBuf>, CniError> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            // libcni ConfFiles: a missing directory has no files.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(CniError::ReadConf {
+                    path: dir.to_owned(),
+                    source,
+                })
+            }
+        };
+        let mut out: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .and_then(|x| x.to_str())
+                    .is_some_and(|x| exts.contains(&x))
+            })
+            .collect();
+        // Go's sort.Strings: byte order of the whole path.
+        out.sort_by(|a, b| {
+            a.as_os_str()
+                .as_encoded_bytes()
+                .cmp(b.as_os_str().as_encoded_bytes())
+        });
+        Ok(out)
+    };
+    let read = |p: &Path| -> Result<serde_json::Value, CniError> {
+        let text = std::fs::read(p).map_err(|source| CniError::ReadConf {
+            path: p.to_owned(),
+            source,
+        })?;
+        serde_json::from_slice(&text).map_err(|e| CniError::BadConf {
+            path: p.to_owned(),
+            reason: e.to_string(),
+        })
+    };
+    let named = |v: &serde_json::Value| v.get("name").and_then(|n| n.as_str()) == Some(name);
+    for p in files(&["conflist"])? {
+        let v = read(&p)?;
+        if named(&v) {
+            return Ok((p, v));
+        }
+    }
+    for p in files(&["conf", "json"])? {
+        let v = read(&p)?;
+        if named(&v) {
+            let list = serde_json::json!({
+                "name": name,
+                "cniVersion": v.get("cniVersion").cloned().unwrap_or_else(|| "".into()),
+                "plugins": [v],
+            });
+            return Ok((p, list));
+        }
+    }
+    Err(CniError::NotFound {
+        network: name.to_owned(),
+        dir: dir.to_owned(),
+    })
+}
+
 /// Runs the DEL of every network of `s` for the container that had pid `container_pid`.
 /// Returns one result per network, in order; it never stops at the first failure, so
 /// that one broken network does not keep another's lease.
@@ -167,12 +249,8 @@ async fn release_one(
     dirs: &[PathBuf],
     per_plugin: Duration,
 ) -> Result<(), CniError> {
-    let path = crate::network::path(&s.apptainer.network_dir, network);
-    let text = std::fs::read_to_string(&path).map_err(|source| CniError::ReadConf {
-        path: path.clone(),
-        source,
-    })?;
-    for step in del_steps(&text, &path)? {
+    let (path, conf) = find_conf(&s.apptainer.network_dir, network)?;
+    for step in steps_of(&conf, &path)? {
         let Some(bin) = dirs
             .iter()
             .map(|d| d.join(&step.plugin))
@@ -270,6 +348,61 @@ mod tests {
             e.to_string(),
             "/n/x.conflist is not a CNI conflist: no \"plugins\" list"
         );
+    }
+
+    #[test]
+    fn a_network_is_found_by_its_name_not_its_file_name() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let write = |f: &str, t: &str| std::fs::write(dir.join(f), t).unwrap();
+        assert!(matches!(
+            find_conf(&dir.join("missing"), "site"),
+            Err(CniError::NotFound { .. })
+        ));
+        write(
+            "00_bridge.conflist",
+            r#"{"name":"bridge","cniVersion":"1.0.0","plugins":[{"type":"bridge"}]}"#,
+        );
+        write(
+            "10_site.conflist",
+            r#"{"name":"site","cniVersion":"1.0.0","plugins":[{"type":"macvlan"}]}"#,
+        );
+        write(
+            "20_site.conflist",
+            r#"{"name":"site","cniVersion":"1.0.0","plugins":[{"type":"ipvlan"}]}"#,
+        );
+        write(
+            "site.conflist",
+            r#"{"name":"other","cniVersion":"1.0.0","plugins":[]}"#,
+        );
+        write(
+            "05_single.conf",
+            r#"{"name":"single","cniVersion":"0.4.0","type":"bridge"}"#,
+        );
+        write("04_single.conflist.bak", r#"{"name":"single"}"#);
+        let (p, v) = find_conf(dir, "site").unwrap();
+        assert_eq!(p, dir.join("10_site.conflist"), "the first in sorted order");
+        assert_eq!(v["plugins"][0]["type"], "macvlan");
+        let (p, _) = find_conf(dir, "bridge").unwrap();
+        assert_eq!(p, dir.join("00_bridge.conflist"));
+        // A single-plugin .conf is up-converted, as libcni's ConfListFromConf does.
+        let (p, v) = find_conf(dir, "single").unwrap();
+        assert_eq!(p, dir.join("05_single.conf"));
+        let steps = steps_of(&v, &p).unwrap();
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].plugin, "bridge");
+        assert_eq!(steps[0].stdin["name"], "single");
+        assert_eq!(steps[0].stdin["cniVersion"], "0.4.0");
+        assert!(matches!(
+            find_conf(dir, "nowhere"),
+            Err(CniError::NotFound { .. })
+        ));
+        // A broken file met on the way stops the search, as in libcni.
+        write("01_broken.conflist", "{");
+        assert!(matches!(
+            find_conf(dir, "site"),
+            Err(CniError::BadConf { .. })
+        ));
     }
 
     #[test]

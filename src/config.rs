@@ -723,6 +723,8 @@ impl Validator<'_> {
         for (k, value) in raw.env {
             if let Err(reason) = check_env_name(k.get_ref()) {
                 self.push(k.span().start, keys::ENV, reason, None);
+            } else if let Some(reason) = state_dir_env(k.get_ref()) {
+                self.push(k.span().start, keys::ENV, reason, Some(STATE_DIR_ENV_HINT));
             }
             env.insert(k.into_inner(), value);
         }
@@ -775,12 +777,22 @@ impl Validator<'_> {
                 .extra_args
                 .iter()
                 .map(|a| {
-                    if a.get_ref().is_empty() || a.get_ref().contains('\0') {
+                    let arg = a.get_ref();
+                    if arg.is_empty() || arg.contains('\0') {
                         self.push(
                             a.span().start,
                             keys::APPTAINER_EXTRA_ARGS,
                             "empty or NUL argument",
                             None,
+                        );
+                    } else if arg == "--network" || arg.starts_with("--network=") {
+                        // The supervisor passes --network itself (none, or the [[network]]
+                        // list) and releases the leases of exactly those networks.
+                        self.push(
+                            a.span().start,
+                            keys::APPTAINER_EXTRA_ARGS,
+                            format!("{arg:?}: networks are set with [[network]], so that they are checked and their leases released"),
+                            Some("for Apptainer's default bridge: [[network]] name = \"bridge\" external = true"),
                         );
                     }
                     a.get_ref().clone()
@@ -1032,11 +1044,14 @@ impl Validator<'_> {
             return None;
         }
         let Some(kind) = &n.kind else {
+            let hint = (n.name.get_ref() == APPTAINER_BRIDGE).then_some(
+                "Apptainer's own default network (its 00_bridge.conflist) is external: set external = true",
+            );
             self.push(
                 at,
                 keys::NETWORK_TYPE,
                 "missing: \"macvlan\", \"bridge\" or \"ipvlan\" (or external = true for a hand-managed conflist)",
-                None,
+                hint,
             );
             return None;
         };
@@ -1752,9 +1767,41 @@ fn check_hostname(h: &str) -> Result<(), String> {
 /// CNI network names: what `--network` selects by the conflist's `"name"`, and the file
 /// name `NAME.conflist`. Same rule as service names ([`check_name`]): no ',' (it would split
 /// the `--network a,b` list), nothing that is a path of its own.
+///
+/// `none` is Apptainer's "no CNI network" (container_linux.go `prepareNetworkSetup`), never a
+/// conflist: the supervisor passes it itself for a service without networks.
 fn check_network_name(n: &str) -> Result<(), String> {
+    if n == crate::argv::NO_NETWORK {
+        return Err(format!(
+            "{n:?} is Apptainer's \"no network\", not a CNI network; a service without [[network]] already gets it"
+        ));
+    }
     check_name(n)
 }
+
+/// Apptainer's own default network: the `bridge` conflist it ships
+/// (etc/network/00_bridge.conflist, v1.3.6 and v1.4.5), used by `--boot` when no `--network`
+/// is given. A service asks for it with `[[network]] name = "bridge"`, `external = true`.
+pub const APPTAINER_BRIDGE: &str = "bridge";
+
+/// Variables that decide where Apptainer keeps an instance's state file and logs
+/// (pkg/syfs/syfs.go `ConfigDir`: `APPTAINER_CONFIGDIR`, then `SINGULARITY_CONFIGDIR`, then
+/// `$HOME/.apptainer`). Set in the env file or `[env]`, they would reach the CLI only, so
+/// the instance would be recorded where neither the supervisor nor an operator's `apptainer
+/// instance list` looks: refused.
+pub const STATE_DIR_ENV: &[&str] = &["HOME", "APPTAINER_CONFIGDIR", "SINGULARITY_CONFIGDIR"];
+
+/// Why `k` may not be set for the Apptainer CLI, if it may not.
+pub fn state_dir_env(k: &str) -> Option<String> {
+    STATE_DIR_ENV.contains(&k).then(|| {
+        format!(
+            "{k} would move Apptainer's instance state and logs away from where `apptainer instance list` and the supervisor look for them (pkg/syfs ConfigDir)"
+        )
+    })
+}
+
+/// The hint that goes with [`state_dir_env`].
+pub const STATE_DIR_ENV_HINT: &str = "remove it: with boot = true the container's init gets HOME=/root anyway; to move Apptainer's state, set it in the unit's environment (systemctl edit), for the supervisor and Apptainer alike";
 
 /// A network interface name (IFNAMSIZ 16 with the NUL; no '/' or spaces).
 fn check_ifname(n: &str) -> Result<(), String> {
@@ -1976,6 +2023,17 @@ impl fmt::Display for BindOpt {
 /// `#` comments and blank lines are skipped, an `export ` prefix is allowed, a value in
 /// matching single or double quotes loses them. Nothing is expanded. Errors name the line.
 pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, (usize, String)> {
+    Ok(parse_env_file_lines(text)?
+        .into_iter()
+        .map(|(_, k, v)| (k, v))
+        .collect())
+}
+
+/// One variable of the env file: its line, name and value.
+pub type EnvLine = (usize, String, String);
+
+/// [`parse_env_file`], with the line of each variable, for messages about one of them.
+pub fn parse_env_file_lines(text: &str) -> Result<Vec<EnvLine>, (usize, String)> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let lineno = i + 1;
@@ -1995,7 +2053,7 @@ pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, (usize, Strin
                 format!("{k}: command substitution is not supported (the file is read, not run by a shell)"),
             ));
         }
-        out.push((k.to_owned(), v));
+        out.push((lineno, k.to_owned(), v));
     }
     Ok(out)
 }
@@ -2450,5 +2508,43 @@ external = true
         let t = "a = 1\n[[network]]\nname = 2\n";
         assert_eq!(key_at(t, t.find("2").unwrap()), "network.name");
         assert_eq!(key_at(t, 0), "a");
+    }
+
+    #[test]
+    fn networks_are_only_named_in_network_tables() {
+        let e = one_error("service_dir = \"/x\"\n[[network]]\nname = \"none\"\nexternal = true\n");
+        assert!(
+            e.contains("3:8: network.name: \"none\" is Apptainer's \"no network\""),
+            "{e}"
+        );
+        for arg in ["--network", "--network=bridge"] {
+            let e = one_error(&format!(
+                "service_dir = \"/x\"\n[apptainer]\nextra_args = [\"{arg}\"]\n"
+            ));
+            assert!(
+                e.contains("apptainer.extra_args: \"--network")
+                    && e.contains("networks are set with [[network]]"),
+                "{e}"
+            );
+        }
+        // Apptainer's bridge without external = true: the hint says what it is.
+        let e = one_error("service_dir = \"/x\"\n[[network]]\nname = \"bridge\"\n");
+        assert!(e.contains("Apptainer's own default network"), "{e}");
+        let s =
+            p("service_dir = \"/x\"\n[[network]]\nname = \"bridge\"\nexternal = true\n").unwrap();
+        assert!(s.networks[0].cni.is_none());
+    }
+
+    #[test]
+    fn env_may_not_move_apptainers_state() {
+        for k in STATE_DIR_ENV {
+            let e = one_error(&format!("service_dir = \"/x\"\n[env]\n{k} = \"/srv\"\n"));
+            assert!(
+                e.contains(&format!(
+                    "3:1: env: {k} would move Apptainer's instance state"
+                )),
+                "{e}"
+            );
+        }
     }
 }

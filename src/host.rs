@@ -93,8 +93,20 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
         ),
     }
     let env = match std::fs::read_to_string(&s.env_file.path) {
-        Ok(text) => match config::parse_env_file(&text) {
-            Ok(env) => env,
+        Ok(text) => match config::parse_env_file_lines(&text) {
+            Ok(env) => env
+                .into_iter()
+                .filter_map(|(line, k, v)| match config::state_dir_env(&k) {
+                    Some(reason) => {
+                        push(
+                            format!("{}:{line}: {k}", s.env_file.path.display()),
+                            format!("{reason}\n  hint: {}", config::STATE_DIR_ENV_HINT),
+                        );
+                        None
+                    }
+                    None => Some((k, v)),
+                })
+                .collect(),
             Err((line, reason)) => {
                 push(format!("{}:{line}", s.env_file.path.display()), reason);
                 Vec::new()

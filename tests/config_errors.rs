@@ -421,3 +421,47 @@ fn service_file_not_owned_by_root_is_refused() {
         )
     );
 }
+
+/// HOME or APPTAINER_CONFIGDIR in the env file or `[env]` would reach the Apptainer CLI only
+/// and move its instance state file away from where the supervisor (and `apptainer instance
+/// list` run by an operator) look: refused with file:line: key, exit 78.
+#[test]
+fn env_file_and_env_may_not_move_apptainers_state() {
+    let d = tempfile::tempdir().unwrap();
+    let env = d.path().join("svc.env");
+    std::fs::write(
+        &env,
+        "SITE=prod\nexport APPTAINER_CONFIGDIR=/srv/elsewhere\nHOME=/srv\n",
+    )
+    .unwrap();
+    let text = host_ready(d.path(), &format!("env_file = \"{}\"\n", env.display()));
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    for (line, key) in [(2, "APPTAINER_CONFIGDIR"), (3, "HOME")] {
+        assert!(
+            err.contains(&format!(
+                "{}:{line}: {key}: {key} would move Apptainer's instance state",
+                env.display()
+            )),
+            "{err}"
+        );
+    }
+    assert!(err.contains("hint: remove it"), "{err}");
+    assert!(!err.contains("SITE"), "{err}");
+
+    for key in ["HOME", "SINGULARITY_CONFIGDIR"] {
+        let text = host_ready(
+            d.path(),
+            &format!("[env]\nSITE = \"x\"\n{key} = \"/srv\"\n"),
+        );
+        let (code, err) = check(d.path(), &text, &[]);
+        assert_eq!(code, 78, "{err}");
+        assert!(
+            err.contains(&format!(
+                "{}:4:1: env: {key} would move Apptainer's instance state",
+                d.path().join("svc.toml").display()
+            )),
+            "{err}"
+        );
+    }
+}

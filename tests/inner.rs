@@ -261,3 +261,93 @@ fn reboot_inside_exits_133_and_poweroff_exits_0() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("powered off from inside"));
 }
+
+/// Apptainer mounts a fresh sysfs read-write (container_linux.go `addKernelMount`), and the
+/// double does too. With a writable /sys, systemd-udevd and systemd-udev-trigger would run
+/// and trigger uevents on the host's devices: the test rootfs must have no udev (and has
+/// none), which this checks before anything else, as the booted systemd sees it.
+#[test]
+fn sysfs_is_writable_as_under_apptainer_and_the_test_rootfs_runs_no_udev() {
+    if !require_root() {
+        return;
+    }
+    let rootfs = rootfs();
+    for p in ["bin/udevadm", "lib/systemd/systemd-udevd"] {
+        assert!(
+            !rootfs.join(p).exists(),
+            "{p} in the test rootfs: mask the udev units there before booting it with a writable /sys"
+        );
+    }
+    let mut w = World::booted("i-sysfs", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    let mounts = w.inside(&["cat", "/proc/self/mounts"]);
+    let mounts = String::from_utf8_lossy(&mounts.stdout).into_owned();
+    let sys = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == Some("/sys"))
+        .unwrap_or_else(|| panic!("no /sys mount: {mounts}"));
+    assert!(sys.starts_with("sysfs /sys sysfs rw,nosuid,nodev"), "{sys}");
+    for unit in ["systemd-udevd.service", "systemd-udev-trigger.service"] {
+        let out = w.inside(&["systemctl", "show", "-p", "LoadState", "--value", unit]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "not-found",
+            "{unit}"
+        );
+    }
+    let out = stop(&mut w, 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The first cgroup2 mount's super options (the hierarchy's root flags, e.g. `nsdelegate`).
+fn cgroup2_super_options() -> String {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| l.split_once(" - "))
+        .find(|(_, r)| r.starts_with("cgroup2 "))
+        .map(|(_, r)| r.split(' ').nth(2).unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+/// Apptainer creates no cgroup namespace and puts the container in a cgroup of its own; the
+/// booted systemd then builds its tree below that cgroup, in the host's hierarchy (here the
+/// cgroupfs path `/apptainer/<pid>`, DOUBLE.md deviation 5). The host's cgroup2 root flags
+/// are left as they were.
+#[test]
+fn no_cgroup_namespace_the_inner_systemd_lives_below_the_containers_cgroup() {
+    if !require_root() {
+        return;
+    }
+    let flags = cgroup2_super_options();
+    let mut w = World::booted("i-cgroup", REQUIRED);
+    w.spawn_run();
+    w.wait_ready();
+    let (pid, _) = w.instance_pids();
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/cgroup")).unwrap();
+    assert_eq!(ns(&pid.to_string()), ns("self"), "no cgroup namespace");
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cg.lines()
+            .any(|l| l == format!("0::/apptainer/{pid}/init.scope")),
+        "{cg}"
+    );
+    let inner = w.inside(&["cat", "/proc/1/cgroup"]);
+    assert!(
+        String::from_utf8_lossy(&inner.stdout).contains(&format!("0::/apptainer/{pid}/init.scope")),
+        "the container sees the host's path: {}",
+        String::from_utf8_lossy(&inner.stdout)
+    );
+    assert_eq!(unit_state(&w, "asv-simple.service"), "active");
+    assert_eq!(cgroup2_super_options(), flags, "root flags unchanged");
+    let out = stop(&mut w, 0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

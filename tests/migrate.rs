@@ -343,3 +343,34 @@ fn no_input_is_a_usage_error() {
     let out = migrate(&["--name", "x"]);
     assert_eq!(out.status.code(), Some(exit::USAGE));
 }
+
+/// `--boot` without `--network` gave the container Apptainer's default `bridge` network;
+/// the supervisor passes `--network none` unless the service names it, so migrate writes it.
+#[test]
+fn boot_without_network_keeps_apptainers_bridge_explicitly() {
+    let out = migrate(&[
+        "--start-sh",
+        fixture("boot-no-network", "start.sh").to_str().unwrap(),
+        "--service-dir",
+        "/srv/web001",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let toml = String::from_utf8_lossy(&out.stdout);
+    let expected = std::fs::read_to_string(fixture("boot-no-network", "expected.toml")).unwrap();
+    assert_eq!(
+        toml, expected,
+        "migrate's output differs from tests/fixtures/migrate/boot-no-network/expected.toml"
+    );
+    let s = config::parse(&toml, Path::new("web001.toml"), None).unwrap();
+    assert_eq!(s.networks.len(), 1);
+    assert_eq!(s.networks[0].name, "bridge");
+    assert!(
+        s.networks[0].cni.is_none(),
+        "external: Apptainer's own file"
+    );
+}

@@ -278,3 +278,112 @@ fn example_networks_are_accepted_by_the_real_plugins() {
         stop(&mut w, 0);
     }
 }
+
+/// The `ip` Apptainer recorded in the instance's state file.
+fn state_ip(w: &World) -> String {
+    let text = std::fs::read_to_string(w.state_file()).expect("state file");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["ip"].as_str().unwrap_or_default().to_owned()
+}
+
+/// The double is no kinder than Apptainer: `--boot` turns the network namespace on and,
+/// without `--network`, Apptainer runs its default `bridge` network (launcher_linux.go
+/// `setNamespaces`), so a start.sh line without `--network` got a lease on sbr0.
+#[test]
+fn boot_without_network_gets_apptainers_bridge_under_the_double() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNetns::new();
+    let w = in_netns("n-implied", &ns);
+    let leases = w.root().join("leases");
+    w.write_apptainer_bridge(&leases);
+    let image = w.image();
+    let out = w.apptainer(&[
+        "instance",
+        "start",
+        "--boot",
+        image.to_str().unwrap(),
+        "n-implied",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ip = state_ip(&w);
+    assert!(ip.starts_with("10.22."), "the bridge's address: {ip:?}");
+    assert!(leases.join("bridge").join(&ip).exists(), "a lease is taken");
+    assert!(addrs(&w, "eth0").contains(&format!("{ip}/16")));
+    assert!(ns.has_link("sbr0"), "the bridge plugin made sbr0");
+    let (_, master) = w.instance_pids();
+    let stop = w.apptainer(&["instance", "stop", "n-implied"]);
+    assert!(stop.status.success());
+    eventually(10 * SEC, "master gone (its cleanup runs the DEL)", || {
+        !alive(master)
+    });
+    assert!(!leases.join("bridge").join(&ip).exists(), "lease released");
+}
+
+/// A service without `[[network]]` runs with `--network none`: an empty namespace, no lease,
+/// even where Apptainer's bridge conflist is installed. One that names `bridge` gets it, and
+/// when its master is SIGKILLed the supervisor finds the conflist by its "name" (the file is
+/// 00_bridge.conflist, as libcni's LoadConfList would) and releases the lease.
+#[test]
+fn no_network_means_none_and_the_bridge_only_when_named_and_released_after_a_dead_master() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNetns::new();
+    let mut w = in_netns("n-none", &ns);
+    std::fs::write(
+        w.root().join("apptainer.conf"),
+        "cni plugin path = /usr/lib/cni\n",
+    )
+    .unwrap();
+    let leases = w.root().join("leases");
+    w.write_apptainer_bridge(&leases);
+    w.write_config("boot = true");
+    let check = w.cli(&["check", "n-none"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(text.contains("--network none"), "{text}");
+    w.spawn_run();
+    let ready = w.wait_ready();
+    assert!(!ready.last().unwrap().contains("; ip "), "{ready:?}");
+    assert_eq!(state_ip(&w), "");
+    let links = w.inside(&["ip", "-o", "link"]);
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert_eq!(links.lines().count(), 1, "only lo: {links}");
+    assert!(!leases.join("bridge").exists(), "no lease taken");
+    stop(&mut w, 0);
+
+    w.append_config("[[network]]\nname = \"bridge\"\nexternal = true\n");
+    let check = w.cli(&["check", "--host", "n-none"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success() && text.contains("--network bridge"),
+        "{text}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    w.spawn_run();
+    let ready = w.wait_ready();
+    let ip = state_ip(&w);
+    assert!(ip.starts_with("10.22."), "{ip:?}");
+    assert!(
+        ready.last().unwrap().contains(&format!("; ip {ip}")),
+        "{ready:?}"
+    );
+    let lease = leases.join("bridge").join(&ip);
+    assert!(lease.exists());
+    let (pid, master) = w.instance_pids();
+    kill(master, libc::SIGKILL);
+    let out = w.wait(1, 30 * SEC);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("released the network the dead master left"),
+        "{err}"
+    );
+    assert!(!lease.exists(), "the DEL the master never ran was run");
+    assert!(!alive(pid));
+}

@@ -191,7 +191,8 @@ fn spec() -> impl Strategy<Value = Spec> {
             });
             let mut names = Vec::new();
             s.networks.retain(|(n, _)| {
-                let fresh = !names.contains(n);
+                // "none" is Apptainer's "no network", refused as a network name.
+                let fresh = !names.contains(n) && n != "none";
                 names.push(n.clone());
                 fresh
             });
@@ -478,7 +479,13 @@ fn expected(sp: &Spec) -> Settings {
         boot: sp.boot,
         writable_tmpfs: sp.writable_tmpfs,
         hostname: sp.hostname.clone(),
-        networks: sp.networks.iter().map(|(n, _)| n.clone()).collect(),
+        // A booted service without networks asks for Apptainer's "none" (no CNI), rather than
+        // the `bridge` that --boot would imply.
+        networks: if sp.networks.is_empty() && sp.boot {
+            vec!["none".to_owned()]
+        } else {
+            sp.networks.iter().map(|(n, _)| n.clone()).collect()
+        },
         network_args: sp
             .networks
             .iter()

@@ -303,7 +303,8 @@ fn instance_started_by_someone_else_is_never_killed() {
         return;
     }
     let mut w = World::new("t-foreign");
-    // As the old start.sh would: the same image, name and overlay, without us.
+    // As the old start.sh would: the same image, name and overlay, without us (and with
+    // `--network none`: the `bridge` that `--boot` implies needs a test network namespace).
     let overlay = w.overlay();
     let created = w.apptainer(&[
         "overlay",
@@ -323,6 +324,8 @@ fn instance_started_by_someone_else_is_never_killed() {
         "instance",
         "start",
         "--boot",
+        "--network",
+        "none",
         "--overlay",
         overlay.to_str().unwrap(),
         image.to_str().unwrap(),

@@ -657,11 +657,35 @@ fn build(inputs: &Inputs) -> Result<Model, MigrateError> {
             text: format!(
                 "the conflists of {} are Ansible's, and neither start.sh nor host_vars says what is \
                  in them: each network is left external (the supervisor only checks that \
-                 /etc/apptainer/network/NAME.conflist exists). To let the supervisor write it, \
-                 replace external = true with type, master, [network.ipam] … and manage = true \
-                 (apptainer-supervisor.toml(5), NETWORKS; examples/*.toml)",
+                 a conflist in /etc/apptainer/network has that name). To let the \
+                 supervisor write it, replace external = true with type, master, \
+                 [network.ipam] … and manage = true (apptainer-supervisor.toml(5), NETWORKS; \
+                 examples/*.toml)",
                 all.join(", ")
             ),
+        });
+    }
+    // `--boot` without `--network`: Apptainer gave the container its default `bridge`
+    // network (launcher_linux.go: `--boot` sets Namespaces.Net, v1.4.5:365-367, and
+    // setNamespaces then Network = "bridge", v1.4.5:959-962). The supervisor passes
+    // `--network none` unless the service names that network, so it is written out.
+    if m.networks.is_empty() && m.boot.value {
+        let at = m.boot.from.first().cloned().unwrap_or_default();
+        let mut name = Setting::new(crate::config::APPTAINER_BRIDGE.to_owned(), at.clone());
+        name.from = m.boot.from.clone();
+        name.notes.push(Note {
+            level: Level::Note,
+            at,
+            text: "--boot without --network: Apptainer gave the container its default \
+                   network, \"bridge\" (its 00_bridge.conflist: bridge sbr0, NAT, 10.22.0.0/16), \
+                   so it is named here. Without a [[network]] the supervisor starts the \
+                   container with --network none (no network); remove this table if the \
+                   service needs none"
+                .into(),
+        });
+        m.networks.push(Net {
+            name,
+            args: Vec::new(),
         });
     }
 

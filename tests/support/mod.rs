@@ -284,6 +284,55 @@ exec "$@""#;
         self.root().join("network")
     }
 
+    /// Writes Apptainer's shipped default network, `etc/network/00_bridge.conflist` (the same
+    /// at v1.3.6 and v1.4.5: bridge `sbr0`, gateway, ipMasq, host-local 10.22.0.0/16, firewall,
+    /// portmap), into the test conf dir: the network `--boot` gets without `--network`. The
+    /// only change is host-local's `dataDir` = `leases`, so that no lease lands in
+    /// `/var/lib/cni`. The bridge plugin makes `sbr0` and iptables rules in the network
+    /// namespace it runs in: only ever use it in a world with `netns` set. Returns the file.
+    pub fn write_apptainer_bridge(&self, leases: &Path) -> PathBuf {
+        assert!(
+            self.netns.is_some(),
+            "the bridge plugin changes the namespace it runs in: give the world a TestNetns"
+        );
+        let text = format!(
+            r#"{{
+    "cniVersion": "1.0.0",
+    "name": "bridge",
+    "plugins": [
+        {{
+            "type": "bridge",
+            "bridge": "sbr0",
+            "isGateway": true,
+            "ipMasq": true,
+            "ipam": {{
+                "type": "host-local",
+                "subnet": "10.22.0.0/16",
+                "routes": [
+                    {{ "dst": "0.0.0.0/0" }}
+                ],
+                "dataDir": "{}"
+            }}
+        }},
+        {{
+            "type": "firewall"
+        }},
+        {{
+            "type": "portmap",
+            "capabilities": {{"portMappings": true}},
+            "snat": true
+        }}
+    ]
+}}
+"#,
+            leases.display()
+        );
+        std::fs::create_dir_all(self.network_dir()).unwrap();
+        let file = self.network_dir().join("00_bridge.conflist");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
     pub fn root(&self) -> &Path {
         self.dir.path()
     }
