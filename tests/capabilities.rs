@@ -178,10 +178,18 @@ fn full_without_sys_resource(name: &str, version: Option<&str>) -> (String, Stri
         "ABORT  : Requesting capability set 0x{want:016x} while permitted capability set is 0x{permitted:016x}"
     );
 
-    // The CLI alone: exit 255; the starter's line in the .err log and, as the version says,
-    // on stderr (1.4) or stdout (1.3).
+    // The CLI alone, with the supervisor's `--network none`: exit 255; the starter's line in
+    // the .err log and, as the version says, on stderr (1.4) or stdout (1.3).
     let image = w.image();
-    let cli = w.apptainer(&["instance", "start", "--boot", image.to_str().unwrap(), name]);
+    let cli = w.apptainer(&[
+        "instance",
+        "start",
+        "--boot",
+        "--network",
+        "none",
+        image.to_str().unwrap(),
+        name,
+    ]);
     assert_eq!(cli.status.code(), Some(255), "{cli:?}");
     let (out, err) = (
         String::from_utf8_lossy(&cli.stdout).into_owned(),
