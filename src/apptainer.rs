@@ -161,7 +161,8 @@ pub struct CliOutput {
 }
 
 /// Runs an apptainer CLI command to completion with the given environment, stdin closed,
-/// stdout discarded and stderr captured (Apptainer echoes the failing start's log there).
+/// stdout discarded and stderr captured (Apptainer 1.4 echoes a failed start's log there,
+/// 1.3 on stdout; see `supervise::start_log_part`).
 pub fn run_cli(argv: &[OsString], env: &[(OsString, OsString)]) -> io::Result<CliOutput> {
     let out = command(argv, env)
         .stdout(Stdio::null())

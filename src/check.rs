@@ -28,6 +28,8 @@ pub struct Plan {
     /// The conflists `run` writes, by network name, as JSON.
     pub conflists: std::collections::BTreeMap<String, serde_json::Value>,
     pub host_checked: bool,
+    /// Settings that are read but do nothing (`security.keep_capabilities`), with why.
+    pub warnings: Vec<String>,
 }
 
 fn strings(v: Vec<std::ffi::OsString>) -> Vec<String> {
@@ -91,6 +93,9 @@ pub fn plan(s: &Service, run_dir: &Path, paths: &InstancePaths, host_checked: bo
             })
             .collect(),
         host_checked,
+        warnings: crate::privilege::keep_capabilities_notice(s)
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -134,6 +139,9 @@ pub fn render_text(p: &Plan) -> String {
     } else {
         " (static check; --host checks this host too)\n"
     });
+    for w in &p.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
     out.push_str("\ninstance start (argv, no shell):\n  ");
     out.push_str(&group_flags(&p.argv).join(" \\\n    "));
     out.push_str("\n\noverlay create, only when the image is missing:\n  ");
