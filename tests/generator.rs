@@ -436,3 +436,103 @@ fn only_an_unusable_output_directory_fails() {
     assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
     assert!(r.tree().is_empty());
 }
+
+/// Unit directives that shrink the capability bounding set (systemd.exec(5)), or, for
+/// `NoNewPrivileges=`, cap what execve(2) grants at the supervisor's own narrow permitted
+/// set. Apptainer's starter gets that set as its permitted set and aborts every start
+/// that asks for more ("Requesting capability set ... while permitted capability set is
+/// ...", cmd/starter/c/starter.c:275 at v1.3.6, :283 at v1.4.5): with Apptainer's default
+/// `root default capabilities = full`, any one of them breaks every start.
+const SHRINKS_CAPABILITIES: &[&str] = &[
+    "CapabilityBoundingSet",
+    "ProtectKernelLogs",
+    "ProtectKernelModules",
+    "ProtectClock",
+    "PrivateDevices",
+    "NoNewPrivileges",
+];
+
+/// The `KEY=value` lines of a unit that set one of [`SHRINKS_CAPABILITIES`] to anything
+/// but off.
+fn capability_shrinkers(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, v)| {
+            SHRINKS_CAPABILITIES.contains(&k.trim())
+                && !["no", "false", "off", "0"].contains(&v.trim())
+        })
+        .map(|(k, v)| format!("{}={}", k.trim(), v.trim()))
+        .collect()
+}
+
+#[test]
+fn no_unit_shrinks_the_capability_bounding_set() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let template = root.join("units/apptainer-supervisor@.service");
+    let mut units = vec![(
+        template.display().to_string(),
+        std::fs::read_to_string(&template).unwrap(),
+    )];
+    // Every shipped example and every golden case, as the generator makes them (one run
+    // per directory: both have an ood001.toml).
+    let mut sources = Vec::new();
+    for src in [root.join("examples"), fixtures()] {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        let out = dir.path().join("out");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        let mut names = Vec::new();
+        for e in std::fs::read_dir(&src).unwrap().flatten() {
+            let p = e.path();
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            if p.extension().is_some_and(|x| x == "toml") && !BAD.contains(&stem.as_str()) {
+                std::fs::copy(&p, etc.join(p.file_name().unwrap())).unwrap();
+                names.push(stem);
+            }
+        }
+        let o = Command::new(GEN)
+            .arg(&out)
+            .arg(dir.path().join("early"))
+            .arg(dir.path().join("late"))
+            .env("APPTAINER_SUPERVISOR_CONFIG_DIR", &etc)
+            .env("SYSTEMD_LOG_TARGET", "console")
+            .output()
+            .expect("running the generator");
+        assert!(o.status.success(), "{}", stderr(&o));
+        for name in names {
+            let unit = out.join(format!("{name}.service"));
+            let text = std::fs::read_to_string(&unit).unwrap_or_else(|e| {
+                panic!("{} not generated: {e}\n{}", unit.display(), stderr(&o))
+            });
+            units.push((format!("{} → {name}.service", src.display()), text));
+            sources.push(name);
+        }
+    }
+    assert!(
+        units.len() > 1 + GOOD.len(),
+        "the examples were generated too: {sources:?}"
+    );
+    let bad: Vec<String> = units
+        .iter()
+        .flat_map(|(name, text)| {
+            capability_shrinkers(text)
+                .into_iter()
+                .map(move |l| format!("{name}: {l}"))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "directives that shrink Apptainer's capabilities:\n{}",
+        bad.join("\n")
+    );
+    // The scan itself finds each of them.
+    for d in SHRINKS_CAPABILITIES {
+        assert_eq!(
+            capability_shrinkers(&format!("[Service]\n# {d}=yes\n{d}=yes\n{d}=no\n")),
+            [format!("{d}=yes")]
+        );
+    }
+}

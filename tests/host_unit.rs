@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::host::{HostSystemd, BOOT_TARGET, GENERATOR_DIR};
-use support::{loops_for, require_root, rootfs, support};
+use support::{dropin_environment, loops_for, require_root, rootfs, support, write_apptainer_conf};
 
 const NAME: &str = "ood001";
 const UNIT: &str = "apptainer-supervisor@ood001.service";
@@ -186,11 +186,17 @@ impl Setup {
             &format!("\nExecStart={bin} --config-dir {} ", etc.display()),
         );
         let log = root.join("supervisor.log");
+        // The double's apptainer.conf: `file` with every capability this machine's bounding
+        // set holds, so a capability dropped on the way (the unit, the supervisor) fails the
+        // start as Apptainer's starter would.
+        let conf_env =
+            dropin_environment(&write_apptainer_conf(&root.join("apptainer-etc"), "file"));
         let mut dropin = format!(
             "# Test plumbing; the shipped unit's meaning is otherwise unchanged.\n\
              [Service]\n\
              # Where the Apptainer double keeps its instance files, as Apptainer does.\n\
              Environment=APPTAINER_CONFIGDIR={}\n\
+             {conf_env}\
              # No journald in the test host: the supervisor's log goes to a file.\n\
              StandardOutput=append:{log}\n\
              StandardError=append:{log}\n\
@@ -220,6 +226,7 @@ impl Setup {
                 "# Test plumbing, as for the template's instance.\n\
                  [Service]\n\
                  Environment=APPTAINER_CONFIGDIR={}\n\
+                 {conf_env}\
                  StandardOutput=append:{log}\n\
                  StandardError=append:{log}\n\
                  RestartSec=1s\n\

@@ -312,11 +312,12 @@ impl ReadinessMode {
     }
 }
 
-/// `[security]`: what the supervisor leaves in the capability bounding set of what it
-/// starts (see [`crate::host::privilege`]).
+/// `[security]`. Its one key, `keep_capabilities`, kept capabilities back from a bounding-set
+/// drop the supervisor no longer makes (see [`crate::host::privilege`]): still read, so that a
+/// deployed file keeps parsing, and warned about.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Security {
-    /// Capabilities of `privilege::BOUNDING_DROP` this service keeps.
+    /// The names listed; no effect (see [`crate::host::privilege::keep_capabilities_notice`]).
     pub keep_capabilities: Vec<caps::Capability>,
 }
 
@@ -835,6 +836,12 @@ impl Validator<'_> {
         };
 
         let mut lines = BTreeMap::new();
+        if let Some(c) = raw.security.keep_capabilities.first() {
+            lines.insert(
+                keys::SECURITY_KEEP_CAPABILITIES,
+                line_col(self.text, c.span().start).0,
+            );
+        }
         for (key, v) in [
             (keys::IMAGE, raw.image.as_ref()),
             (keys::ENV_FILE, raw.env_file.as_ref()),

@@ -7,8 +7,8 @@
 //!   before the event loop on, for good (capset(2) can never raise them again);
 //! * the *bounding* set, which limits everything the supervisor starts later: `apptainer
 //!   instance start`/`stop`/`overlay create`, Apptainer's starter, the CNI plugins and the
-//!   container's own init and services. [`BOUNDING_DROP`] leaves it, unless the service file
-//!   keeps one (`security.keep_capabilities`);
+//!   container's own init and services. It is left as the supervisor got it, never
+//!   shrunk: see below;
 //! * the *inheritable* and *ambient* sets: cleared; nothing uses them.
 //!
 //! Why the children still get what they need although our own sets are narrow: an
@@ -18,9 +18,27 @@
 //! permitted set holds. `apptainer` (run as root, with the non-setuid starter:
 //! `launcher_linux.go` `useSuid()` picks it "if running as root", and falls back to a user
 //! namespace only "for root user without effective capability CAP_SYS_ADMIN") thus starts
-//! with every capability but the dropped ones, as it needs to create namespaces, mounts,
-//! loop devices and CNI interfaces. Raising our own effective set around each spawn would
-//! buy nothing and would need the capabilities kept in our permitted set.
+//! with the whole bounding set, as it needs to create namespaces, mounts, loop devices and
+//! CNI interfaces. Raising our own effective set around each spawn would buy nothing and
+//! would need the capabilities kept in our permitted set.
+//!
+//! Why the bounding set is never shrunk: Apptainer's starter requests, for the container
+//! of a root user, the capability list `root default capabilities` in apptainer.conf
+//! names (`prepareRootCaps`, internal/pkg/runtime/engine/apptainer/prepare_linux.go:331
+//! at v1.3.6, :332 at v1.4.5). The default, `full`, is every capability Apptainer knows
+//! (pkg/util/apptainerconf/config.go:117 at v1.3.6, :121 at v1.4.5; `SetupPrivileged`,
+//! internal/pkg/runtime/engine/config/oci/generate/generate.go:246 / :247), less CAP_SYS_BOOT and
+//! CAP_SYS_RAWIO for `--boot` (launcher_linux.go:372 at v1.4.5, :374 at v1.3.6). Stage 2
+//! of the starter then aborts with "Requesting capability set ... while permitted
+//! capability set is ..." when that list is not inside its permitted set
+//! (cmd/starter/c/starter.c:283 at v1.4.5, :275 at v1.3.6), which is our bounding set.
+//! Any capability dropped here, or by the unit (`ProtectKernelLogs=` drops CAP_SYSLOG,
+//! systemd.exec(5)), would make every start fail. What a site can narrow instead is
+//! Apptainer's own list: `root default capabilities = file` with the capabilities of
+//! `/etc/apptainer/capability.json` for root (apptainer-supervisor(8), CAPABILITIES).
+//! `security.keep_capabilities`, which kept capabilities back from an old drop list, is
+//! still read (a deployed file must not stop parsing) and only warned about
+//! ([`keep_capabilities_notice`]).
 //!
 //! What the supervisor itself does, and the capability each step needs (or not):
 //!
@@ -37,8 +55,10 @@
 //! programs (`sudo`, `su`, `ssh-keysign` on a login node) and file capabilities (`ping`)
 //! stop working (prctl(2), PR_SET_NO_NEW_PRIVS), and Apptainer's own `--allow-setuid` for
 //! root (launcher_linux.go: "When running as root, the user can optionally allow setuid
-//! with container") would silently do nothing. For the same reason the unit does not set
-//! `NoNewPrivileges=` (see units/apptainer-supervisor@.service).
+//! with container") would silently do nothing. Besides, with it an execve(2) grants no
+//! more than the caller's permitted set, our narrow one, and the starter's check above
+//! fails. For the same reasons the unit does not set `NoNewPrivileges=` (see
+//! units/apptainer-supervisor@.service).
 
 use caps::{CapSet, Capability, CapsHashSet};
 use tracing::debug;
@@ -64,61 +84,6 @@ pub const SUPERVISOR_CAPS: &[Capability] = &[
     Capability::CAP_SYS_PTRACE,
 ];
 
-/// Dropped from the bounding set: neither Apptainer (starter, CNI plugins, `overlay
-/// create`) nor the services these containers run (Open OnDemand, sshd, HAProxy,
-/// keepalived, Warewulf, munge, slurmd) need them, and each one in a container's hands
-/// reaches the whole host. A site that needs one keeps it with `security.keep_capabilities`.
-pub const BOUNDING_DROP: &[(Capability, &str)] = &[
-    (
-        Capability::CAP_SYS_MODULE,
-        "loading kernel modules; Apptainer never does, the kernel loads overlay, loop, squashfs and macvlan itself",
-    ),
-    (
-        Capability::CAP_SYS_RAWIO,
-        "raw I/O ports and /dev/mem; Apptainer drops it for --boot containers anyway (launcher_linux.go)",
-    ),
-    (
-        Capability::CAP_SYS_BOOT,
-        "reboot(2) and kexec; Apptainer drops it for --boot containers anyway (launcher_linux.go), and the inner systemd then just exits",
-    ),
-    (
-        Capability::CAP_SYS_TIME,
-        "setting the host's clock, which a container shares; time sync is the host's job",
-    ),
-    (
-        Capability::CAP_WAKE_ALARM,
-        "wake-up alarms of the host's suspend",
-    ),
-    (
-        Capability::CAP_BLOCK_SUSPEND,
-        "blocking the host's suspend",
-    ),
-    (
-        Capability::CAP_SYSLOG,
-        "reading and clearing the host's kernel log",
-    ),
-    (
-        Capability::CAP_SYS_PACCT,
-        "the host's process accounting",
-    ),
-    (
-        Capability::CAP_SYS_TTY_CONFIG,
-        "vhangup(2) and the host's virtual consoles",
-    ),
-    (
-        Capability::CAP_MAC_ADMIN,
-        "changing the MAC policy (Smack, AppArmor); SELinux labels need no capability",
-    ),
-    (
-        Capability::CAP_AUDIT_CONTROL,
-        "changing the host's audit rules (AUDIT_WRITE, used by sshd and PAM, stays)",
-    ),
-    (
-        Capability::CAP_LINUX_IMMUTABLE,
-        "setting immutable/append-only flags on shared files",
-    ),
-];
-
 #[derive(Debug, thiserror::Error)]
 pub enum PrivilegeError {
     #[error("{file}: these settings need root, and the supervisor runs as uid {euid}:\n{}\n  hint: run it as root (the systemd unit does), or change these settings", .settings.iter().map(|s| format!("  {s}")).collect::<Vec<_>>().join("\n"))]
@@ -134,25 +99,27 @@ pub enum PrivilegeError {
 /// The capability sets the supervisor sets up for itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Capabilities to drop from the bounding set (only those the kernel knows and the set
-    /// still holds are dropped).
-    pub drop_bounding: Caps,
     /// The supervisor's own effective and permitted sets.
     pub own: Caps,
 }
 
-/// Pure: the plan for a service, `keep` being `security.keep_capabilities`.
-pub fn plan(keep: &[Capability]) -> Plan {
+/// Pure: the plan. The bounding set is not part of it: it is never shrunk (module docs).
+pub fn plan() -> Plan {
     Plan {
-        drop_bounding: sorted(
-            BOUNDING_DROP
-                .iter()
-                .map(|(c, _)| *c)
-                .filter(|c| !keep.contains(c))
-                .collect(),
-        ),
         own: sorted(SUPERVISOR_CAPS.to_vec()),
     }
+}
+
+/// The warning for a service file that still sets `security.keep_capabilities`, which no
+/// longer has an effect: `check` prints it and `run` logs it. None when the list is empty.
+pub fn keep_capabilities_notice(s: &Service) -> Option<String> {
+    if s.security.keep_capabilities.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{}: has no effect any more: the supervisor no longer drops capabilities from the bounding set, as Apptainer's starter refuses to start when it lacks any capability that `root default capabilities` in apptainer.conf asks for; remove the setting\n  hint: to give containers fewer capabilities, set `root default capabilities = file` and list them in capability.json (apptainer-supervisor(8), CAPABILITIES)",
+        s.locate(keys::SECURITY_KEEP_CAPABILITIES)
+    ))
 }
 
 /// Why each setting of `s` needs root, for a supervisor that runs as `euid`. Empty when
@@ -230,14 +197,8 @@ pub fn apply(plan: &Plan) -> Result<Applied, PrivilegeError> {
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        // Bounding first: dropping from it needs CAP_SETPCAP in the effective set, which
-        // the next step gives up.
-        let bounding =
-            caps::read(None, CapSet::Bounding).map_err(err("reading the bounding set"))?;
-        for cap in plan.drop_bounding.iter().filter(|c| bounding.contains(c)) {
-            caps::drop(None, CapSet::Bounding, *cap)
-                .map_err(err(&format!("dropping {cap} from the bounding set")))?;
-        }
+        // The bounding set stays whole: it is what Apptainer's starter gets as its
+        // permitted set (module docs).
         caps::clear(None, CapSet::Ambient).map_err(err("clearing the ambient set"))?;
         caps::clear(None, CapSet::Inheritable).map_err(err("clearing the inheritable set"))?;
         let own: CapsHashSet = plan.own.iter().copied().collect();
@@ -264,7 +225,6 @@ pub fn apply(plan: &Plan) -> Result<Applied, PrivilegeError> {
         cap_permitted = %show(&applied.permitted),
         cap_inheritable = %show(&applied.inheritable),
         cap_bounding = format_args!("{:016x}", mask(&applied.bounding)),
-        cap_bounding_dropped = %show(&plan.drop_bounding.iter().copied().filter(|c| !applied.bounding.contains(c)).collect()),
         "capabilities"
     );
     Ok(applied)
@@ -291,43 +251,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_drops_the_list_but_what_is_kept() {
-        let p = plan(&[Capability::CAP_SYS_TIME]);
-        assert!(!p.drop_bounding.contains(&Capability::CAP_SYS_TIME));
-        assert!(p.drop_bounding.contains(&Capability::CAP_SYS_MODULE));
-        assert_eq!(p.drop_bounding.len(), BOUNDING_DROP.len() - 1);
+    fn plan_narrows_only_our_own_sets() {
         assert_eq!(
-            show(&p.own),
+            show(&plan().own),
             "CAP_DAC_OVERRIDE,CAP_DAC_READ_SEARCH,CAP_KILL,CAP_SYS_PTRACE"
         );
-    }
-
-    #[test]
-    fn nothing_apptainer_needs_is_dropped() {
-        // What `apptainer instance start --boot --network` needs as root: namespaces and
-        // mounts, CNI interfaces, raw sockets for DHCP/keepalived, uid changes in the
-        // starter, chroot/pivot_root, device nodes, ownership of session files.
-        let p = plan(&[]);
-        for c in [
-            Capability::CAP_SYS_ADMIN,
-            Capability::CAP_NET_ADMIN,
-            Capability::CAP_NET_RAW,
-            Capability::CAP_SETUID,
-            Capability::CAP_SETGID,
-            Capability::CAP_SYS_CHROOT,
-            Capability::CAP_MKNOD,
-            Capability::CAP_CHOWN,
-            Capability::CAP_FOWNER,
-            Capability::CAP_DAC_OVERRIDE,
-            Capability::CAP_SETPCAP,
-            Capability::CAP_SYS_PTRACE,
-            Capability::CAP_KILL,
-            Capability::CAP_AUDIT_WRITE,
-            Capability::CAP_NET_BIND_SERVICE,
-            Capability::CAP_SYS_RESOURCE,
-        ] {
-            assert!(!p.drop_bounding.contains(&c), "{c} stays");
-        }
     }
 
     #[test]
@@ -355,6 +283,17 @@ mod tests {
             s.security.keep_capabilities,
             [Capability::CAP_SYS_TIME, Capability::CAP_SYSLOG]
         );
+        let notice = keep_capabilities_notice(&s).expect("a notice for a set list");
+        assert!(
+            notice.contains(":4: security.keep_capabilities: has no effect any more")
+                && notice.contains("root default capabilities = file"),
+            "{notice}"
+        );
+        assert_eq!(
+            keep_capabilities_notice(&load("[security]\nkeep_capabilities = []\n").unwrap()),
+            None
+        );
+        assert_eq!(keep_capabilities_notice(&load("").unwrap()), None);
         let e = load("[security]\nkeep_capabilities = [\"CAP_FLY\"]\n")
             .unwrap_err()
             .to_string();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Serialize, Serializer};
 
-use crate::host::{cni_dir, lock, Canonical};
+use crate::host::{cni_dir, lock, privilege, Canonical};
 use crate::os::apptainer::InstancePaths;
 use crate::os::instance::RunRecord;
 use crate::os::live;
@@ -40,6 +40,8 @@ pub struct Plan {
     /// The conflists `run` writes, by network name, as JSON.
     pub conflists: std::collections::BTreeMap<String, serde_json::Value>,
     pub host_checked: bool,
+    /// Settings that are read but do nothing (`security.keep_capabilities`), with why.
+    pub warnings: Vec<String>,
     /// What `run` sets in Apptainer's environment on top of its own (`container`, the env
     /// file, `[env]`). Not printed: an env file may hold secrets.
     #[serde(skip)]
@@ -89,6 +91,7 @@ impl Plan {
                 })
                 .collect(),
             host_checked: env_file.is_some(),
+            warnings: privilege::keep_capabilities_notice(s).into_iter().collect(),
             env,
         }
     }

@@ -47,6 +47,9 @@ pub fn render_text(p: &Plan) -> String {
     } else {
         " (static check; --host checks this host too)\n"
     });
+    for w in &p.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
     out.push_str("\ninstance start (argv, no shell):\n  ");
     out.push_str(&group_flags(&argv).join(" \\\n    "));
     out.push_str("\n\noverlay create, only when the image is missing:\n  ");

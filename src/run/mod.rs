@@ -26,7 +26,7 @@ use std::path::PathBuf;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::Service;
 use crate::exit::{self, RunError};
@@ -67,7 +67,10 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
     // First, before any thread exists (capability sets are per thread): refuse what needs
     // root when we lack it, then narrow our own capabilities for good.
     privilege::require_root(service)?;
-    privilege::apply(&privilege::plan(&service.security.keep_capabilities))?;
+    privilege::apply(&privilege::plan())?;
+    if let Some(notice) = privilege::keep_capabilities_notice(service) {
+        warn!("{notice}");
+    }
     // Resolved first, then checked and planned: what the checks saw is what runs (see
     // host::canonicalize), and the plan is the one `check` prints.
     let canonical = host::canonicalize(service);

@@ -31,8 +31,9 @@ impl Supervisor<'_> {
         self.started_at = Instant::now();
         self.live.update(|s| s.started_at = Some(live::unix_now()));
         // Apptainer writes why the container could not be created (a network ADD, a bind,
-        // an overlay) to the instance's .err log and echoes it on stdout, not stderr: keep
-        // where the log ends now, to quote what this start adds.
+        // an overlay, the starter's capability check) to the instance's .err log and echoes
+        // it on stderr (1.4) or stdout (1.3, discarded): keep where the log ends now, to
+        // quote what this start adds when stderr does not (see `start_log_part`).
         let err_log_len = std::fs::metadata(&self.ctx.paths.err_log).map_or(0, |m| m.len());
         let deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         let out = self
@@ -52,11 +53,7 @@ impl Supervisor<'_> {
                 return Err(RunError::StartInstance {
                     status: describe(status),
                     stderr: stderr.trim_end().to_owned(),
-                    log: if added.is_empty() {
-                        String::new()
-                    } else {
-                        format!("\n{}:\n{added}", self.ctx.paths.err_log.display())
-                    },
+                    log: start_log_part(&stderr, &added, &self.ctx.paths.err_log),
                 });
             }
             Some(CliResult::TimedOut) => {
@@ -171,6 +168,22 @@ pub(super) fn log_since(path: &Path, from: u64) -> String {
     }
 }
 
+/// The `log` part of [`RunError::StartInstance`]: what this start added to the `.err` log
+/// (`added`), quoted once. After a failed start Apptainer echoes those lines itself
+/// (`starterInstance`): on stdout up to 1.3 (internal/pkg/runtime/launch/launcher_linux.go:1253
+/// at v1.3.6, `fmt.Println`), which the supervisor discards, so they are quoted from the
+/// log; on stderr since 1.4 (launcher_linux.go:1254 at v1.4.5, `fmt.Fprintln(os.Stderr, ...)`),
+/// already in the message, so only the log's path is named.
+fn start_log_part(stderr: &str, added: &str, err_log: &Path) -> String {
+    if added.is_empty() {
+        String::new()
+    } else if stderr.contains(added) {
+        format!("\n(Apptainer quoted {} above)", err_log.display())
+    } else {
+        format!("\n{}:\n{added}", err_log.display())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +201,31 @@ mod tests {
             "old run\nFATAL:   network setup failed"
         );
         assert_eq!(log_since(&d.path().join("none"), 0), "");
+    }
+
+    #[test]
+    fn a_failed_starts_log_is_quoted_once() {
+        let log = Path::new("/root/.apptainer/instances/logs/h/root/x.err");
+        let added = "ABORT  : Requesting capability set 0x1 while permitted capability set is 0x0";
+        // 1.3: the log went to stdout (discarded), stderr has only Apptainer's own error.
+        let v13 = "FATAL:   while executing starter: failed to start instance: exit status 255\n";
+        assert_eq!(
+            start_log_part(v13, added, log),
+            format!("\n{}:\n{added}", log.display())
+        );
+        // 1.4: stderr has the log's lines (and a blank line) before its own error.
+        let v14 = format!("{added}\n\n{v13}");
+        let part = start_log_part(&v14, added, log);
+        assert_eq!(
+            part,
+            format!("\n(Apptainer quoted {} above)", log.display())
+        );
+        assert_eq!(
+            format!("{v14}{part}")
+                .matches("Requesting capability set")
+                .count(),
+            1
+        );
+        assert_eq!(start_log_part(v13, "", log), "");
     }
 }

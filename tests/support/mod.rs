@@ -34,6 +34,67 @@ pub fn require_root() -> bool {
     false
 }
 
+/// This process's capability bounding set (`CapBnd:` of `/proc/self/status`): what the
+/// supervisor and the double started from here inherit.
+pub fn own_bounding() -> u64 {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap();
+    let hex = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .expect("CapBnd in /proc/self/status")
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+/// The capabilities of `mask` by name, in bit order (`CAP_CHOWN`, ...).
+pub fn cap_names(mask: u64) -> Vec<String> {
+    let mut all: Vec<caps::Capability> = caps::all().into_iter().collect();
+    all.sort_by_key(|c| c.index());
+    all.into_iter()
+        .filter(|c| mask & c.bitmask() != 0)
+        .map(|c| c.to_string())
+        .collect()
+}
+
+/// Environment variables that point the Apptainer double at an apptainer.conf and a
+/// capability.json (DOUBLE.md, "Capabilities").
+pub const CONF_ENV: &str = "APPTAINER_CONFIG_FILE";
+pub const CAPABILITY_FILE_ENV: &str = "APPTAINER_DOUBLE_CAPABILITY_FILE";
+
+/// Writes `dir/apptainer.conf` with `root default capabilities = MODE` and
+/// `dir/capability.json` giving root every capability of this machine's bounding set
+/// (read now), as `apptainer capability add --user root ...` writes it (Go's
+/// MarshalIndent with tabs, pkg/util/capabilities/config.go WriteTo). With `file`, a start
+/// then succeeds only when nothing between this test and Apptainer's starter (the
+/// supervisor, a unit directive) shrank the bounding set: the starter refuses a request
+/// beyond its permitted set. Returns the environment that makes the double read them.
+pub fn write_apptainer_conf(dir: &Path, mode: &str) -> Vec<(&'static str, PathBuf)> {
+    std::fs::create_dir_all(dir).unwrap();
+    let conf = dir.join("apptainer.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "# Test apptainer.conf (tests/support/mod.rs)\nroot default capabilities = {mode}\n"
+        ),
+    )
+    .unwrap();
+    let doc = serde_json::json!({"users": {"root": cap_names(own_bounding())}});
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"\t");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    serde::Serialize::serialize(&doc, &mut ser).unwrap();
+    let cap_file = dir.join("capability.json");
+    std::fs::write(&cap_file, out).unwrap();
+    vec![(CONF_ENV, conf), (CAPABILITY_FILE_ENV, cap_file)]
+}
+
+/// `Environment=` lines of a unit drop-in for [`write_apptainer_conf`]'s variables.
+pub fn dropin_environment(env: &[(&'static str, PathBuf)]) -> String {
+    env.iter()
+        .map(|(k, v)| format!("Environment={k}={}\n", v.display()))
+        .collect()
+}
+
 pub struct World {
     pub dir: tempfile::TempDir,
     pub name: String,
@@ -61,6 +122,9 @@ pub struct World {
     /// The light init (`fake-init` on the host's root) rather than a real systemd booted
     /// from the test rootfs.
     pub light_init: bool,
+    /// The double's apptainer.conf and capability.json (`file`: every capability of this
+    /// machine's bounding set), see [`write_apptainer_conf`]. `env` may override them.
+    pub apptainer_conf: Vec<(&'static str, PathBuf)>,
     /// The container pid of the last state file read at drop, for cgroup cleanup.
     container_pid_seen: Option<i32>,
     children: Vec<Child>,
@@ -121,6 +185,7 @@ impl World {
             netns: None,
             wrap: Vec::new(),
             journal_dir: None,
+            apptainer_conf: write_apptainer_conf(&root.join("apptainer-etc"), "file"),
             container_pid_seen: None,
             children: Vec::new(),
             dir,
@@ -334,6 +399,9 @@ exec "$@""#;
             .env_remove("WATCHDOG_USEC")
             .env_remove("JOURNAL_STREAM")
             .env_remove("INVOCATION_ID");
+        for (k, v) in &self.apptainer_conf {
+            cmd.env(k, v);
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
