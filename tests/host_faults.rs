@@ -27,10 +27,9 @@ use apptainer_supervisor::host::privilege;
 use support::host::{HostSystemd, BOOT_TARGET};
 use support::{
     dropin_environment, loops_for, own_bounding, require_root, rootfs, support,
-    write_apptainer_conf, World, BIN,
+    write_apptainer_conf, World, BIN, SEC,
 };
 
-const SEC: Duration = Duration::from_secs(1);
 const PROPS: &[&str] = &[
     "ActiveState",
     "SubState",

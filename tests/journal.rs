@@ -11,11 +11,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use support::*;
-
-const SEC: Duration = Duration::from_secs(1);
 
 type Entry = BTreeMap<String, String>;
 
