@@ -567,3 +567,27 @@ fn watchdog_abort_still_halts_the_container() {
     assert!(!alive(pid));
     assert!(!w.state_file().exists());
 }
+
+/// SIGABRT (systemd's watchdog) and SIGTERM (its stop job) arrive together, in either
+/// order, no pause between: the watchdog's verdict stands, exit 1, every time.
+#[test]
+fn sigabrt_and_sigterm_together_always_exit_1() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-abrtterm");
+    for i in 0..50 {
+        let (pid, _) = w.start();
+        let sup = w.child(i).id() as i32;
+        let (first, second) = if i % 2 == 0 {
+            (libc::SIGABRT, libc::SIGTERM)
+        } else {
+            (libc::SIGTERM, libc::SIGABRT)
+        };
+        kill(sup, first);
+        kill(sup, second);
+        let out = w.wait(i, 20 * SEC);
+        assert_eq!(out.status.code(), Some(1), "round {i}: {}", stderr(&out));
+        assert!(!alive(pid), "round {i}: the container was halted");
+    }
+}

@@ -77,7 +77,7 @@ impl Supervisor<'_> {
                     Ok(n) => if err_buf.len() < 64 * 1024 { err_buf.extend_from_slice(&chunk[..n]) },
                 },
                 sig = self.signals.recv() => {
-                    info!(signal = sig, "stop requested while apptainer runs; stopping once it returns");
+                    info!(signal = sig.name(), "stop requested while apptainer runs; stopping once it returns");
                     stop_requested = true;
                 }
                 _ = &mut kill_at, if !timed_out => {

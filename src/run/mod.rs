@@ -17,6 +17,7 @@ mod child;
 mod halt;
 mod leftovers;
 mod overlay;
+mod policy;
 mod start;
 mod watch;
 
@@ -24,6 +25,7 @@ use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 
+use futures_util::FutureExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -36,6 +38,7 @@ use crate::os::instance::{self, Exit, ExitWatch, ProcId, RunRecord};
 use crate::os::live::{Phase, Publisher};
 use crate::os::notify::Notifier;
 use crate::plan::{argv, Plan};
+use policy::Sig;
 
 fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
     let what = what.into();
@@ -120,12 +123,19 @@ struct Signals {
 }
 
 impl Signals {
-    async fn recv(&mut self) -> &'static str {
+    /// The next signal; SIGABRT first when several are pending (see `policy`).
+    async fn recv(&mut self) -> Sig {
         tokio::select! {
-            _ = self.term.recv() => "SIGTERM",
-            _ = self.int.recv() => "SIGINT",
-            _ = self.abrt.recv() => "SIGABRT",
+            biased;
+            _ = self.abrt.recv() => Sig::Abrt,
+            _ = self.term.recv() => Sig::Term,
+            _ = self.int.recv() => Sig::Int,
         }
+    }
+
+    /// A signal that has arrived and not been received yet, without waiting.
+    fn pending(&mut self) -> Option<Sig> {
+        self.recv().now_or_never()
     }
 }
 
@@ -150,6 +160,8 @@ struct Supervisor<'a> {
     started_at: Instant,
     /// The instance's address from Apptainer's state file (empty without a network).
     ip: String,
+    /// The inner manager's last `SystemState`, for the journal.
+    system_state: String,
     /// `<run dir>/<name>.json`, for `status` and scripts.
     live: Publisher,
     /// The sizes of the instance's logs before `instance start`: forwarding starts there.
@@ -174,6 +186,7 @@ impl<'a> Supervisor<'a> {
             record_path: RunRecord::path(&ctx.run_dir, &s.name),
             started_at: Instant::now(),
             ip: String::new(),
+            system_state: String::new(),
             live: Publisher::new(&ctx.run_dir, &s.name),
             log_start: crate::os::output::Start::default(),
         })

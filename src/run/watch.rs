@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{timeout, Instant};
 use tracing::{error, info, warn};
 
+use super::policy::{Action, End, Event, Policy};
 use super::{os, show_exit, Supervisor, Tracked};
 use crate::config::{OnFailure, ReadinessMode};
 use crate::exit::RunError;
@@ -47,17 +48,10 @@ impl Supervisor<'_> {
             self.notify.watchdog();
         }
         let r = &self.s.readiness;
-        let mut w = WatchState {
-            ready: false,
-            last_status: String::new(),
-            inner: None,
-            events: None,
-            ping: None,
-            shutdown: None,
-            restarts: std::collections::VecDeque::new(),
-            failed_now: std::collections::BTreeSet::new(),
-            verdict: None,
-        };
+        let mut policy = Policy::new(r.clone(), r.mode == ReadinessMode::Instance);
+        let mut inner: Option<Inner> = None;
+        let mut events: Option<mpsc::UnboundedReceiver<InnerEvent>> = None;
+        let mut ping: Option<oneshot::Receiver<bool>> = None;
         let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         // Our own start timeout decides; keep systemd's TimeoutStartSec= behind it even
         // when overlay creation or an orphan's halt came first.
@@ -67,7 +61,6 @@ impl Supervisor<'_> {
         }
         match r.mode {
             ReadinessMode::Instance => {
-                w.ready = true;
                 info!(
                     INSTANCE_PID = pid,
                     PHASE = "ready",
@@ -102,19 +95,24 @@ impl Supervisor<'_> {
                 let container = t.container;
                 // A stop request while we wait for the bus is served at once.
                 let connected = tokio::select! {
-                    r = Inner::connect(pid, left, || container.is_alive()) => Some(r),
+                    biased;
                     sig = self.signals.recv() => {
-                        info!(INSTANCE_PID = pid, signal = sig, "stop requested while the container boots");
-                        None
+                        info!(INSTANCE_PID = pid, signal = sig.name(), "stop requested while the container boots");
+                        Err(sig)
                     }
-                };
-                let Some(connected) = connected else {
-                    self.stop_tracked(&t, "stopping: halting the container", None)
-                        .await;
-                    return Ok(());
+                    r = Inner::connect(pid, left, || container.is_alive()) => Ok(r),
                 };
                 match connected {
-                    Ok(i) => {
+                    Err(sig) => {
+                        let actions = policy.on(Event::Signal(sig), std::time::Instant::now());
+                        if let Some(r) = self
+                            .act(&mut policy, actions, &t, &inner, &mut events)
+                            .await
+                        {
+                            return r;
+                        }
+                    }
+                    Ok(Ok(i)) => {
                         let (tx, rx) = mpsc::unbounded_channel();
                         tokio::spawn(inner::watch(
                             i.clone(),
@@ -122,10 +120,11 @@ impl Supervisor<'_> {
                             r.accept_degraded,
                             tx,
                         ));
-                        w.inner = Some(i);
-                        w.events = Some(rx);
+                        inner = Some(i);
+                        events = Some(rx);
+                        policy.connected();
                     }
-                    Err(e) if container.is_alive() => {
+                    Ok(Err(e)) if container.is_alive() => {
                         error!(INSTANCE_PID = pid, error = %e, "cannot reach the container's systemd");
                         self.stop_tracked(
                             &t,
@@ -136,7 +135,7 @@ impl Supervisor<'_> {
                         return Err(RunError::Inner(e));
                     }
                     // The container died while we waited: the loop below reports it.
-                    Err(_) => {}
+                    Ok(Err(_)) => {}
                 }
             }
         }
@@ -144,241 +143,159 @@ impl Supervisor<'_> {
         tokio::pin!(not_ready_by);
         loop {
             let flush_due = self.live.due();
-            tokio::select! {
-                _ = sleep_until_opt(flush_due) => self.live.flush(),
+            // Signals first: with SIGABRT and SIGTERM both pending, the policy sees both
+            // before anything else; then the pidfds, the container's before its master's.
+            let ev = tokio::select! {
+                biased;
                 sig = self.signals.recv() => {
-                    info!(INSTANCE_PID = pid, signal = sig, "stop requested");
-                    self.stop_tracked(&t, "stopping: halting the container", w.events.as_mut()).await;
-                    if sig == "SIGABRT" {
-                        return Err(RunError::Aborted);
-                    }
-                    return Ok(());
+                    info!(INSTANCE_PID = pid, signal = sig.name(), "stop requested");
+                    Event::Signal(sig)
                 }
-                _ = output.changed() => output.pump(),
-                _ = t.container_fd.readable() => {
-                    return match w.shutdown {
-                        Some(kind) => Err(self.shut_down_inside(&t, kind).await),
-                        None => Err(self.container_ended(&t).await),
-                    };
-                }
-                _ = t.master_fd.readable() => {
-                    if let (false, Some(kind)) = (t.container.is_alive(), w.shutdown) {
-                        // Its container shut down from inside; the master is done.
-                        return Err(self.shut_down_inside(&t, kind).await);
+                _ = t.container_fd.readable() => Event::ContainerExited,
+                _ = t.master_fd.readable() => Event::MasterExited { container_alive: t.container.is_alive() },
+                ev = recv_opt(&mut events) => match ev {
+                    Some(ev) => match self.on_inner_event(ev, &t) {
+                        Some(ev) => ev,
+                        None => continue,
+                    },
+                    None => {
+                        events = None;
+                        continue;
                     }
-                    let exit = instance::try_reap(t.master.pid);
-                    let container_alive = t.container.is_alive();
-                    error!(
-                        INSTANCE_PID = pid,
-                        PHASE = "stopping",
-                        master_pid = t.master.pid,
-                        EXIT_STATUS = %show_exit(exit),
-                        container_alive,
-                        "the Apptainer master died; its cleanup did not run"
-                    );
-                    // From here on we are stopping: tell systemd, so that the watchdog
-                    // does not fire while the container halts.
-                    self.notify.stopping("master died: halting the container");
-                    self.halt(&t.container, &t.container_fd, None, None, None).await;
-                    self.release_networks(t.container.pid).await;
-                    self.remove_leftovers();
-                    return Err(RunError::MasterDied {
-                        name: self.s.name.clone(),
-                        pid: t.master.pid,
-                        container: if container_alive { "was halted" } else { "died with it" },
+                },
+                _ = &mut not_ready_by, if !policy.is_ready() => Event::StartDeadline,
+                _ = tick(&watchdog) => Event::WatchdogTick,
+                answered = ping_opt(&mut ping) => {
+                    ping = None;
+                    Event::PingAnswered(answered)
+                }
+                _ = sleep_until_opt(flush_due) => {
+                    self.live.flush();
+                    continue;
+                }
+                _ = output.changed() => {
+                    output.pump();
+                    continue;
+                }
+            };
+            if let Event::BusLost { .. } = ev {
+                events = None;
+                inner = None;
+            }
+            let actions = policy.on(ev, std::time::Instant::now());
+            if actions.contains(&Action::Ping) {
+                if let Some(i) = &inner {
+                    let (tx, rx) = oneshot::channel();
+                    let i = i.clone();
+                    let bound = self
+                        .notify
+                        .watchdog_interval
+                        .unwrap_or(Duration::from_secs(1))
+                        / 2;
+                    tokio::spawn(async move {
+                        let _ = tx.send(i.ping(bound).await);
                     });
+                    ping = Some(rx);
                 }
-                ev = recv_opt(&mut w.events) => {
-                    match ev {
-                        Some(ev) => {
-                            if let Some(err) = self.on_inner_event(&mut w, ev, &t).await {
-                                return Err(err);
-                            }
-                        }
-                        None => w.events = None,
-                    }
-                }
-                _ = &mut not_ready_by, if !w.ready => {
-                    let status = w.verdict.as_ref().map_or_else(|| "the container's systemd was not reached".to_owned(), |v| v.status.clone());
-                    error!(INSTANCE_PID = pid, status = %status, timeout_sec = self.s.timeouts.start_sec, "not ready in time");
-                    self.stop_tracked(&t, &format!("stopping: not ready after {} s: {status}", self.s.timeouts.start_sec), w.events.as_mut()).await;
-                    return Err(RunError::NotReady { secs: self.s.timeouts.start_sec, status });
-                }
-                _ = tick(&watchdog) => {
-                    // Both pidfds not readable ⇒ the instance is alive, and the loop answered.
-                    // Once the inner manager is reached, it must answer too (bounded).
-                    match &w.inner {
-                        None => self.notify.watchdog(),
-                        Some(inner) if w.ping.is_none() => {
-                            let (tx, rx) = oneshot::channel();
-                            let inner = inner.clone();
-                            let bound = self.notify.watchdog_interval.unwrap_or(Duration::from_secs(1)) / 2;
-                            tokio::spawn(async move { let _ = tx.send(inner.ping(bound).await); });
-                            w.ping = Some(rx);
-                        }
-                        Some(_) => {
-                            warn!(INSTANCE_PID = pid, "the container's systemd did not answer the last ping; no WATCHDOG=1");
-                        }
-                    }
-                }
-                answered = ping_opt(&mut w.ping) => {
-                    w.ping = None;
-                    if answered {
-                        self.notify.watchdog();
-                    } else {
-                        warn!(INSTANCE_PID = pid, "the container's systemd did not answer in time; no WATCHDOG=1");
-                    }
-                }
+            }
+            if let Some(r) = self
+                .act(&mut policy, actions, &t, &inner, &mut events)
+                .await
+            {
+                return r;
             }
         }
     }
 
-    /// One event from the inner watcher. Returns an error when the service must end.
-    async fn on_inner_event(
-        &mut self,
-        w: &mut WatchState,
-        ev: InnerEvent,
-        t: &Tracked,
-    ) -> Option<RunError> {
+    /// Reports one event from the inner watcher (the journal, the live state file) and
+    /// turns it into the policy's event; `None` when there is nothing to decide.
+    fn on_inner_event(&mut self, ev: InnerEvent, t: &Tracked) -> Option<Event> {
         let pid = t.container.pid;
-        let r = self.s.readiness.clone();
         match ev {
-            ev @ (InnerEvent::Connected(_) | InnerEvent::Changed(_)) => {
-                let (ev_kind, state) = match ev {
-                    InnerEvent::Connected(st) => (EvKind::Connected, st),
-                    InnerEvent::Changed(st) => (EvKind::Changed, st),
-                    _ => unreachable!("matched above"),
-                };
-                let v = inner::verdict(&state, &r.required_units, r.accept_degraded);
-                let summary = InnerSummary::from(&state);
-                if v.ready && !w.ready {
-                    // READY=1 and its STATUS= in one datagram, without a status-only one first.
-                    w.ready = true;
-                    let status = self.with_ip(&v.status);
+            InnerEvent::Connected(state) => {
+                self.inner_state(&state);
+                Some(Event::Inner { state, first: true })
+            }
+            InnerEvent::Changed(state) => {
+                self.inner_state(&state);
+                Some(Event::Inner {
+                    state,
+                    first: false,
+                })
+            }
+            InnerEvent::UnitChanged(unit, u) => {
+                if u.active_state == "failed" {
+                    warn!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = %u.active_state, SUB_STATE = %u.sub_state, RESULT = %u.result, "required unit changed");
+                } else {
+                    info!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = %u.active_state, SUB_STATE = %u.sub_state, RESULT = %u.result, "required unit changed");
+                }
+                Some(Event::UnitChanged {
+                    unit,
+                    active_state: u.active_state,
+                    result: u.result,
+                })
+            }
+            InnerEvent::Shutdown(kind) => Some(Event::Shutdown(kind)),
+            InnerEvent::Lost(why) => Some(Event::BusLost {
+                why,
+                container_alive: t.container.is_alive(),
+            }),
+        }
+    }
+
+    /// The inner manager's state, as the live state file shows it.
+    fn inner_state(&mut self, state: &inner::InnerState) {
+        let summary = InnerSummary::from(state);
+        self.system_state = state.system_state.clone();
+        self.live.update(|s| s.inner = Some(summary));
+    }
+
+    /// Carries out the policy's actions, in order. `Some` when the run ends.
+    async fn act(
+        &mut self,
+        policy: &mut Policy,
+        actions: Vec<Action>,
+        t: &Tracked,
+        inner: &Option<Inner>,
+        events: &mut Option<mpsc::UnboundedReceiver<InnerEvent>>,
+    ) -> Option<Result<(), RunError>> {
+        let pid = t.container.pid;
+        for a in actions {
+            match a {
+                Action::Ready { status } => {
+                    let status = self.with_ip(&status);
                     // READY=1 first (the inner boot's end → READY is what this loop is
                     // measured on), then the state file, before the loop waits again.
                     self.notify.ready(&status);
-                    self.live.update(|s| {
-                        s.inner = Some(summary);
-                        s.ready_at = Some(live::unix_now());
-                    });
+                    self.live.update(|s| s.ready_at = Some(live::unix_now()));
                     self.live.phase(Phase::Ready, &status);
-                    w.last_status = v.status.clone();
-                    info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %state.system_state, IP = %self.ip, status = %status, "ready");
-                } else {
-                    if v.status != w.last_status {
-                        self.notify.status(&v.status);
-                        w.last_status = v.status.clone();
-                    }
-                    let back = w.ready && v.ready && self.live.state.phase == Phase::Degraded;
-                    let status = v.status.clone();
-                    self.live.update(|s| {
-                        s.inner = Some(summary);
-                        s.status = status.clone();
-                    });
-                    if back {
-                        self.live.phase(Phase::Ready, &self.with_ip(&status));
-                    }
+                    info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %self.system_state, IP = %self.ip, status = %status, "ready");
                 }
-                let already_failed = if matches!(ev_kind, EvKind::Connected) {
-                    v.failed.clone()
-                } else {
-                    Vec::new()
-                };
-                w.verdict = Some(v);
-                // A required unit that had already failed when we connected gets the
-                // policy too: no change signal will ever come for it.
-                for (unit, result) in already_failed {
-                    w.failed_now.insert(unit.clone());
-                    warn!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = "failed", RESULT = %result, "required unit already failed");
-                    if let Some(err) = self.on_unit_failed(w, &unit, &result, t).await {
-                        return Some(err);
-                    }
+                Action::Status(status) => {
+                    self.notify.status(&status);
+                    self.live.update(|s| s.status = status.clone());
                 }
-                None
-            }
-            InnerEvent::UnitChanged(unit, u) => {
-                let failed = u.active_state == "failed";
-                let fields = |level_warn: bool| {
-                    if level_warn {
-                        warn!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = %u.active_state, SUB_STATE = %u.sub_state, RESULT = %u.result, "required unit changed");
-                    } else {
-                        info!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = %u.active_state, SUB_STATE = %u.sub_state, RESULT = %u.result, "required unit changed");
-                    }
-                };
-                fields(failed);
-                if !failed {
-                    w.failed_now.remove(&unit);
-                    return None;
+                Action::BackToReady { status } => {
+                    let status = self.with_ip(&status);
+                    self.live.phase(Phase::Ready, &status);
                 }
-                if w.shutdown.is_none() && w.failed_now.insert(unit.clone()) {
-                    return self.on_unit_failed(w, &unit, &u.result, t).await;
-                }
-                None
-            }
-            InnerEvent::Shutdown(kind) => {
-                w.shutdown = Some(kind);
-                let what = kind.as_str();
-                info!(
-                    INSTANCE_PID = pid,
-                    PHASE = "stopping",
-                    shutdown = what,
-                    "the container is shutting down from inside"
-                );
-                self.notify
-                    .stopping(&format!("stopping: {what} from inside the container"));
-                None
-            }
-            InnerEvent::Lost(why) => {
-                w.events = None;
-                w.inner = None;
-                if t.container.is_alive() && w.shutdown.is_none() {
-                    warn!(INSTANCE_PID = pid, reason = %why, "lost the container's system bus; watching the instance only");
-                    self.notify.status(
-                        "running: the container's system bus is gone; watching the instance only",
-                    );
-                }
-                None
-            }
-        }
-    }
-
-    /// The failure policy for a required unit that reached `failed` (its own `Restart=`
-    /// has given up by then: while it still works the unit is `activating/auto-restart`).
-    async fn on_unit_failed(
-        &mut self,
-        w: &mut WatchState,
-        unit: &str,
-        result: &str,
-        t: &Tracked,
-    ) -> Option<RunError> {
-        let r = &self.s.readiness;
-        match r.on_failure {
-            OnFailure::Ignore => None,
-            OnFailure::RestartUnit => {
-                let now = Instant::now();
-                let window = Duration::from_secs(r.restart_window_sec);
-                while w
-                    .restarts
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) > window)
-                {
-                    w.restarts.pop_front();
-                }
-                if (w.restarts.len() as u32) < r.max_restarts {
-                    w.restarts.push_back(now);
+                Action::RestartUnit {
+                    unit,
+                    result,
+                    restart,
+                    max,
+                } => {
+                    let window_sec = self.s.readiness.restart_window_sec;
                     warn!(
                         INNER_UNIT = %unit,
                         RESULT = %result,
-                        restart = w.restarts.len(),
-                        max_restarts = r.max_restarts,
-                        window_sec = r.restart_window_sec,
+                        restart,
+                        max_restarts = max,
+                        window_sec,
                         "restarting failed required unit (ResetFailed + RestartUnit)"
                     );
                     let status = format!(
-                        "degraded: {unit} failed ({result}); restarting it ({}/{})",
-                        w.restarts.len(),
-                        r.max_restarts
+                        "degraded: {unit} failed ({result}); restarting it ({restart}/{max})"
                     );
                     self.notify.status(&status);
                     self.live.update(|s| {
@@ -386,52 +303,154 @@ impl Supervisor<'_> {
                         s.last_error = Some(format!("{unit} failed ({result})"));
                     });
                     self.live.phase(Phase::Degraded, &status);
-                    if let Some(inner) = w.inner.clone() {
-                        let unit = unit.to_owned();
+                    if let Some(inner) = inner.clone() {
                         tokio::spawn(async move {
                             if let Err(e) = inner.restart_unit(&unit).await {
                                 warn!(INNER_UNIT = %unit, error = %e, "restarting the unit failed");
                             }
                         });
                     }
-                    None
-                } else {
-                    error!(INNER_UNIT = %unit, RESULT = %result, max_restarts = r.max_restarts, window_sec = r.restart_window_sec, "restart budget exhausted; restarting the whole service");
-                    Some(self.give_up(w, unit, result, t).await)
                 }
-            }
-            OnFailure::RestartService => {
-                error!(INNER_UNIT = %unit, RESULT = %result, "required unit failed; restarting the whole service (readiness.on_failure = restart-service)");
-                Some(self.give_up(w, unit, result, t).await)
+                Action::ShutdownInside(kind) => {
+                    let what = kind.as_str();
+                    info!(
+                        INSTANCE_PID = pid,
+                        PHASE = "stopping",
+                        shutdown = what,
+                        "the container is shutting down from inside"
+                    );
+                    self.notify
+                        .stopping(&format!("stopping: {what} from inside the container"));
+                }
+                Action::WatchInstanceOnly { why } => {
+                    warn!(INSTANCE_PID = pid, reason = %why, "lost the container's system bus; watching the instance only");
+                    self.notify.status(
+                        "running: the container's system bus is gone; watching the instance only",
+                    );
+                }
+                // Started by the loop, which holds the answer's receiver.
+                Action::Ping => {}
+                Action::Watchdog => self.notify.watchdog(),
+                Action::PingUnanswered => {
+                    warn!(
+                        INSTANCE_PID = pid,
+                        "the container's systemd did not answer the last ping; no WATCHDOG=1"
+                    );
+                }
+                Action::PingTimedOut => {
+                    warn!(
+                        INSTANCE_PID = pid,
+                        "the container's systemd did not answer in time; no WATCHDOG=1"
+                    );
+                }
+                Action::End(end) => {
+                    let mut r = self.end(end, t, events.as_mut()).await;
+                    // A signal that came while we halted still counts (see policy).
+                    while let Some(sig) = self.signals.pending() {
+                        for a in policy.on(Event::Signal(sig), std::time::Instant::now()) {
+                            if let Action::EndAs(End::Aborted) = a {
+                                info!(
+                                    INSTANCE_PID = pid,
+                                    signal = sig.name(),
+                                    "aborted while stopping"
+                                );
+                                r = Err(RunError::Aborted);
+                            }
+                        }
+                    }
+                    return Some(r);
+                }
+                // Only seen after an End, handled there.
+                Action::EndAs(_) => {}
             }
         }
+        None
     }
 
-    /// Halts the container in order and ends the service with a failure, so that the unit's
-    /// `Restart=on-failure` starts it afresh.
-    async fn give_up(
+    /// Halts what is left and ends the run as the policy decided.
+    async fn end(
         &mut self,
-        w: &mut WatchState,
-        unit: &str,
-        result: &str,
+        end: End,
         t: &Tracked,
-    ) -> RunError {
-        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", INNER_UNIT = %unit, RESULT = %result, "stopping");
-        self.notify.stopping(&format!(
-            "stopping: {unit} failed ({result}); the service will be restarted"
-        ));
-        self.halt(
-            &t.container,
-            &t.container_fd,
-            Some(&t.master),
-            Some(&t.master_fd),
-            w.events.as_mut(),
-        )
-        .await;
-        self.remove_leftovers();
-        RunError::UnitFailed {
-            unit: unit.to_owned(),
-            result: result.to_owned(),
+        events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+    ) -> Result<(), RunError> {
+        let pid = t.container.pid;
+        match end {
+            End::Stopped => {
+                self.stop_tracked(t, "stopping: halting the container", events)
+                    .await;
+                Ok(())
+            }
+            End::Aborted => {
+                self.stop_tracked(t, "stopping: halting the container", events)
+                    .await;
+                Err(RunError::Aborted)
+            }
+            End::NotReady { status } => {
+                let secs = self.s.timeouts.start_sec;
+                error!(INSTANCE_PID = pid, status = %status, timeout_sec = secs, "not ready in time");
+                self.stop_tracked(
+                    t,
+                    &format!("stopping: not ready after {secs} s: {status}"),
+                    events,
+                )
+                .await;
+                Err(RunError::NotReady { secs, status })
+            }
+            End::UnitFailed { unit, result } => {
+                match self.s.readiness.on_failure {
+                    OnFailure::RestartUnit => {
+                        let r = &self.s.readiness;
+                        error!(INNER_UNIT = %unit, RESULT = %result, max_restarts = r.max_restarts, window_sec = r.restart_window_sec, "restart budget exhausted; restarting the whole service");
+                    }
+                    _ => {
+                        error!(INNER_UNIT = %unit, RESULT = %result, "required unit failed; restarting the whole service (readiness.on_failure = restart-service)");
+                    }
+                }
+                info!(INSTANCE_PID = pid, PHASE = "stopping", INNER_UNIT = %unit, RESULT = %result, "stopping");
+                self.notify.stopping(&format!(
+                    "stopping: {unit} failed ({result}); the service will be restarted"
+                ));
+                self.halt(
+                    &t.container,
+                    &t.container_fd,
+                    Some(&t.master),
+                    Some(&t.master_fd),
+                    events,
+                )
+                .await;
+                self.remove_leftovers();
+                Err(RunError::UnitFailed { unit, result })
+            }
+            End::ContainerEnded => Err(self.container_ended(t).await),
+            End::ShutDownInside(kind) => Err(self.shut_down_inside(t, kind).await),
+            End::MasterDied { container_alive } => {
+                let exit = instance::try_reap(t.master.pid);
+                error!(
+                    INSTANCE_PID = pid,
+                    PHASE = "stopping",
+                    master_pid = t.master.pid,
+                    EXIT_STATUS = %show_exit(exit),
+                    container_alive,
+                    "the Apptainer master died; its cleanup did not run"
+                );
+                // From here on we are stopping: tell systemd, so that the watchdog
+                // does not fire while the container halts.
+                self.notify.stopping("master died: halting the container");
+                self.halt(&t.container, &t.container_fd, None, None, None)
+                    .await;
+                self.release_networks(t.container.pid).await;
+                self.remove_leftovers();
+                Err(RunError::MasterDied {
+                    name: self.s.name.clone(),
+                    pid: t.master.pid,
+                    container: if container_alive {
+                        "was halted"
+                    } else {
+                        "died with it"
+                    },
+                })
+            }
         }
     }
 
@@ -545,31 +564,6 @@ impl Supervisor<'_> {
             },
         }
     }
-}
-
-#[derive(Clone, Copy)]
-enum EvKind {
-    Connected,
-    Changed,
-}
-
-/// What the watch loop knows beyond the two processes.
-struct WatchState {
-    ready: bool,
-    last_status: String,
-    inner: Option<Inner>,
-    events: Option<mpsc::UnboundedReceiver<InnerEvent>>,
-    ping: Option<oneshot::Receiver<bool>>,
-    /// A shutdown job seen inside (reboot/poweroff/halt) that we did not ask for.
-    shutdown: Option<Shutdown>,
-    /// When required units were restarted, within the window.
-    restarts: std::collections::VecDeque<Instant>,
-    verdict: Option<inner::Verdict>,
-    /// Required units whose failure was acted on and that have not left `failed` since.
-    /// systemd sends the Unit and Service properties in separate signals, so one failure
-    /// shows up more than once (e.g. `Result` reset by ResetFailed while ActiveState still
-    /// reads `failed`): each failure must count once against the restart budget.
-    failed_now: std::collections::BTreeSet<String>,
 }
 
 pub(super) async fn recv_opt(
