@@ -68,6 +68,20 @@ fn crashed_required_unit_is_restarted_and_logged() {
     eventually(10 * SEC, "asv-simple active again", || {
         unit_state(&w, "asv-simple.service") == "active"
     });
+    // One text, three sinks: the live state file says what STATUS= said last.
+    let last = msgs.last().unwrap().clone();
+    let text = last
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap()
+        .to_owned();
+    let live = w.run_dir.join(format!("{}.json", w.name));
+    eventually(5 * SEC, "the live state file says the same", || {
+        std::fs::read_to_string(&live)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["status"].as_str().is_some_and(|s| s.starts_with(&text)))
+    });
     let out = w.stop(0);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -76,6 +90,15 @@ fn crashed_required_unit_is_restarted_and_logged() {
             && err.contains("ACTIVE_STATE=failed")
             && err.contains("restarting failed required unit"),
         "structured events: {err}"
+    );
+    // ...and the journal too.
+    assert!(err.contains(&format!("status={text}")), "{text}: {err}");
+    // A ResetFailed half-applied (Result reset, ActiveState not yet) is not logged as a
+    // failed unit that succeeded.
+    assert!(
+        !err.lines()
+            .any(|l| l.contains("ACTIVE_STATE=failed") && l.contains("RESULT=success")),
+        "{err}"
     );
 }
 

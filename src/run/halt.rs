@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tracing::{info, warn};
 
+use super::report::Notice;
 use super::watch::recv_opt_ref;
 use super::{show_exit, Supervisor};
 use crate::os::inner::InnerEvent;
@@ -28,10 +29,14 @@ impl Supervisor<'_> {
         let to = self.s.timeouts;
         let stop = Duration::from_secs(to.stop_sec);
         let kill = Duration::from_secs(to.kill_sec);
-        // An orphan halted before our own start is not this run stopping.
-        if self.live.state.phase != Phase::Starting {
-            self.live
-                .phase(Phase::Stopping, "stopping: halting the container");
+        // An orphan halted before our own start is not this run stopping; a caller that
+        // said why it stops has reported the phase already.
+        if !matches!(self.live.state.phase, Phase::Starting | Phase::Stopping) {
+            self.report(
+                Notice::Status,
+                Some(Phase::Stopping),
+                "stopping: halting the container",
+            );
         }
         // Room for the orderly halt plus both escalation steps.
         self.notify.extend(stop + kill * 2 + Duration::from_secs(5));

@@ -18,6 +18,7 @@ mod halt;
 mod leftovers;
 mod overlay;
 mod policy;
+mod report;
 mod start;
 mod watch;
 
@@ -39,6 +40,7 @@ use crate::os::live::{Phase, Publisher};
 use crate::os::notify::Notifier;
 use crate::plan::{argv, Plan};
 use policy::Sig;
+use report::Notice;
 
 fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
     let what = what.into();
@@ -193,7 +195,7 @@ impl<'a> Supervisor<'a> {
     }
 
     async fn main(&mut self) -> Result<(), RunError> {
-        self.live.phase(Phase::Starting, "starting");
+        self.report(Notice::Status, Some(Phase::Starting), "starting");
         self.clear_leftovers().await?;
         self.ensure_overlay().await?;
         let Some(t) = self.start().await? else {
@@ -208,10 +210,9 @@ impl<'a> Supervisor<'a> {
         r
     }
 
+    /// A status line that begins no new phase (see [`report`]).
     fn status(&mut self, msg: &str) {
-        debug!(status = msg, "status");
-        self.notify.status(msg);
-        self.live.update(|s| s.status = msg.to_owned());
+        self.report(Notice::Status, None, msg);
     }
 
     /// The last word in the live state file: how this run ended.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::child::{describe, CliResult};
+use super::report::Notice;
 use super::{os, Supervisor};
 use crate::exit::RunError;
 use crate::host::overlay;
@@ -48,12 +49,12 @@ impl Supervisor<'_> {
             overlay::Found::Missing => {}
         }
         info!(overlay = %path.display(), size_mib = self.s.overlay.size_mib, "creating overlay image");
-        self.live.phase(Phase::CreatingOverlay, "");
-        self.status(&format!(
+        let status = format!(
             "creating overlay {} ({} MiB)",
             path.display(),
             self.s.overlay.size_mib
-        ));
+        );
+        self.report(Notice::Status, Some(Phase::CreatingOverlay), &status);
         // Built at a temporary name beside the target and moved into place only when
         // complete: a stop, a crash or a full disk never leaves a truncated overlay.img.
         let tmp = overlay::temp_path(path, std::process::id());

@@ -11,6 +11,7 @@ use tracing::{error, info};
 
 use super::child::{describe, CliResult};
 use super::leftovers::is_master_of;
+use super::report::Notice;
 use super::{os, Supervisor, Tracked};
 use crate::exit::RunError;
 use crate::os::apptainer::{self, StateFile};
@@ -23,9 +24,11 @@ impl Supervisor<'_> {
     pub(super) async fn start(&mut self) -> Result<Option<Tracked>, RunError> {
         let argv = self.plan.argv.clone();
         info!(PHASE = "starting-instance", argv = ?argv, "starting instance");
-        self.live
-            .phase(Phase::StartingInstance, "starting instance");
-        self.status("starting instance");
+        self.report(
+            Notice::Status,
+            Some(Phase::StartingInstance),
+            "starting instance",
+        );
         let p = &self.ctx.paths;
         self.log_start = crate::os::output::Start::now(&p.out_log, &p.err_log);
         self.started_at = Instant::now();

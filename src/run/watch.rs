@@ -10,6 +10,7 @@ use tokio::time::{timeout, Instant};
 use tracing::{error, info, warn};
 
 use super::policy::{Action, End, Event, Policy};
+use super::report::Notice;
 use super::{os, show_exit, Supervisor, Tracked};
 use crate::config::{OnFailure, ReadinessMode};
 use crate::exit::RunError;
@@ -72,9 +73,8 @@ impl Supervisor<'_> {
                 ));
                 // READY=1 first (nothing may delay it), the state file right after: it is
                 // written before the loop waits again, within a fraction of a millisecond.
-                self.notify.ready(&status);
                 self.live.update(|s| s.ready_at = Some(live::unix_now()));
-                self.live.phase(Phase::Ready, &status);
+                self.report(Notice::Ready, Some(Phase::Ready), &status);
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
@@ -84,13 +84,11 @@ impl Supervisor<'_> {
                         name: self.s.name.clone(),
                     });
                 }
-                self.live.phase(
-                    Phase::Booting,
+                self.report(
+                    Notice::Status,
+                    Some(Phase::Booting),
                     &format!("booting: instance pid {pid}; waiting for its system bus"),
                 );
-                self.status(&format!(
-                    "booting: instance pid {pid}; waiting for its system bus"
-                ));
                 let left = start_deadline.saturating_duration_since(Instant::now());
                 let container = t.container;
                 // A stop request while we wait for the bus is served at once.
@@ -223,6 +221,14 @@ impl Supervisor<'_> {
                     first: false,
                 })
             }
+            // A ResetFailed half-applied: systemd sends the Unit and the Service properties in
+            // separate signals, so `Result` reads success while ActiveState still reads
+            // failed. A failed unit always has a non-success result: wait for the rest.
+            InnerEvent::UnitChanged(_, u)
+                if u.active_state == "failed" && u.result == "success" =>
+            {
+                None
+            }
             InnerEvent::UnitChanged(unit, u) => {
                 if u.active_state == "failed" {
                     warn!(INSTANCE_PID = pid, INNER_UNIT = %unit, ACTIVE_STATE = %u.active_state, SUB_STATE = %u.sub_state, RESULT = %u.result, "required unit changed");
@@ -266,18 +272,14 @@ impl Supervisor<'_> {
                     let status = self.with_ip(&status);
                     // READY=1 first (the inner boot's end → READY is what this loop is
                     // measured on), then the state file, before the loop waits again.
-                    self.notify.ready(&status);
                     self.live.update(|s| s.ready_at = Some(live::unix_now()));
-                    self.live.phase(Phase::Ready, &status);
+                    self.report(Notice::Ready, Some(Phase::Ready), &status);
                     info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %self.system_state, IP = %self.ip, status = %status, "ready");
                 }
-                Action::Status(status) => {
-                    self.notify.status(&status);
-                    self.live.update(|s| s.status = status.clone());
-                }
+                Action::Status(status) => self.report(Notice::Status, None, &status),
                 Action::BackToReady { status } => {
                     let status = self.with_ip(&status);
-                    self.live.phase(Phase::Ready, &status);
+                    self.report(Notice::Status, Some(Phase::Ready), &status);
                 }
                 Action::RestartUnit {
                     unit,
@@ -297,12 +299,11 @@ impl Supervisor<'_> {
                     let status = format!(
                         "degraded: {unit} failed ({result}); restarting it ({restart}/{max})"
                     );
-                    self.notify.status(&status);
                     self.live.update(|s| {
                         s.restarts += 1;
                         s.last_error = Some(format!("{unit} failed ({result})"));
                     });
-                    self.live.phase(Phase::Degraded, &status);
+                    self.report(Notice::Status, Some(Phase::Degraded), &status);
                     if let Some(inner) = inner.clone() {
                         tokio::spawn(async move {
                             if let Err(e) = inner.restart_unit(&unit).await {
@@ -319,12 +320,17 @@ impl Supervisor<'_> {
                         shutdown = what,
                         "the container is shutting down from inside"
                     );
-                    self.notify
-                        .stopping(&format!("stopping: {what} from inside the container"));
+                    self.report(
+                        Notice::Stopping,
+                        None,
+                        &format!("stopping: {what} from inside the container"),
+                    );
                 }
                 Action::WatchInstanceOnly { why } => {
                     warn!(INSTANCE_PID = pid, reason = %why, "lost the container's system bus; watching the instance only");
-                    self.notify.status(
+                    self.report(
+                        Notice::Status,
+                        None,
                         "running: the container's system bus is gone; watching the instance only",
                     );
                 }
@@ -408,9 +414,11 @@ impl Supervisor<'_> {
                     }
                 }
                 info!(INSTANCE_PID = pid, PHASE = "stopping", INNER_UNIT = %unit, RESULT = %result, "stopping");
-                self.notify.stopping(&format!(
-                    "stopping: {unit} failed ({result}); the service will be restarted"
-                ));
+                self.report(
+                    Notice::Stopping,
+                    Some(Phase::Stopping),
+                    &format!("stopping: {unit} failed ({result}); the service will be restarted"),
+                );
                 self.halt(
                     &t.container,
                     &t.container_fd,
@@ -436,7 +444,11 @@ impl Supervisor<'_> {
                 );
                 // From here on we are stopping: tell systemd, so that the watchdog
                 // does not fire while the container halts.
-                self.notify.stopping("master died: halting the container");
+                self.report(
+                    Notice::Stopping,
+                    Some(Phase::Stopping),
+                    "master died: halting the container",
+                );
                 self.halt(&t.container, &t.container_fd, None, None, None)
                     .await;
                 self.release_networks(t.container.pid).await;
@@ -485,7 +497,7 @@ impl Supervisor<'_> {
         events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
     ) {
         info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", status = %why, "stopping");
-        self.notify.stopping(why);
+        self.report(Notice::Stopping, Some(Phase::Stopping), why);
         self.halt(
             &t.container,
             &t.container_fd,
