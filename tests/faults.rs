@@ -85,6 +85,45 @@ fn init_sigkill_exits_nonzero_cleans_up_and_restarts_with_overlay_data() {
     nothing_left(&w, &[pid2, ppid2]);
 }
 
+/// Row 1, 20 times, on a network: the container's init SIGKILLed is always the instance
+/// ending by itself (never "the master died", never a CNI DEL after the master's own), also
+/// when the supervisor is stopped (SIGSTOP) until the master has exited, so that both
+/// pidfds are ready at once and the master re-raised the same SIGKILL.
+#[test]
+fn init_sigkill_is_always_the_instance_ending_even_with_the_supervisor_stopped() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNetns::new();
+    let mut w = netns_world("f-init-race", &ns);
+    let leases = w.root().join("leases");
+    w.append_config(&host_local("hl_race", "asvbr6", "192.168.56", &leases));
+    for i in 0..20 {
+        let (pid, ppid) = w.start();
+        let sup = w.child(i).id() as i32;
+        let stopped = i % 2 == 1;
+        if stopped {
+            kill(sup, libc::SIGSTOP);
+        }
+        kill(pid, libc::SIGKILL);
+        if stopped {
+            // The master has run its cleanup and exited (a zombie of the stopped supervisor).
+            eventually(30 * SEC, "the master exited", || !alive(ppid));
+            kill(sup, libc::SIGCONT);
+        }
+        let out = w.wait(i, 30 * SEC);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "round {i}: {err}");
+        assert!(err.contains("ended by itself"), "round {i}: {err}");
+        assert!(
+            !err.contains("the Apptainer master (pid"),
+            "round {i}: {err}"
+        );
+        assert!(!err.contains("the dead master left"), "round {i}: {err}");
+        nothing_left(&w, &[pid, ppid]);
+    }
+}
+
 // --- row 2: the master is SIGKILLed (its cleanup never runs) ---------------------------
 
 fn host_local(name: &str, bridge: &str, net: &str, leases: &Path) -> String {

@@ -38,9 +38,12 @@ pub(crate) enum Event {
     Signal(Sig),
     /// The container's pidfd became readable.
     ContainerExited,
-    /// The master's pidfd became readable; whether the container still lives.
+    /// The master's pidfd became readable; whether the container still lives, and whether
+    /// what the master's cleanup leaves behind is there (its state file removed, its CNI
+    /// DEL run).
     MasterExited {
         container_alive: bool,
+        cleanup_done: bool,
     },
     /// The inner manager's state: `first` when just connected (units that had failed
     /// before get no change signal, so they count now).
@@ -195,9 +198,16 @@ impl Policy {
                 Some(kind) => End::ShutDownInside(kind),
                 None => End::ContainerEnded,
             }),
-            Event::MasterExited { container_alive } => match (container_alive, self.shutdown) {
+            Event::MasterExited {
+                container_alive,
+                cleanup_done,
+            } => match (container_alive, self.shutdown) {
                 // Its container shut down from inside; the master is done.
                 (false, Some(kind)) => self.end(End::ShutDownInside(kind)),
+                // The container ended by itself and its master cleaned up after it, as
+                // Apptainer's master does before it exits (re-raising the container's
+                // signal, so both exits read alike): the instance ended, nothing died.
+                (false, None) if cleanup_done => self.end(End::ContainerEnded),
                 _ => self.end(End::MasterDied { container_alive }),
             },
             Event::Inner { state, first } => self.on_inner(&state, first, now),
@@ -601,10 +611,30 @@ mod tests {
             (
                 vec![Event::MasterExited {
                     container_alive: true,
+                    cleanup_done: false,
                 }],
                 End::MasterDied {
                     container_alive: true,
                 },
+            ),
+            // The master died, the container with it (PR_SET_PDEATHSIG), no cleanup ran.
+            (
+                vec![Event::MasterExited {
+                    container_alive: false,
+                    cleanup_done: false,
+                }],
+                End::MasterDied {
+                    container_alive: false,
+                },
+            ),
+            // The container was SIGKILLed and its master's exit is seen first (or both at
+            // once): its cleanup ran, so the instance ended by itself.
+            (
+                vec![Event::MasterExited {
+                    container_alive: false,
+                    cleanup_done: true,
+                }],
+                End::ContainerEnded,
             ),
             (
                 vec![Event::Shutdown(Shutdown::Reboot), Event::ContainerExited],
@@ -616,6 +646,7 @@ mod tests {
                     Event::Shutdown(Shutdown::Poweroff),
                     Event::MasterExited {
                         container_alive: false,
+                        cleanup_done: true,
                     },
                 ],
                 End::ShutDownInside(Shutdown::Poweroff),

@@ -14,6 +14,7 @@ use super::report::Notice;
 use super::{os, show_exit, Supervisor, Tracked};
 use crate::config::{OnFailure, ReadinessMode};
 use crate::exit::RunError;
+use crate::host::cni_del;
 use crate::os::apptainer;
 use crate::os::inner::{self, Inner, InnerEvent, Shutdown};
 use crate::os::instance::{self, Exit};
@@ -150,7 +151,13 @@ impl Supervisor<'_> {
                     Event::Signal(sig)
                 }
                 _ = t.container_fd.readable() => Event::ContainerExited,
-                _ = t.master_fd.readable() => Event::MasterExited { container_alive: t.container.is_alive() },
+                _ = t.master_fd.readable() => {
+                    let container_alive = t.container.is_alive();
+                    Event::MasterExited {
+                        container_alive,
+                        cleanup_done: !container_alive && self.master_cleaned_up(&t),
+                    }
+                }
                 ev = recv_opt(&mut events) => match ev {
                     Some(ev) => match self.on_inner_event(ev, &t) {
                         Some(ev) => ev,
@@ -247,6 +254,19 @@ impl Supervisor<'_> {
                 container_alive: t.container.is_alive(),
             }),
         }
+    }
+
+    /// Whether the exited master ran its cleanup, judged from what that cleanup leaves
+    /// behind, before our own leftover cleanup touches anything: Apptainer's master runs
+    /// the CNI DEL of every network and then removes its instance state file
+    /// (cleanup_linux.go `CleanupContainer`, see DOUBLE.md row 15), then exits re-raising
+    /// its container's signal. A state file that is gone is not proof on its own: a
+    /// concurrent `apptainer instance list` or `stop` also removes the state file of a
+    /// dead (even a zombie) master (instance_linux.go, ghost cleanup), so a master death
+    /// can look clean. Then the CNI DEL is what tells: libcni's cached ADD result is
+    /// still there when no DEL ran.
+    fn master_cleaned_up(&self, t: &Tracked) -> bool {
+        !self.ctx.paths.state_file.exists() && !cni_del::del_pending(self.s, t.container.pid)
     }
 
     /// The inner manager's state, as the live state file shows it.
