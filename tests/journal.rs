@@ -223,6 +223,28 @@ fn events_and_instance_output_reach_journald_with_their_fields() {
     );
 }
 
+/// The log watch is closed while the container halts: the line its PID 1 writes right
+/// before it exits still reaches the journal.
+#[test]
+fn the_last_line_before_pid_1_exits_reaches_the_journal() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-lastline");
+    w.env
+        .push(("FAKE_INIT_LAST_WORDS".into(), "halting now, goodbye".into()));
+    let j = Journal::attach(&mut w);
+    w.start();
+    let out = w.stop_ok(0);
+    assert!(w.mark_text().contains("halt"), "halted in order: {out:?}");
+    let lines = j.with("SYSLOG_IDENTIFIER", "t-lastline-instance");
+    assert_eq!(
+        lines.last().map(|e| e["MESSAGE"].as_str()),
+        Some("halting now, goodbye"),
+        "{lines:#?}"
+    );
+}
+
 #[test]
 fn a_flood_of_output_is_bounded_and_reported_once() {
     if !require_root() {

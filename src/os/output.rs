@@ -388,6 +388,24 @@ impl Forwarder {
         }
     }
 
+    /// Stops watching the logs for writes; what is written from now on is forwarded when
+    /// the forwarder is dropped (it reads by size). Called when the container starts to
+    /// halt: closing an inotify descriptor waits for an SRCU grace period (some ms), so it
+    /// is closed on a thread of its own while the container halts, not on the loop after.
+    pub fn stop_watching(&mut self) {
+        if let Some(fd) = self.inotify.take() {
+            let watch = fd.into_inner();
+            if std::thread::Builder::new()
+                .name("inotify-close".into())
+                .spawn(move || drop(watch))
+                .is_err()
+            {
+                // No thread to be had: the close blocks here instead, as it used to.
+                tracing::debug!("closing the log watch on the loop");
+            }
+        }
+    }
+
     /// Forwards every complete new line, reports suppressed lines when the rate allows, and
     /// truncates a log past [`MAX_FILE`].
     pub fn pump(&mut self) {

@@ -188,6 +188,11 @@ impl Supervisor<'_> {
                 inner = None;
             }
             let actions = policy.on(ev, std::time::Instant::now());
+            if actions.iter().any(|a| matches!(a, Action::End(_))) {
+                // The container halts or has ended: no more waiting on its logs (the rest is
+                // read when `output` is dropped).
+                output.stop_watching();
+            }
             if actions.contains(&Action::Ping) {
                 if let Some(i) = &inner {
                     let (tx, rx) = oneshot::channel();
