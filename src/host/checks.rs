@@ -211,9 +211,7 @@ fn unsafe_file(p: &Path) -> Option<String> {
             p.display()
         ));
     }
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid == 0 && m.uid() != 0 {
+    if nix::unistd::geteuid().is_root() && m.uid() != 0 {
         return Some(format!(
             "is owned by uid {}, not root: it decides what runs as root\n  hint: chown root {}",
             m.uid(),

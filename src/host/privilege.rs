@@ -161,8 +161,7 @@ pub fn needs_root(s: &Service, euid: u32) -> Vec<String> {
 
 /// Refuses a configuration that needs root when we are not root (exit 77).
 pub fn require_root(s: &Service) -> Result<(), PrivilegeError> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     let settings = needs_root(s, euid);
     if settings.is_empty() {
         return Ok(());
@@ -195,8 +194,7 @@ pub fn apply(plan: &Plan) -> Result<Applied, PrivilegeError> {
             reason: e.to_string(),
         }
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         // The bounding set stays whole: it is what Apptainer's starter gets as its
         // permitted set (module docs).
         caps::clear(None, CapSet::Ambient).map_err(err("clearing the ambient set"))?;

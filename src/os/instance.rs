@@ -169,12 +169,7 @@ pub fn try_reap(pid: i32) -> Option<Exit> {
 /// which setsid()s and is orphaned when the CLI exits — is reparented to us and we can
 /// wait for its exit status.
 pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) only sets a flag on this process.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
 /// What identifies a running instance of a service, kept in `<run dir>/<name>.run`.

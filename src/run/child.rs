@@ -82,8 +82,11 @@ impl Supervisor<'_> {
                 }
                 _ = &mut kill_at, if !timed_out => {
                     warn!(pid, "apptainer command exceeded its deadline; killing it");
-                    // SAFETY: kill(2) on our own child, which has not been reaped yet.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    // Our own child, not reaped yet: the pid is still its own.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                     timed_out = true;
                 }
                 _ = tick_interval(&mut extend_tick) => {
