@@ -1,17 +1,22 @@
-//! `run NAME`: the one event loop that starts, watches and stops a service's instance.
+//! `run NAME`: a service's life, from setup to exit.
 //!
-//! Order of work (each step sends `STATUS=`):
-//! 1. fork-sensitive setup before the runtime exists: subreaper, the service lock;
-//! 2. leftovers of an earlier run are judged by the *container* pid (see [`leftovers::judge`]);
-//! 3. the overlay is created if missing (never touched otherwise) and must not be attached
-//!    to a loop device already;
-//! 4. `apptainer instance start` runs from an argv (no shell); on success the state file
-//!    names the container init and the master, which are recorded with their start times;
-//! 5. one `select!` loop waits on SIGTERM/SIGINT, the container's pidfd, the master's pidfd
-//!    and the watchdog tick — nothing polls.
+//! Order of work (each step reports its status through [`report`]):
+//! 1. fork-sensitive setup before the runtime exists: privilege, subreaper, the service lock;
+//!    the service is resolved, host-checked and planned (the [`Plan`] `check` prints);
+//! 2. [`leftovers`] of an earlier run are judged by the *container* pid;
+//! 3. the [`overlay`] is created if missing (never touched otherwise) and must not be
+//!    attached to a loop device already;
+//! 4. [`start`]: `apptainer instance start` runs from the plan's argv (no shell, [`child`]);
+//!    the state file names the container init and the master, recorded with their start
+//!    times and watched through pidfds;
+//! 5. [`watch`]: one biased `select!` (signals first) turns what it waits on into events;
+//!    [`policy`] decides what to do about each, and [`halt`] stops the container in order.
 //!
-//! Apptainer moves the container into a cgroup of its own (`apptainer-<pid>.scope`), outside
-//! this unit, so systemd's `KillMode` never reaches it: stopping it is our job, here.
+//! Not yet one loop: the start and the overlay creation wait in [`child`] (which notes a
+//! stop request), the bus connection waits beside the signals in [`watch`], and [`halt`]
+//! waits on its own. Apptainer moves the container into a cgroup of its own
+//! (`apptainer-<pid>.scope`), outside this unit, so systemd's `KillMode` never reaches it:
+//! stopping it is our job, here.
 
 mod child;
 mod halt;
