@@ -5,8 +5,10 @@
 //! * the capability sets the supervisor runs with (`src/privilege.rs`), as
 //!   `/proc/<pid>/status` shows them, and the bounding set its container inherits;
 //! * the hardening directives of `units/apptainer-supervisor@.service`: the kept ones run
-//!   in every test here (the unit is the shipped one), the dropped ones each in a drop-in
-//!   of their own, to show what they break or change (see the table in
+//!   in every test here (the unit is the shipped one), and what they do (mount
+//!   propagation under `PrivateMounts=`, the device allow-list: the unit's cgroup
+//!   confined, the container not) in a test of their own; the dropped ones each in a
+//!   drop-in of their own, to show what they break or change (see the table in
 //!   apptainer-supervisor(8), HARDENING);
 //! * fault row 3: the supervisor SIGKILLed while its instance runs (systemd then kills
 //!   Apptainer's master, and the container dies with it: the restart starts fresh, never
