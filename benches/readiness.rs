@@ -708,6 +708,10 @@ fn double_alone_halt(i: usize, s: &mut Sample) {
                 "instance",
                 "start",
                 "--boot",
+                // As the supervisor passes it for a service without [[network]]: without
+                // it Apptainer (and the double) would run its default bridge network.
+                "--network",
+                "none",
                 "--bind",
                 &binds,
                 "--overlay",

@@ -121,6 +121,10 @@ fn main() {
                 "instance",
                 "start",
                 "--boot",
+                // As the supervisor passes it for a service without [[network]]: without
+                // it Apptainer (and the double) would run its default bridge network.
+                "--network",
+                "none",
                 "--overlay",
                 ov.to_str().unwrap(),
                 img.to_str().unwrap(),

@@ -5,8 +5,10 @@
 //! * the capability sets the supervisor runs with (`src/host/privilege.rs`), as
 //!   `/proc/<pid>/status` shows them, and the bounding set its container inherits;
 //! * the hardening directives of `units/apptainer-supervisor@.service`: the kept ones run
-//!   in every test here (the unit is the shipped one), the dropped ones each in a drop-in
-//!   of their own, to show what they break or change (see the table in
+//!   in every test here (the unit is the shipped one), and what they do (mount
+//!   propagation under `PrivateMounts=`, the device allow-list: the unit's cgroup
+//!   confined, the container not) in a test of their own; the dropped ones each in a
+//!   drop-in of their own, to show what they break or change (see the table in
 //!   apptainer-supervisor(8), HARDENING);
 //! * fault row 3: the supervisor SIGKILLed while its instance runs (systemd then kills
 //!   Apptainer's master, and the container dies with it: the restart starts fresh, never
@@ -143,6 +145,11 @@ impl Host {
         }
         assert!(units.iter().any(|(n, _)| n == BOOT_TARGET));
         let mut host = HostSystemd::boot(root, &units);
+        // A systemd booted by the kernel makes `/` rshared (mount-setup.c; this one, told
+        // it runs in a container, leaves the boot script's rprivate): as on a real host,
+        // so that the host's later mounts propagate into the units and their containers.
+        let shared = host.exec(&["mount", "--make-rshared", "/"]);
+        assert!(shared.status.success(), "{shared:?}");
         for s in services {
             host.overlays.push(
                 root.join("services")
@@ -214,6 +221,26 @@ impl Host {
         ];
         all.extend_from_slice(args);
         self.host.exec(&all)
+    }
+
+    /// Runs `sh -c CMD` as a service of the container's own systemd (`systemd-run`):
+    /// unlike [`Host::inside`] (nsenter, from the test's cgroup and without seccomp
+    /// filters), it runs in the container's cgroup, with what the container's init
+    /// inherited from the unit.
+    fn inside_service(&self, pid: i32, cmd: &str) -> Output {
+        self.inside(
+            pid,
+            &[
+                "systemd-run",
+                "--quiet",
+                "--wait",
+                "--pipe",
+                "--collect",
+                "sh",
+                "-c",
+                cmd,
+            ],
+        )
     }
 
     /// A field of `/proc/<pid>/status` (host numbering), e.g. `CapBnd`.
@@ -413,6 +440,194 @@ fn supervisor_runs_with_the_documented_capability_sets_and_the_kept_hardening() 
     assert!(problems.is_empty(), "teardown: {problems:?}");
 }
 
+/// A static i386 program that only calls exit(0) through `int 0x80`: shows whether 32-bit
+/// programs run in the container (SystemCallArchitectures=).
+fn exit0_i386() -> Vec<u8> {
+    const BASE: u32 = 0x0804_8000;
+    let code: &[u8] = &[0xb8, 1, 0, 0, 0, 0x31, 0xdb, 0xcd, 0x80]; // exit(0)
+    let size = 52 + 32 + code.len() as u32;
+    let mut e = vec![0x7f, b'E', b'L', b'F', 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for h in [2u16, 3] {
+        e.extend(h.to_le_bytes()); // ET_EXEC, EM_386
+    }
+    for w in [1u32, BASE + 84, 52, 0, 0] {
+        e.extend(w.to_le_bytes()); // version, entry, phoff, shoff, flags
+    }
+    for h in [52u16, 32, 1, 0, 0, 0] {
+        e.extend(h.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
+    }
+    for w in [1u32, 0, BASE, BASE, size, size, 5, 0x1000] {
+        e.extend(w.to_le_bytes()); // PT_LOAD of the whole file, R+X
+    }
+    e.extend(code);
+    e
+}
+
+#[test]
+fn kept_private_mounts_and_device_allow_list_start_bind_propagate_and_stop() {
+    if !require_root() {
+        return;
+    }
+    let name = "mnt001";
+    let home = HomeMarker::new("mnt");
+    let pending = tempfile::Builder::new()
+        .prefix("asv-later-")
+        .tempdir()
+        .expect("tempdir");
+    let later = pending.path().display().to_string();
+    let h = Host::new(&[Svc {
+        name,
+        dropin: "",
+        binds: vec!["/home".into(), format!("{later}:/srv/later")],
+    }]);
+    // One DeviceAllow= line per entry.
+    let shown = h.host.systemctl(&[
+        "show",
+        "-p",
+        "PrivateMounts,DevicePolicy,DeviceAllow",
+        &unit(name),
+    ]);
+    let mut shown: Vec<_> = String::from_utf8_lossy(&shown.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    shown.sort();
+    assert_eq!(
+        shown,
+        [
+            "DeviceAllow=/dev/fuse rw",
+            "DeviceAllow=/dev/loop-control rw",
+            "DeviceAllow=block-loop rwm",
+            "DeviceAllow=char-pts rw",
+            "DevicePolicy=closed",
+            "PrivateMounts=yes",
+        ]
+    );
+    let (main, container, master) = h.start_ok(name);
+    // The exposure score of the instance as this systemd loaded it (printed: a figure).
+    let score = h
+        .host
+        .exec(&["systemd-analyze", "security", "--no-pager", &unit(name)]);
+    let text = String::from_utf8_lossy(&score.stdout);
+    println!("systemd-analyze security {}:\n{text}", unit(name));
+    assert!(
+        text.lines().any(|l| l.starts_with("✓ PrivateMounts=")),
+        "{score:?}"
+    );
+    let cgroup = h.host.show(&unit(name), &["ControlGroup"])["ControlGroup"].clone();
+    assert!(cgroup.ends_with(&unit(name)), "{cgroup}");
+
+    // Binds: -B /home gives the host's /home.
+    let marker = format!("{}/marker", home.0.display());
+    let inside = h.inside(container, &["cat", &marker]);
+    assert_eq!(
+        String::from_utf8_lossy(&inside.stdout),
+        "from the host's /home\n",
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    // An operator's mount on the host after the start (an NFS /shared coming up late)
+    // reaches the running container through the unit's private mount namespace.
+    let mounted = h.host.exec(&[
+        "sh",
+        "-c",
+        &format!("mount -t tmpfs asv-later {later} && echo mounted later > {later}/marker"),
+    ]);
+    assert!(mounted.status.success(), "{mounted:?}");
+    let inside = h.inside(container, &["cat", "/srv/later/marker"]);
+    assert_eq!(
+        String::from_utf8_lossy(&inside.stdout),
+        "mounted later\n",
+        "the host's later mount reaches the container: {}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    // ...and none of the unit's or the container's mounts reach the host: not the
+    // overlay's ext3, not Apptainer's session tmpfs.
+    let host_mounts = h.host.exec(&["cat", "/proc/self/mountinfo"]);
+    let host_mounts = String::from_utf8_lossy(&host_mounts.stdout);
+    assert!(!host_mounts.contains(" - ext3 "), "{host_mounts}");
+    assert!(
+        !host_mounts.contains("/run/apptainer-double"),
+        "{host_mounts}"
+    );
+    // The supervisor runs in the unit's namespace, not the host's.
+    let ns = |pid: i32| std::fs::read_link(h.host.path(&format!("/proc/{pid}/ns/mnt"))).unwrap();
+    assert_ne!(ns(main), ns(1), "PID 1 of the host is 1 in its own /proc");
+    assert_eq!(ns(main), ns(master));
+
+    // Devices. /dev/kmsg's numbers (char 1:11), denied by the allow-list, harmless to
+    // open for reading. A node made here (outside the unit) opens from the test ...
+    let node = h.root().join("kmsg-node");
+    let node_s = node.display().to_string();
+    let made = Command::new("mknod")
+        .args([&node_s, "c", "1", "11"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let open = |path: &str| format!("dd if={path} of=/dev/null count=0 iflag=nonblock");
+    let here = Command::new("sh")
+        .args(["-c", &open(&node_s)])
+        .output()
+        .unwrap();
+    assert!(here.status.success(), "{here:?}");
+    // ... but not from the unit's cgroup, where the supervisor and Apptainer's master run,
+    // which may not make one either; loop-control (allowed) opens there.
+    let in_unit = |cmd: &str| {
+        h.host.exec(&[
+            "sh",
+            "-c",
+            &format!("echo 0 > '/sys/fs/cgroup{cgroup}/cgroup.procs' && {cmd}"),
+        ])
+    };
+    let denied = in_unit(&open(&node_s));
+    assert!(
+        !denied.status.success()
+            && String::from_utf8_lossy(&denied.stderr).contains("Operation not permitted"),
+        "DevicePolicy=closed denies the unit's processes /dev/kmsg: {denied:?}"
+    );
+    let denied = in_unit(&format!("mknod {node_s}-unit c 1 11"));
+    assert!(
+        !denied.status.success()
+            && String::from_utf8_lossy(&denied.stderr).contains("Operation not permitted"),
+        "no mknod of a denied device in the unit: {denied:?}"
+    );
+    let allowed = in_unit(&open("/dev/loop-control"));
+    assert!(allowed.status.success(), "{allowed:?}");
+    // Inside the container the same mknod and open succeed: Apptainer moved it into a
+    // cgroup of its own (the double: /apptainer/<pid>; Apptainer with systemd cgroups:
+    // apptainer-<pid>.scope, every device allowed), out of reach of the unit's policy.
+    let cg = std::fs::read_to_string(h.host.path(&format!("/proc/{container}/cgroup"))).unwrap();
+    assert!(!cg.contains(&unit(name)), "{cg}");
+    let inside = h.inside_service(
+        container,
+        &format!(
+            "grep -q '^0::/apptainer/' /proc/self/cgroup && mknod /dev/asv-kmsg c 1 11 && {}",
+            open("/dev/asv-kmsg")
+        ),
+    );
+    assert!(
+        inside.status.success(),
+        "the unit's device policy does not reach the container: {inside:?}"
+    );
+
+    // 32-bit programs run inside (SystemCallArchitectures= is left out for them).
+    let prog = h.root().join("services").join(name).join("root/exit0-i386");
+    std::fs::write(&prog, exit0_i386()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ran = h.inside_service(container, "/srv/root/exit0-i386");
+    assert!(ran.status.success(), "an i386 program inside: {ran:?}");
+
+    h.stop(name);
+    let m = h.show(name);
+    assert_eq!((&*m["ActiveState"], &*m["Result"]), ("inactive", "success"));
+    assert!(!h.alive(container) && !h.alive(master));
+    assert!(loops_for(&h.overlay(name)).is_empty());
+    let mut host = h.host;
+    let problems = host.teardown();
+    assert!(problems.is_empty(), "teardown: {problems:?}");
+}
+
 #[test]
 fn unprivileged_run_of_a_service_that_needs_root_exits_77() {
     if !require_root() {
@@ -521,6 +736,16 @@ fn dropped_hardening_directives_break_the_start_or_change_the_binds() {
         })
         .collect();
     svcs.push(Svc {
+        name: "suid001",
+        dropin: "RestrictSUIDSGID=yes",
+        binds: Vec::new(),
+    });
+    svcs.push(Svc {
+        name: "arch001",
+        dropin: "SystemCallArchitectures=native",
+        binds: Vec::new(),
+    });
+    svcs.push(Svc {
         name: "lock001",
         dropin: "LockPersonality=yes",
         binds: Vec::new(),
@@ -585,6 +810,33 @@ fn dropped_hardening_directives_break_the_start_or_change_the_binds() {
         "ExecMainStatus=228\nActiveState=failed\n"
     );
     h.stop("lock001");
+
+    // RestrictSUIDSGID=yes: its filter reaches the container, where a package install
+    // cannot make its setuid programs (as rpm does with chmod(2) after unpacking).
+    let (_, container, _) = h.start_ok("suid001");
+    let suid = h.inside_service(container, "touch /tmp/asv-suid && chmod u+s /tmp/asv-suid");
+    assert!(
+        !suid.status.success()
+            && String::from_utf8_lossy(&suid.stderr).contains("Operation not permitted"),
+        "RestrictSUIDSGID= forbids setuid files inside: {suid:?}"
+    );
+    h.stop("suid001");
+
+    // SystemCallArchitectures=native: its filter reaches the container, where a 32-bit
+    // program is killed (SIGSYS) at its first system call. (It runs under the shipped
+    // unit: kept_private_mounts_and_device_allow_list_start_bind_propagate_and_stop.)
+    let (_, container, _) = h.start_ok("arch001");
+    let prog = h.root().join("services/arch001/root/exit0-i386");
+    std::fs::write(&prog, exit0_i386()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ran = h.inside_service(container, "/srv/root/exit0-i386; echo $?");
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        (128 + libc::SIGSYS).to_string(),
+        "an i386 program inside dies of SIGSYS: {ran:?}"
+    );
+    h.stop("arch001");
 
     // ProtectHome=tmpfs: the unit's /home is an empty tmpfs, and the container's `-B
     // /home` binds that, not the host's /home.

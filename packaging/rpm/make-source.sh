@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Makes the RPM's Source0, NAME-VERSION.tar.gz, for an offline build on an EL host:
+# Makes the RPM's two sources for an offline build on an EL host, as EL's Rust packages
+# (sevctl, stratisd) ship them:
 #
-#   packaging/rpm/make-source.sh OUT_DIR        (prints the tarball's path)
+#   packaging/rpm/make-source.sh OUT_DIR        (prints the two tarballs' paths)
 #
-# Contents, under NAME-VERSION/:
-#   - every file git would commit (tracked, or untracked and not ignored), as it is in the
-#     working tree now; outside a git checkout, the tree without target/ and .git/;
-#   - vendor/: `cargo vendor --locked` of Cargo.lock (every package of the lock file, for
-#     every platform: cargo has no platform filter, so windows-sys comes along, unused);
-#   - .cargo/config.toml, which replaces crates.io with vendor/ and sets net.offline, so
-#     that `cargo build --frozen --offline` in %build needs nothing but the tarball.
-# The archive is reproducible for a given tree: sorted names, owner 0, mtime of the last
-# commit (SOURCE_DATE_EPOCH when set), gzip -n.
+#   Source0, NAME-VERSION.tar.gz, under NAME-VERSION/: every file git would commit
+#     (tracked, or untracked and not ignored), as it is in the working tree now; outside a
+#     git checkout, the tree without target/ and .git/;
+#   Source1, NAME-VERSION-vendor.tar.gz: vendor/, `cargo vendor --locked` of Cargo.lock
+#     (every package of the lock file, for every platform: cargo has no platform filter,
+#     so windows-sys comes along, unused). The spec's %prep unpacks it into the source
+#     tree and points cargo at it: EL's `%cargo_prep -V 1`, or its own .cargo/config.toml.
+# Before packing, the tree plus vendor/ must resolve every crate of Cargo.lock with no
+# network and an empty CARGO_HOME. The archives are reproducible for a given tree: sorted
+# names, owner 0, mtime of the last commit (SOURCE_DATE_EPOCH when set), gzip -n.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,8 +27,9 @@ name=$(rpmspec -q --srpm --qf '%{name}' "$spec")
 version=$(rpmspec -q --srpm --qf '%{version}' "$spec")
 
 if [[ -e "$root/.cargo/config.toml" || -e "$root/.cargo/config" ]]; then
-    # The tarball's own config would have to be merged with it; nothing needs one today.
-    echo "error: $root/.cargo/config.toml exists; make-source.sh writes its own" >&2
+    # %prep writes its own (EL's %cargo_prep writes .cargo/config); one in the tree would
+    # take precedence or have to be merged. Nothing needs one today.
+    echo "error: $root/.cargo/config.toml exists; the spec's %prep writes its own" >&2
     exit 1
 fi
 
@@ -67,9 +70,12 @@ if ! cargo vendor --manifest-path "$tree/Cargo.toml" --locked --offline "$tree/v
     }
 fi
 
+# The tree must resolve every crate of Cargo.lock from vendor/ alone: an empty CARGO_HOME,
+# --frozen (no network, no lock file change), and the configuration the spec's plain
+# %prep writes. Cargo finds .cargo/config.toml from the current directory, hence the cd.
+# About a second. The configuration is removed again: it is not part of Source0.
 mkdir -p "$tree/.cargo"
 cat >"$tree/.cargo/config.toml" <<'EOF'
-# Written by packaging/rpm/make-source.sh: build from vendor/ only, never the network.
 [source.crates-io]
 replace-with = "vendored-sources"
 
@@ -79,22 +85,24 @@ directory = "vendor"
 [net]
 offline = true
 EOF
-
-# The tree must resolve every crate of Cargo.lock from vendor/ alone: an empty CARGO_HOME,
-# --frozen (no network, no lock file change). Cargo finds .cargo/config.toml from the
-# current directory, hence the cd. About a second.
 (cd "$tree" && CARGO_HOME="$stage/empty-cargo-home" cargo fetch --frozen >"$vendor_log" 2>&1) || {
     cat "$vendor_log" >&2
     echo "error: the vendored tree does not resolve offline" >&2
     exit 1
 }
+rm -r "$tree/.cargo"
 
 if [[ -z "${SOURCE_DATE_EPOCH:-}" ]] && $in_git; then
     SOURCE_DATE_EPOCH=$(git -C "$root" log -1 --format=%ct)
 fi
 mtime=${SOURCE_DATE_EPOCH:-0}
 
-tarball="$out/$name-$version.tar.gz"
-tar -C "$stage" --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$mtime" \
-    -cf - "$name-$version" | gzip -n >"$tarball"
-echo "$tarball"
+pack() { # pack ARCHIVE DIR ENTRY: DIR/ENTRY into ARCHIVE, reproducibly
+    tar -C "$2" --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$mtime" \
+        -cf - "$3" | gzip -n >"$1"
+}
+mv "$tree/vendor" "$stage/vendor"
+pack "$out/$name-$version.tar.gz" "$stage" "$name-$version"
+pack "$out/$name-$version-vendor.tar.gz" "$stage" vendor
+echo "$out/$name-$version.tar.gz"
+echo "$out/$name-$version-vendor.tar.gz"
