@@ -121,17 +121,32 @@ impl Supervisor<'_> {
         }
         // The master cleans up after its container (CNI DEL, loop device, state file).
         if let (Some(m), Some(mfd)) = (master, master_fd) {
-            if timeout(kill, mfd.readable()).await.is_err() {
-                warn!(
-                    master_pid = m.pid,
-                    "the master did not finish its cleanup in time; killing it"
-                );
-                instance::signal(m, libc::SIGKILL);
-                let _ = timeout(kill, mfd.readable()).await;
-            }
-            let exit = instance::try_reap(m.pid);
+            let exit = reap_within(
+                m,
+                mfd,
+                kill,
+                "the master did not finish its cleanup in time; killing it",
+            )
+            .await;
             info!(master_pid = m.pid, EXIT_STATUS = %show_exit(exit), "master exited");
         }
         instance::try_reap(container.pid);
     }
+}
+
+/// Waits up to `grace` for `p` to exit, SIGKILLs it (saying `why`) if it has not, waits
+/// for that (bounded again), and reaps it when it is our child. The one "wait out the
+/// grace, SIGKILL, reap" of the master, whichever way the container went.
+pub(super) async fn reap_within(
+    p: &ProcId,
+    fd: &ExitWatch,
+    grace: Duration,
+    why: &str,
+) -> Option<instance::Exit> {
+    if timeout(grace, fd.readable()).await.is_err() {
+        warn!(master_pid = p.pid, "{why}");
+        instance::signal(p, libc::SIGKILL);
+        let _ = timeout(grace, fd.readable()).await;
+    }
+    instance::try_reap(p.pid)
 }

@@ -6,9 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::halt::reap_within;
 use super::policy::{Action, End, Event, Policy};
 use super::report::Notice;
 use super::{os, show_exit, Supervisor, Tracked};
@@ -495,11 +496,13 @@ impl Supervisor<'_> {
     /// unit's RestartForceExitStatus=), poweroff/halt → 0.
     async fn shut_down_inside(&mut self, t: &Tracked, kind: Shutdown) -> RunError {
         let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        if timeout(grace, t.master_fd.readable()).await.is_err() {
-            instance::signal(&t.master, libc::SIGKILL);
-            let _ = t.master_fd.readable().await;
-        }
-        let exit = instance::try_reap(t.master.pid);
+        let exit = reap_within(
+            &t.master,
+            &t.master_fd,
+            grace,
+            "the master did not exit after its container shut down; killing it",
+        )
+        .await;
         instance::try_reap(t.container.pid);
         self.remove_leftovers();
         info!(INSTANCE_PID = t.container.pid, EXIT_STATUS = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
@@ -566,18 +569,13 @@ impl Supervisor<'_> {
         let pid = t.container.pid;
         // The master's exit status is the container's (Apptainer re-raises its signal).
         let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        let master_exit = match timeout(grace, t.master_fd.readable()).await {
-            Ok(_) => instance::try_reap(t.master.pid),
-            Err(_) => {
-                warn!(
-                    master_pid = t.master.pid,
-                    "the master did not exit after its container; killing it"
-                );
-                instance::signal(&t.master, libc::SIGKILL);
-                let _ = t.master_fd.readable().await;
-                instance::try_reap(t.master.pid)
-            }
-        };
+        let master_exit = reap_within(
+            &t.master,
+            &t.master_fd,
+            grace,
+            "the master did not exit after its container; killing it",
+        )
+        .await;
         // If the master died first the container became our child: reap it too.
         let container_exit = instance::try_reap(pid);
         let exit = container_exit
