@@ -763,14 +763,11 @@ fn operator_docs_name_no_source_files_and_no_seed() {
                 "{doc}:{}: call it today's start.sh setup: {line}",
                 n + 1
             );
-            if doc != MAIN_PAGE {
-                // The main page's HARDENING text still cites its tests (issue 10's area).
-                assert!(
-                    !line.contains("src/") && !line.contains(".rs"),
-                    "{doc}:{}: a source file name belongs in docs/DESIGN.md: {line}",
-                    n + 1
-                );
-            }
+            assert!(
+                !line.contains("src/") && !line.contains(".rs"),
+                "{doc}:{}: a source file name belongs in docs/DESIGN.md: {line}",
+                n + 1
+            );
         }
     }
 }
