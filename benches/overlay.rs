@@ -58,7 +58,7 @@ fn main() {
         }
         let m = std::fs::metadata(&img).expect("the image");
         let t = Instant::now();
-        let sb = apptainer_supervisor::overlay::read_superblock(&img).expect("a sound image");
+        let sb = apptainer_supervisor::host::read_superblock(&img).expect("a sound image");
         let read = t.elapsed();
         println!(
             "run {run}: overlay create -S -s {mib}: {:.2} s wall; apparent {} MiB, allocated {} MiB; \

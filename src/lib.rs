@@ -1,33 +1,21 @@
 //! apptainer-supervisor: runs a long-lived Apptainer service container under systemd.
 //!
-//! The data path reads one way: [`config`] (TOML → validated [`config::Service`]) →
-//! [`argv`] (the plan: argv and environment, pure) → [`supervise`] (launch, watch, stop) →
-//! [`notify`] (what the host's systemd hears). [`apptainer`], [`instance`], [`overlay`],
-//! [`lock`] and [`host`] own the OS side of each step; [`output`] forwards the instance's
-//! own output to the journal ([`journal`]).
+//! The folders follow the data: [`config`] (TOML → validated [`config::Service`]) →
+//! [`host`] (paths resolved, checks against this host, privilege, lock, overlay, CNI) →
+//! [`plan`] (the one [`plan::Plan`] that `check` prints and `run` executes) → [`run`] (the
+//! service's life: leftovers, start, the event loop, halt) → [`status`] (what an operator
+//! sees). [`os`] holds the thin wrappers over the world (the Apptainer CLI, processes and
+//! pidfds, the notify socket, the journal, the container's bus); [`exit`] every exit code.
+//! Nothing lower reaches back up: `os` knows no `run`, `host` no `plan`.
 
-pub mod apptainer;
-pub mod argv;
-pub mod check;
 pub mod cli;
-pub mod cni;
 pub mod config;
-pub mod fsutil;
+pub mod exit;
 pub mod generator;
 pub mod host;
-pub mod inner;
-pub mod instance;
-pub mod journal;
-pub mod keys;
-pub mod lock;
 pub mod logging;
 pub mod migrate;
-pub mod network;
-pub mod notify;
-pub mod output;
-pub mod overlay;
-pub mod privilege;
-pub mod state;
+pub mod os;
+pub mod plan;
+pub mod run;
 pub mod status;
-pub mod supervise;
-pub mod unit_names;

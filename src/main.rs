@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use apptainer_supervisor::apptainer::InstancePaths;
 use apptainer_supervisor::cli::{Cli, Command, Target};
 use apptainer_supervisor::config::{self, Service};
-use apptainer_supervisor::supervise::{self, exit};
-use apptainer_supervisor::unit_names::{self, UnitClash};
-use apptainer_supervisor::{check, cli, host, logging, migrate, status};
+use apptainer_supervisor::host::unit_names::{self, UnitClash};
+use apptainer_supervisor::os::InstancePaths;
+use apptainer_supervisor::plan::{self, Plan};
+use apptainer_supervisor::{cli, exit, host, logging, migrate, run, status};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -80,10 +80,16 @@ fn real_main(cli: Cli) -> i32 {
                 Ok(s) => s,
                 Err(code) => return code,
             };
+            // As `run` does: resolved first, then checked and planned.
+            let s = host::canonicalize(&s);
+            let mut env_file = None;
             if *host_check {
-                if let Err(e) = host::check(&s, &cli.config_dir) {
-                    eprintln!("error: {e}");
-                    return exit::CONFIG;
+                match host::check(&s, &cli.config_dir) {
+                    Ok(env) => env_file = Some(env),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return exit::CONFIG;
+                    }
                 }
                 // Today's start.sh unit of the same name: valid, but it must go before the
                 // generated unit is used.
@@ -100,11 +106,11 @@ fn real_main(cli: Cli) -> i32 {
                     return exit::CONFIG;
                 }
             }
-            let plan = check::plan(
+            let plan = Plan::build(
                 &s,
-                &supervise::default_run_dir(),
+                &run::default_run_dir(),
                 &InstancePaths::for_current(&s.name),
-                *host_check,
+                env_file.as_deref(),
             );
             let text = if *json {
                 match serde_json::to_string_pretty(&plan) {
@@ -115,7 +121,7 @@ fn real_main(cli: Cli) -> i32 {
                     }
                 }
             } else {
-                check::render_text(&plan)
+                plan::render_text(&plan)
             };
             emit(&text).map_or_else(|code| code, |()| exit::OK)
         }
@@ -125,7 +131,7 @@ fn real_main(cli: Cli) -> i32 {
             no_legend,
             run_dir,
         } => {
-            let run_dir = run_dir.clone().unwrap_or_else(supervise::default_run_dir);
+            let run_dir = run_dir.clone().unwrap_or_else(run::default_run_dir);
             let named: Vec<String> = names
                 .iter()
                 .map(|n| cli::service_name(n).to_owned())
@@ -196,12 +202,12 @@ fn real_main(cli: Cli) -> i32 {
             };
             let span = tracing::info_span!("service", SERVICE = %s.name, INSTANCE_PID = tracing::field::Empty);
             let _enter = span.enter();
-            let ctx = supervise::RunContext {
-                run_dir: run_dir.clone().unwrap_or_else(supervise::default_run_dir),
+            let ctx = run::RunContext {
+                run_dir: run_dir.clone().unwrap_or_else(run::default_run_dir),
                 config_dir: cli.config_dir.clone(),
                 paths: InstancePaths::for_current(&s.name),
             };
-            match supervise::run(&s, &ctx) {
+            match run::run(&s, &ctx) {
                 Ok(()) => exit::OK,
                 Err(e) => {
                     let code = e.exit_code();

@@ -19,12 +19,8 @@
 
 mod support;
 
-use std::time::Duration;
-
 use caps::Capability;
 use support::*;
-
-const SEC: Duration = Duration::from_secs(1);
 
 /// `/proc/<pid>/status` field as a mask (`CapEff` ...), or the raw text for others.
 fn status(pid: i32, field: &str) -> String {
@@ -58,15 +54,6 @@ fn kernel_caps() -> u64 {
         .parse()
         .unwrap();
     (1u64 << (last + 1)) - 1
-}
-
-/// Stops the supervisor; its stderr.
-fn stop(w: &mut World) -> String {
-    kill(w.child(0).id() as i32, libc::SIGTERM);
-    let out = w.wait(0, 30 * SEC);
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(0), "{err}");
-    err
 }
 
 #[test]
@@ -106,7 +93,7 @@ fn file_list_of_the_whole_bounding_set_starts_and_the_container_holds_it() {
         );
     }
     assert_eq!(status(init, "NoNewPrivs"), "0");
-    let err = stop(&mut w);
+    let err = stderr(&w.stop_ok(0));
     assert!(
         err.contains(" WARN ")
             && err.contains("security.keep_capabilities: has no effect any more"),
@@ -294,5 +281,5 @@ fn no_gives_the_container_no_capabilities_and_no_new_privs() {
     }
     // prepare_linux.go: the `no` branch sets NoNewPrivileges (1.3.6:388 / 1.4.5:389).
     assert_eq!(status(init, "NoNewPrivs"), "1");
-    stop(&mut w);
+    stderr(&w.stop_ok(0));
 }

@@ -3,7 +3,7 @@
 //!
 //! - every service-file key in `keys::ALL` is documented in apptainer-supervisor.toml(5),
 //!   and no other;
-//! - every exit code of `supervise::exit` is in the EXIT STATUS section of
+//! - every exit code of `exit` is in the EXIT STATUS section of
 //!   apptainer-supervisor(8), and nothing else is;
 //! - every field of the tracing events and spans in `src/` is in the JOURNAL FIELDS section
 //!   of apptainer-supervisor(8), and nothing else is;
@@ -18,9 +18,9 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use apptainer_supervisor::config::keys;
 use apptainer_supervisor::config::{DEFAULT_KILL_SEC, DEFAULT_START_SEC, DEFAULT_STOP_SEC};
-use apptainer_supervisor::keys;
-use apptainer_supervisor::supervise::exit;
+use apptainer_supervisor::exit;
 
 const TOML_PAGE: &str = "man/apptainer-supervisor.toml.5";
 const MAIN_PAGE: &str = "man/apptainer-supervisor.8";
@@ -202,17 +202,10 @@ fn every_exit_code_is_in_exit_status() {
     );
 }
 
-/// The hand-written list above is the whole of `pub mod exit` in src/supervise.rs.
+/// The hand-written list above is every `pub const` of src/exit.rs.
 #[test]
 fn exit_code_list_matches_the_source() {
-    let src = read("src/supervise.rs");
-    let start = src
-        .find("pub mod exit {")
-        .expect("src/supervise.rs has `pub mod exit {`");
-    let body = &src[start..];
-    let body = &body[..body
-        .find("\n}")
-        .expect("`pub mod exit` ends with a `}` line")];
+    let body = read("src/exit.rs");
     let in_source: BTreeSet<(String, i32)> = body
         .lines()
         .filter_map(|l| l.trim().strip_prefix("pub const "))
@@ -474,20 +467,30 @@ fn journal_field_names_are_read_from_macros() {
     assert_eq!(got, ["ERROR", "OVERLAY", "SIZE_MIB"]);
 }
 
+/// Every `.rs` file under `dir`, at any depth.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+        let path = entry.expect("read a directory entry").path();
+        if path.is_dir() {
+            out.extend(rust_files(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+    out
+}
+
 /// Every field a tracing event or span in `src/` sets is an item of JOURNAL FIELDS, and
 /// every item there is a field some event sets: `journalctl FIELD=…` is only as good as
 /// the list.
 #[test]
 fn journal_fields_match_the_source() {
     let mut in_source = BTreeSet::new();
-    let dir = root().join("src");
-    for entry in std::fs::read_dir(&dir).expect("read src/") {
-        let path = entry.expect("read src/").path();
-        if path.extension().is_some_and(|e| e == "rs") {
-            let text = std::fs::read_to_string(&path)
-                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-            in_source.extend(journal_fields(&text));
-        }
+    for path in rust_files(&root().join("src")) {
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        in_source.extend(journal_fields(&text));
     }
     assert!(
         in_source.contains("SERVICE") && in_source.contains("INSTANCE_PID"),

@@ -14,26 +14,6 @@ use std::time::Duration;
 use support::netns::TestNetns;
 use support::*;
 
-const SEC: Duration = Duration::from_secs(1);
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn start(w: &mut World) -> (i32, i32) {
-    w.spawn_run();
-    w.wait_ready();
-    w.instance_pids()
-}
-
-/// SIGTERM to supervisor `i`; it must exit 0. Returns its output.
-fn stop(w: &mut World, i: usize) -> std::process::Output {
-    kill(w.child(i).id() as i32, libc::SIGTERM);
-    let out = w.wait(i, 60 * SEC);
-    assert!(out.status.success(), "{}", stderr(&out));
-    out
-}
-
 /// The light init's view of the overlay (DOUBLE.md, "Init modes"), through the container's
 /// own mount namespace.
 fn overlay_in(w: &World, pid: i32) -> PathBuf {
@@ -87,7 +67,7 @@ fn init_sigkill_exits_nonzero_cleans_up_and_restarts_with_overlay_data() {
         return;
     }
     let mut w = World::new("f-init-kill");
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     std::fs::write(overlay_in(&w, pid).join("marker"), b"kept across a crash").unwrap();
     kill(pid, libc::SIGKILL);
     let out = w.wait(0, 20 * SEC);
@@ -95,14 +75,53 @@ fn init_sigkill_exits_nonzero_cleans_up_and_restarts_with_overlay_data() {
     assert!(stderr(&out).contains("ended by itself"), "{}", stderr(&out));
     nothing_left(&w, &[pid, ppid]);
     // The next start is clean and finds what was written before the crash.
-    let (pid2, ppid2) = start(&mut w);
+    let (pid2, ppid2) = w.start();
     assert_ne!(pid2, pid);
     assert_eq!(
         std::fs::read(overlay_in(&w, pid2).join("marker")).unwrap(),
         b"kept across a crash"
     );
-    stop(&mut w, 1);
+    w.stop_ok(1);
     nothing_left(&w, &[pid2, ppid2]);
+}
+
+/// Row 1, 20 times, on a network: the container's init SIGKILLed is always the instance
+/// ending by itself (never "the master died", never a CNI DEL after the master's own), also
+/// when the supervisor is stopped (SIGSTOP) until the master has exited, so that both
+/// pidfds are ready at once and the master re-raised the same SIGKILL.
+#[test]
+fn init_sigkill_is_always_the_instance_ending_even_with_the_supervisor_stopped() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNetns::new();
+    let mut w = netns_world("f-init-race", &ns);
+    let leases = w.root().join("leases");
+    w.append_config(&host_local("hl_race", "asvbr6", "192.168.56", &leases));
+    for i in 0..20 {
+        let (pid, ppid) = w.start();
+        let sup = w.child(i).id() as i32;
+        let stopped = i % 2 == 1;
+        if stopped {
+            kill(sup, libc::SIGSTOP);
+        }
+        kill(pid, libc::SIGKILL);
+        if stopped {
+            // The master has run its cleanup and exited (a zombie of the stopped supervisor).
+            eventually(30 * SEC, "the master exited", || !alive(ppid));
+            kill(sup, libc::SIGCONT);
+        }
+        let out = w.wait(i, 30 * SEC);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "round {i}: {err}");
+        assert!(err.contains("ended by itself"), "round {i}: {err}");
+        assert!(
+            !err.contains("the Apptainer master (pid"),
+            "round {i}: {err}"
+        );
+        assert!(!err.contains("the dead master left"), "round {i}: {err}");
+        nothing_left(&w, &[pid, ppid]);
+    }
 }
 
 // --- row 2: the master is SIGKILLed (its cleanup never runs) ---------------------------
@@ -141,7 +160,7 @@ fn master_sigkill_releases_the_leftover_lease_and_the_next_start_is_clean() {
     let lease = leases.join("hl_master/192.168.55.2");
 
     // a) The master dies while the supervisor watches.
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     assert!(lease.exists(), "lease taken");
     kill(ppid, libc::SIGKILL);
     let out = w.wait(0, 30 * SEC);
@@ -157,7 +176,7 @@ fn master_sigkill_releases_the_leftover_lease_and_the_next_start_is_clean() {
 
     // b) Supervisor and master die together (systemd kills the unit's cgroup): the next
     // start finds the stale state file and releases the lease before starting.
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     assert!(lease.exists());
     kill(w.child(1).id() as i32, libc::SIGKILL);
     kill(ppid, libc::SIGKILL);
@@ -175,7 +194,7 @@ fn master_sigkill_releases_the_leftover_lease_and_the_next_start_is_clean() {
         msgs.last().unwrap().contains("; ip 192.168.55.2"),
         "the one address was free again: {msgs:?}"
     );
-    let out = stop(&mut w, 2);
+    let out = w.stop_ok(2);
     assert!(
         stderr(&out).contains("released the network the dead master left"),
         "{}",
@@ -195,7 +214,7 @@ fn frozen_inner_systemd_gets_no_watchdog_and_abort_then_term_still_tear_down() {
     }
     let mut w = World::booted("f-frozen", "required_units = [\"asv-simple.service\"]");
     w.env.push(("WATCHDOG_USEC".into(), "400000".into()));
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     kill(pid, libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(600));
     w.notify_drain();
@@ -208,7 +227,8 @@ fn frozen_inner_systemd_gets_no_watchdog_and_abort_then_term_still_tear_down() {
     // systemd's WatchdogSignal=, then its stop job's SIGTERM right behind it.
     let sup = w.child(0).id() as i32;
     kill(sup, libc::SIGABRT);
-    std::thread::sleep(Duration::from_millis(100));
+    // SIGTERM once the supervisor has acted on the SIGABRT (its STOPPING=1 says so).
+    w.notify_until(10 * SEC, |m| m.contains("STOPPING=1"));
     kill(sup, libc::SIGTERM);
     let out = w.wait(0, 60 * SEC);
     let err = stderr(&out);
@@ -219,9 +239,9 @@ fn frozen_inner_systemd_gets_no_watchdog_and_abort_then_term_still_tear_down() {
     );
     nothing_left(&w, &[pid, ppid]);
     // A restart boots cleanly on the same overlay.
-    let (pid2, _) = start(&mut w);
+    let (pid2, _) = w.start();
     assert_ne!(pid2, pid);
-    stop(&mut w, 1);
+    w.stop_ok(1);
 }
 
 // --- row 5: a required unit crash-loops ---------------------------------------------------
@@ -235,7 +255,7 @@ fn crash_looping_required_unit_gets_bounded_restarts_then_exit_1() {
         "f-loop",
         "required_units = [\"asv-flaky.service\"]\non_failure = \"restart-unit\"\nmax_restarts = 2\nrestart_window_sec = 120",
     );
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     // From now on it fails at every start.
     assert!(w.inside(&["touch", "/run/asv-fail"]).status.success());
     let _ = w.inside(&["systemctl", "kill", "-s", "KILL", "asv-flaky.service"]);
@@ -402,9 +422,9 @@ fn sigterm_during_overlay_creation_leaves_no_half_made_image() {
     );
     nothing_left(&w, &[]);
     // The next start creates it from scratch.
-    start(&mut w);
+    w.start();
     assert_eq!(std::fs::metadata(w.overlay()).unwrap().len(), 16000 << 20);
-    stop(&mut w, 1);
+    w.stop_ok(1);
 }
 
 #[test]
@@ -429,7 +449,7 @@ fn temporaries_of_an_interrupted_creation_are_removed_on_the_next_start() {
         std::fs::read(dir.join(".overlay.img.keep")).unwrap(),
         b"not ours"
     );
-    let out = stop(&mut w, 0);
+    let out = w.stop_ok(0);
     assert!(
         stderr(&out).contains("removed the temporary of an interrupted overlay creation"),
         "{}",
@@ -455,8 +475,8 @@ fn sigterm_during_instance_start_stops_what_was_started() {
         "{err}"
     );
     nothing_left(&w, &[]);
-    let (pid, ppid) = start(&mut w);
-    stop(&mut w, 1);
+    let (pid, ppid) = w.start();
+    w.stop_ok(1);
     nothing_left(&w, &[pid, ppid]);
 }
 
@@ -505,7 +525,7 @@ fn overlay_from_mkfs_reads_as_a_sound_ext3() {
     }
     let w = World::new("f-sb");
     let overlay = create_overlay(&w);
-    let sb = apptainer_supervisor::overlay::read_superblock(&overlay).unwrap();
+    let sb = apptainer_supervisor::host::read_superblock(&overlay).unwrap();
     assert!(sb.has_journal, "ext3: {sb:?}");
     assert!(!sb.needs_recovery && !sb.errors);
     assert_eq!(sb.blocks_count * sb.block_size, 64 << 20, "{sb:?}");
@@ -573,7 +593,7 @@ fn overlay_over_90_percent_full_is_warned_about_at_start() {
         return;
     }
     let mut w = World::new("f-full");
-    let (pid, _) = start(&mut w);
+    let (pid, _) = w.start();
     // Fill it (dd may well end with ENOSPC: full is what is wanted).
     let _ = Command::new("dd")
         .arg("if=/dev/zero")
@@ -584,11 +604,11 @@ fn overlay_over_90_percent_full_is_warned_about_at_start() {
         .args(["bs=1M", "count=60", "conv=fsync"])
         .output()
         .unwrap();
-    stop(&mut w, 0);
-    let sb = apptainer_supervisor::overlay::read_superblock(&w.overlay()).unwrap();
+    w.stop_ok(0);
+    let sb = apptainer_supervisor::host::read_superblock(&w.overlay()).unwrap();
     assert!(sb.fill_percent() > 90.0, "{sb:?}");
-    start(&mut w);
-    let out = stop(&mut w, 1);
+    w.start();
+    let out = w.stop_ok(1);
     let err = stderr(&out);
     assert!(
         err.contains("the overlay image is over 90% full") && err.contains("fill_percent="),
@@ -657,8 +677,8 @@ fn full_tmpfs_keeps_previous_files_intact() {
         rerun_in_private_mounts("full_tmpfs_keeps_previous_files_intact");
         return;
     }
-    use apptainer_supervisor::fsutil::write_atomic;
-    use apptainer_supervisor::instance::{ProcId, RunRecord};
+    use apptainer_supervisor::os::write_atomic;
+    use apptainer_supervisor::os::{ProcId, RunRecord};
     // Room for the old files, then nothing.
     let d = tiny_tmpfs(16, 3);
     let root = d.path();

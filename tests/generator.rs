@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use support::require_root;
+use support::{require_root, stderr};
 
 const GEN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor-generator");
 const SUPERVISOR: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
@@ -113,10 +113,6 @@ fn walk(root: &Path, d: &Path, out: &mut BTreeSet<String>) {
             out.insert(rel);
         }
     }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn update() -> bool {

@@ -2,7 +2,7 @@
 //! systemd booted as PID 1 in namespaces of its own) with the container's systemd booted
 //! from the cached test rootfs through the Apptainer double:
 //!
-//! * the capability sets the supervisor runs with (`src/privilege.rs`), as
+//! * the capability sets the supervisor runs with (`src/host/privilege.rs`), as
 //!   `/proc/<pid>/status` shows them, and the bounding set its container inherits;
 //! * the hardening directives of `units/apptainer-supervisor@.service`: the kept ones run
 //!   in every test here (the unit is the shipped one), and what they do (mount
@@ -25,14 +25,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use apptainer_supervisor::privilege;
+use apptainer_supervisor::host::privilege;
 use support::host::{HostSystemd, BOOT_TARGET};
 use support::{
     dropin_environment, loops_for, own_bounding, require_root, rootfs, support,
-    write_apptainer_conf, World, BIN,
+    write_apptainer_conf, World, BIN, SEC,
 };
 
-const SEC: Duration = Duration::from_secs(1);
 const PROPS: &[&str] = &[
     "ActiveState",
     "SubState",
@@ -1009,6 +1008,91 @@ fn symlinked_service_dir_is_started_through_its_resolved_path() {
         "no path through the link in {argv}"
     );
     assert!(loops_for(&overlay).is_empty());
+}
+
+/// `check` shows what `run` executes: the argv `check --host --json` prints is the argv the
+/// Apptainer double records `run` starting the instance with, and the files it lists are
+/// the ones the running service has; also for a service directory reached through a
+/// symlink (both see the resolved paths).
+#[test]
+fn check_json_shows_the_argv_and_files_run_uses() {
+    if !require_root() {
+        return;
+    }
+    for linked in [false, true] {
+        let mut w = World::new(if linked { "plan002" } else { "plan001" });
+        if linked {
+            let real = w.root().join("nfs/vol1/real");
+            std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+            std::fs::rename(&w.service_dir, &real).unwrap();
+            std::os::unix::fs::symlink(&real, &w.service_dir).unwrap();
+        }
+        let log = w.root().join("argv.log");
+        w.env.push((
+            "APPTAINER_DOUBLE_ARGV_LOG".into(),
+            log.display().to_string(),
+        ));
+        // `check` has no --run-dir: it plans in the run directory systemd would give.
+        w.env
+            .push(("RUNTIME_DIRECTORY".into(), w.run_dir.display().to_string()));
+        let name = w.name.clone();
+        let out = w.cli(&["check", "--host", "--json", &name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let planned: Vec<String> = plan["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        w.start();
+        // While it runs, every file the plan names for this run is where the plan says.
+        for f in plan["files"].as_array().unwrap() {
+            let what = f["what"].as_str().unwrap();
+            let path = std::path::Path::new(f["path"].as_str().unwrap());
+            if [
+                "lock",
+                "run record",
+                "live state",
+                "instance state file",
+                "overlay image",
+            ]
+            .iter()
+            .any(|k| what.contains(k))
+            {
+                assert!(
+                    path.exists(),
+                    "{what}: {} (linked: {linked})",
+                    path.display()
+                );
+            }
+        }
+        w.stop_ok(0);
+        let runs: Vec<Vec<String>> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Vec<String>>(l).unwrap())
+            .filter(|a| a.get(1..3) == Some(&["instance".to_owned(), "start".to_owned()][..]))
+            .collect();
+        assert_eq!(runs.len(), 1, "one instance start: {runs:?}");
+        assert_eq!(runs[0][1..], planned[1..], "linked: {linked}");
+        assert_eq!(
+            std::fs::canonicalize(&runs[0][0]).unwrap(),
+            std::fs::canonicalize(&planned[0]).unwrap()
+        );
+        if linked {
+            assert!(
+                !planned
+                    .iter()
+                    .any(|a| a.contains(&*w.service_dir.to_string_lossy())),
+                "no path through the link in {planned:?}"
+            );
+        }
+    }
 }
 
 /// Two services naming one overlay, one through a symlinked directory: still one overlay.

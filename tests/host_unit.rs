@@ -27,7 +27,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use support::host::{HostSystemd, BOOT_TARGET, GENERATOR_DIR};
-use support::{dropin_environment, loops_for, require_root, rootfs, support, write_apptainer_conf};
+use support::{
+    dropin_environment, loops_for, require_root, rootfs, support, write_apptainer_conf, SEC,
+};
 
 const NAME: &str = "ood001";
 const UNIT: &str = "apptainer-supervisor@ood001.service";
@@ -65,7 +67,6 @@ fn files() -> Files {
 }
 /// The unit apptainer-supervisor-generator makes of ood001.toml.
 const GENERATED: &str = "ood001.service";
-const SEC: Duration = Duration::from_secs(1);
 /// What `systemctl show` is asked for while a test waits on the unit.
 const PROPS: &[&str] = &[
     "ActiveState",
@@ -633,7 +634,10 @@ fn frozen_inner_manager_trips_the_units_watchdog_and_the_unit_restarts() {
             .unwrap()
     };
     let before = stamp();
-    std::thread::sleep(4 * SEC);
+    let deadline = Instant::now() + 10 * SEC;
+    while stamp() <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let m = s.show();
     assert!(is(&m, "active", "running"), "{m:?}\n{}", s.logs());
     assert!(

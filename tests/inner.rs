@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const SEC: Duration = Duration::from_secs(1);
-
 /// The three test units of the rootfs: asv-simple (sleeps; ExecStop leaves a mark),
 /// asv-slow (Type=notify, ready after 1 s), asv-flaky (fails while /run/asv-fail exists).
 const REQUIRED: &str = "required_units = [\"asv-simple.service\", \"asv-slow.service\"]";
@@ -17,11 +15,6 @@ const REQUIRED: &str = "required_units = [\"asv-simple.service\", \"asv-slow.ser
 fn unit_state(w: &World, unit: &str) -> String {
     let out = w.inside(&["systemctl", "show", "-p", "ActiveState", "--value", unit]);
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn stop(w: &mut World, i: usize) -> std::process::Output {
-    kill(w.child(i).id() as i32, libc::SIGTERM);
-    w.wait(i, 60 * SEC)
 }
 
 #[test]
@@ -47,7 +40,7 @@ fn ready_only_once_booted_and_required_units_are_active() {
         ready.contains("READY=1") && ready.contains("2/2 required units active"),
         "{ready}"
     );
-    let out = stop(&mut w, 0);
+    let out = w.stop(0);
     assert!(
         out.status.success(),
         "{}",
@@ -75,7 +68,21 @@ fn crashed_required_unit_is_restarted_and_logged() {
     eventually(10 * SEC, "asv-simple active again", || {
         unit_state(&w, "asv-simple.service") == "active"
     });
-    let out = stop(&mut w, 0);
+    // One text, three sinks: the live state file says what STATUS= said last.
+    let last = msgs.last().unwrap().clone();
+    let text = last
+        .lines()
+        .find_map(|l| l.strip_prefix("STATUS="))
+        .unwrap()
+        .to_owned();
+    let live = w.run_dir.join(format!("{}.json", w.name));
+    eventually(5 * SEC, "the live state file says the same", || {
+        std::fs::read_to_string(&live)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v["status"].as_str().is_some_and(|s| s.starts_with(&text)))
+    });
+    let out = w.stop(0);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -83,6 +90,15 @@ fn crashed_required_unit_is_restarted_and_logged() {
             && err.contains("ACTIVE_STATE=failed")
             && err.contains("restarting failed required unit"),
         "structured events: {err}"
+    );
+    // ...and the journal too.
+    assert!(err.contains(&format!("status={text}")), "{text}: {err}");
+    // A ResetFailed half-applied (Result reset, ActiveState not yet) is not logged as a
+    // failed unit that succeeded.
+    assert!(
+        !err.lines()
+            .any(|l| l.contains("ACTIVE_STATE=failed") && l.contains("RESULT=success")),
+        "{err}"
     );
 }
 
@@ -108,7 +124,7 @@ fn unit_that_hit_its_start_limit_is_restarted_too() {
         "active",
         "ResetFailed cleared the limit"
     );
-    assert!(stop(&mut w, 0).status.success());
+    assert!(w.stop(0).status.success());
 }
 
 #[test]
@@ -188,7 +204,7 @@ fn frozen_inner_manager_stops_the_watchdog() {
     assert_eq!(pings(&w), 0, "no WATCHDOG=1 while PID 1 is frozen");
     kill(pid, libc::SIGCONT);
     assert!(pings(&w) >= 1, "pings again once it answers");
-    assert!(stop(&mut w, 0).status.success());
+    assert!(w.stop(0).status.success());
 }
 
 #[test]
@@ -204,7 +220,7 @@ fn sigterm_halts_in_order_and_the_overlay_keeps_what_was_written() {
         .status
         .success());
     let t = Instant::now();
-    let out = stop(&mut w, 0);
+    let out = w.stop(0);
     assert!(
         out.status.success(),
         "{}",
@@ -228,7 +244,7 @@ fn sigterm_halts_in_order_and_the_overlay_keeps_what_was_written() {
     w.wait_ready();
     let out = w.inside(&["cat", "/var/lib/asv-persist"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
-    assert!(stop(&mut w, 1).status.success());
+    assert!(w.stop(1).status.success());
 }
 
 #[test]
@@ -296,7 +312,7 @@ fn sysfs_is_writable_as_under_apptainer_and_the_test_rootfs_runs_no_udev() {
             "{unit}"
         );
     }
-    let out = stop(&mut w, 0);
+    let out = w.stop(0);
     assert!(
         out.status.success(),
         "{}",
@@ -344,7 +360,7 @@ fn no_cgroup_namespace_the_inner_systemd_lives_below_the_containers_cgroup() {
     );
     assert_eq!(unit_state(&w, "asv-simple.service"), "active");
     assert_eq!(cgroup2_super_options(), flags, "root flags unchanged");
-    let out = stop(&mut w, 0);
+    let out = w.stop(0);
     assert!(
         out.status.success(),
         "{}",

@@ -3,7 +3,7 @@
 //! datagram socket of this test. Every entry is parsed from journald's native protocol
 //! (<https://systemd.io/JOURNAL_NATIVE_PROTOCOL/>) and the fields and priorities of the real
 //! events are checked: the supervisor's own (tracing-journald) and the instance's output
-//! lines forwarded by `src/output.rs`. Needs root.
+//! lines forwarded by `src/os/output.rs`. Needs root.
 
 mod support;
 
@@ -11,11 +11,8 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use support::*;
-
-const SEC: Duration = Duration::from_secs(1);
 
 type Entry = BTreeMap<String, String>;
 
@@ -223,6 +220,28 @@ fn events_and_instance_output_reach_journald_with_their_fields() {
         !String::from_utf8_lossy(&out.stderr).contains(ident),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The log watch is closed while the container halts: the line its PID 1 writes right
+/// before it exits still reaches the journal.
+#[test]
+fn the_last_line_before_pid_1_exits_reaches_the_journal() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-lastline");
+    w.env
+        .push(("FAKE_INIT_LAST_WORDS".into(), "halting now, goodbye".into()));
+    let j = Journal::attach(&mut w);
+    w.start();
+    let out = w.stop_ok(0);
+    assert!(w.mark_text().contains("halt"), "halted in order: {out:?}");
+    let lines = j.with("SYSLOG_IDENTIFIER", "t-lastline-instance");
+    assert_eq!(
+        lines.last().map(|e| e["MESSAGE"].as_str()),
+        Some("halting now, goodbye"),
+        "{lines:#?}"
     );
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use apptainer_supervisor::config::{self, Service};
-use apptainer_supervisor::supervise::exit;
+use apptainer_supervisor::exit;
 
 const BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
 

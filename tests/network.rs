@@ -6,12 +6,9 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
 
 use support::netns::TestNetns;
 use support::*;
-
-const SEC: Duration = Duration::from_secs(1);
 
 fn macvlan(name: &str, master: &str, addr: &str) -> String {
     format!(
@@ -24,16 +21,6 @@ fn in_netns(name: &str, ns: &TestNetns) -> World {
     let mut w = World::new(name);
     w.netns = Some(ns.path());
     w
-}
-
-fn stop(w: &mut World, i: usize) {
-    kill(w.child(i).id() as i32, libc::SIGTERM);
-    let out = w.wait(i, 30 * SEC);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Addresses of `ifname` inside the container (`ip -o addr`).
@@ -75,8 +62,8 @@ fn two_services_on_macvlan_reach_each_other_by_their_static_addresses() {
     );
     let ping = b.inside(&["ping", "-c", "1", "-W", "2", "10.99.0.2"]);
     assert!(ping.status.success(), "b reaches a");
-    stop(&mut a, 0);
-    stop(&mut b, 0);
+    a.stop_ok(0);
+    b.stop_ok(0);
 }
 
 #[test]
@@ -111,7 +98,7 @@ fn two_networks_like_ww001_give_eth0_and_eth1() {
         "host-local lease taken"
     );
     let (_, master) = w.instance_pids();
-    stop(&mut w, 0);
+    w.stop_ok(0);
     eventually(10 * SEC, "master gone (its cleanup runs CNI DEL)", || {
         !alive(master)
     });
@@ -179,12 +166,12 @@ fn conflist_is_rewritten_only_when_it_changes_and_a_foreign_one_never() {
     w.append_config(&macvlan("mv_keep", "p0", "10.99.0.6/24"));
     w.spawn_run();
     w.wait_ready();
-    stop(&mut w, 0);
+    w.stop_ok(0);
     let file = w.network_dir().join("mv_keep.conflist");
     let before = std::fs::metadata(&file).unwrap();
     w.spawn_run();
     w.wait_ready();
-    stop(&mut w, 1);
+    w.stop_ok(1);
     let after = std::fs::metadata(&file).unwrap();
     assert_eq!(
         (before.ino(), before.mtime_nsec()),
@@ -275,7 +262,7 @@ fn example_networks_are_accepted_by_the_real_plugins() {
             msgs.last().unwrap().contains(&format!("; ip {first}")),
             "{example}: {msgs:?}"
         );
-        stop(&mut w, 0);
+        w.stop_ok(0);
     }
 }
 
@@ -355,7 +342,7 @@ fn no_network_means_none_and_the_bridge_only_when_named_and_released_after_a_dea
     let links = String::from_utf8_lossy(&links.stdout);
     assert_eq!(links.lines().count(), 1, "only lo: {links}");
     assert!(!leases.join("bridge").exists(), "no lease taken");
-    stop(&mut w, 0);
+    w.stop_ok(0);
 
     w.append_config("[[network]]\nname = \"bridge\"\nexternal = true\n");
     let check = w.cli(&["check", "--host", "n-none"]);

@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use apptainer_supervisor::{argv, config};
+use apptainer_supervisor::config;
+use apptainer_supervisor::plan::argv;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 

@@ -4,30 +4,7 @@
 
 mod support;
 
-use std::time::Duration;
-
 use support::*;
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn start(w: &mut World) -> (i32, i32) {
-    w.spawn_run();
-    let msgs = w.wait_ready();
-    // READY=1 comes only once the instance is up: its state file names a live container
-    // init (PID 1 of its own namespace) and a live master.
-    let (pid, ppid) = w.instance_pids();
-    assert!(
-        alive(pid) && alive(ppid),
-        "instance not alive at READY: {msgs:?}"
-    );
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
-    assert!(
-        nspid.ends_with("\t1"),
-        "container init is PID 1 inside: {nspid}"
-    );
-    (pid, ppid)
-}
 
 #[test]
 fn ready_only_after_instance_is_up_with_status_steps() {
@@ -73,7 +50,7 @@ fn sigterm_halts_init_with_sigrtmin3_and_cleans_up() {
         return;
     }
     let mut w = World::new("t-term");
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     assert_eq!(
         loops_for(&w.overlay()).len(),
         1,
@@ -114,7 +91,7 @@ fn halt_is_resent_until_the_init_has_a_handler() {
     }
     let mut w = World::new("t-late-traps");
     w.env.push(("FAKE_INIT_DELAY_TRAPS".into(), "1.5".into()));
-    let (pid, _) = start(&mut w);
+    let (pid, _) = w.start();
     // Right away: the init has no handler yet, so a signal now would be dropped.
     kill(w.child(0).id() as i32, libc::SIGTERM);
     let out = w.wait(0, 20 * SEC);
@@ -139,7 +116,7 @@ fn watchdog_pings_while_alive_and_container_death_exits_nonzero() {
     let mut w = World::new("t-dog");
     // WATCHDOG_USEC=200 ms → a ping every 100 ms.
     w.env.push(("WATCHDOG_USEC".into(), "200000".into()));
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     let pings = w
         .notify_for(SEC)
         .iter()
@@ -180,7 +157,7 @@ fn master_killed_takes_the_container_and_the_supervisor_exits_nonzero() {
         return;
     }
     let mut w = World::new("t-master");
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     // Apptainer's starter gives the container PR_SET_PDEATHSIG=SIGKILL (starter.c; the
     // double does the same): the master's death takes the container with it, and the
     // master's own cleanup (state file, CNI DEL) never runs.
@@ -209,7 +186,7 @@ fn orphan_of_a_killed_supervisor_is_halted_then_started_fresh() {
         return;
     }
     let mut w = World::new("t-orphan");
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     // The supervisor dies, its instance (master and container) lives on.
     kill(w.child(0).id() as i32, libc::SIGKILL);
     let _ = w.wait(0, 5 * SEC);
@@ -249,7 +226,7 @@ fn leftovers_of_a_killed_unit_are_cleared_then_started_fresh() {
         return;
     }
     let mut w = World::new("t-stale");
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     // What systemd does when the supervisor dies: the rest of the unit's cgroup (the
     // master) is killed; the container dies with its master (PDEATHSIG). The state file
     // and the run record stay behind.
@@ -282,7 +259,7 @@ fn second_supervisor_for_the_same_name_is_refused_at_once() {
         return;
     }
     let mut w = World::new("t-twice");
-    let (pid, _) = start(&mut w);
+    let (pid, _) = w.start();
     let first = w.child(0).id();
     w.spawn_run();
     let out = w.wait(1, 5 * SEC);
@@ -423,7 +400,7 @@ fn missing_overlay_is_created_once_as_sparse_ext3() {
     }
     use std::os::unix::fs::MetadataExt;
     let mut w = World::new("t-create");
-    start(&mut w);
+    w.start();
     let m = std::fs::metadata(w.overlay()).unwrap();
     assert_eq!(m.len(), 64 << 20, "size_mib = 64");
     assert!(m.blocks() * 512 < m.len(), "sparse");
@@ -432,7 +409,7 @@ fn missing_overlay_is_created_once_as_sparse_ext3() {
     kill(w.child(0).id() as i32, libc::SIGTERM);
     assert!(w.wait(0, 20 * SEC).status.success());
     // Second run: the same file (same inode), not a new one.
-    let (pid2, _) = start(&mut w);
+    let (pid2, _) = w.start();
     assert_eq!(
         std::fs::metadata(w.overlay()).unwrap().ino(),
         m.ino(),
@@ -478,7 +455,7 @@ fn child_environment_is_scrubbed_and_layered() {
     let cfg = std::fs::read_to_string(w.config_path()).unwrap();
     std::fs::write(w.config_path(), format!("{cfg}[env]\nBOTH = \"config\"\n")).unwrap();
     w.env.push(("WATCHDOG_USEC".into(), "10000000".into()));
-    start(&mut w);
+    w.start();
     eventually(5 * SEC, "init wrote its environment", || {
         w.env_dump.exists()
     });
@@ -505,7 +482,7 @@ fn container_leaves_the_supervisors_cgroup() {
         return;
     }
     let mut w = World::new("t-cgroup");
-    let (pid, ppid) = start(&mut w);
+    let (pid, ppid) = w.start();
     let cg = |p: i32| std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap();
     let v2 = |s: String| {
         s.lines()
@@ -573,7 +550,7 @@ fn watchdog_abort_still_halts_the_container() {
         return;
     }
     let mut w = World::new("t-abort");
-    let (pid, _) = start(&mut w);
+    let (pid, _) = w.start();
     // systemd's WatchdogSignal= (SIGABRT) when our pings stopped.
     kill(w.child(0).id() as i32, libc::SIGABRT);
     let out = w.wait(0, 20 * SEC);
@@ -589,4 +566,28 @@ fn watchdog_abort_still_halts_the_container() {
     );
     assert!(!alive(pid));
     assert!(!w.state_file().exists());
+}
+
+/// SIGABRT (systemd's watchdog) and SIGTERM (its stop job) arrive together, in either
+/// order, no pause between: the watchdog's verdict stands, exit 1, every time.
+#[test]
+fn sigabrt_and_sigterm_together_always_exit_1() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-abrtterm");
+    for i in 0..50 {
+        let (pid, _) = w.start();
+        let sup = w.child(i).id() as i32;
+        let (first, second) = if i % 2 == 0 {
+            (libc::SIGABRT, libc::SIGTERM)
+        } else {
+            (libc::SIGTERM, libc::SIGABRT)
+        };
+        kill(sup, first);
+        kill(sup, second);
+        let out = w.wait(i, 20 * SEC);
+        assert_eq!(out.status.code(), Some(1), "round {i}: {}", stderr(&out));
+        assert!(!alive(pid), "round {i}: the container was halted");
+    }
 }

@@ -6,12 +6,8 @@
 mod support;
 
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use support::*;
-
-const SEC: Duration = Duration::from_secs(1);
-const BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
 
 /// `status` with the world's directories and no host bus (the UNIT column is `unknown`).
 fn status(w: &World, args: &[&str]) -> Output {

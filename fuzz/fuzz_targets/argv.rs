@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::Path;
 
-use apptainer_supervisor::{argv, config};
+use apptainer_supervisor::config;
+use apptainer_supervisor::plan::argv;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 

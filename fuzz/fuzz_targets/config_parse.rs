@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use apptainer_supervisor::{argv, config};
+use apptainer_supervisor::config;
+use apptainer_supervisor::plan::argv;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use apptainer_supervisor::config::{self, ConfigError, DEFAULT_CONFIG_DIR};
 use apptainer_supervisor::generator::{self, Generated, CONFIG_DIR_ENV, UNIT_DIRS};
-use apptainer_supervisor::unit_names::{self, UnitClash};
+use apptainer_supervisor::host::unit_names::{self, UnitClash};
 
 const PROG: &str = "apptainer-supervisor-generator";
 /// syslog(3) priorities as /dev/kmsg takes them (`<N>` prefix).

@@ -1,12 +1,12 @@
 //! [`Model`] → service-file text, with `# from FILE:LINE` on each setting and
-//! `# migrate: …` above the ones that need a decision. Keys come from [`crate::keys`] so
+//! `# migrate: …` above the ones that need a decision. Keys come from [`crate::config::keys`] so
 //! they are spelled as the parser spells them.
 //!
 //! [`render`] also says which line holds which entry, so that an entry the parser refuses
 //! can be taken out ([`drop_ref`]) and written as a comment instead.
 
 use super::{Level, Model, Note, Origin, Setting};
-use crate::keys;
+use crate::config::keys;
 
 /// One entry of the model, by position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

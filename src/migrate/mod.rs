@@ -179,7 +179,7 @@ pub enum MigrateError {
 impl MigrateError {
     /// sysexits(3) codes, as `supervise::exit` names them.
     pub fn exit_code(&self) -> i32 {
-        use crate::supervise::exit;
+        use crate::exit;
         match self {
             MigrateError::ReadInput { .. } => exit::NOINPUT,
             MigrateError::Parse { .. } => exit::DATAERR,
@@ -302,7 +302,7 @@ pub fn run(args: &crate::cli::MigrateArgs) -> Result<(), MigrateError> {
 }
 
 /// Writes a file that must not exist yet: the content goes to a temporary file with
-/// [`crate::fsutil::write_atomic`], which is then hard-linked to `path` — `link(2)` fails
+/// [`crate::os::fsutil::write_atomic`], which is then hard-linked to `path` — `link(2)` fails
 /// with EEXIST instead of replacing a file that appeared meanwhile — and removed.
 fn write_new(path: &Path, data: &[u8]) -> Result<(), MigrateError> {
     let exists = |path: &Path| MigrateError::OutputExists {
@@ -330,7 +330,7 @@ fn write_new(path: &Path, data: &[u8]) -> Result<(), MigrateError> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    crate::fsutil::write_atomic(&tmp, data, 0o644).map_err(werr)?;
+    crate::os::fsutil::write_atomic(&tmp, data, 0o644).map_err(werr)?;
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
@@ -961,7 +961,7 @@ mod tests {
             ..Default::default()
         };
         let e = migrate(&i).unwrap_err();
-        assert_eq!(e.exit_code(), crate::supervise::exit::USAGE);
+        assert_eq!(e.exit_code(), crate::exit::USAGE);
         let i = Inputs {
             host_vars: Some(input("x.yml", "servicename: x\ninstall_path: /srv/x/\n")),
             ..Default::default()

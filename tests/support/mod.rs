@@ -15,6 +15,14 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_apptainer-supervisor");
 
+/// One second: what the tests' bounds (never their assertions) are counted in.
+pub const SEC: Duration = Duration::from_secs(1);
+
+/// A finished process's stderr, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn support(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/support")
@@ -463,6 +471,40 @@ exec "$@""#;
         }
     }
 
+    /// Starts a supervisor and waits for its READY=1. Returns the instance's (container,
+    /// master) pids, both alive at READY, the container's init PID 1 of its own namespace.
+    pub fn start(&mut self) -> (i32, i32) {
+        self.spawn_run();
+        let msgs = self.wait_ready();
+        // READY=1 comes only once the instance is up: its state file names a live container
+        // init (PID 1 of its own namespace) and a live master.
+        let (pid, ppid) = self.instance_pids();
+        assert!(
+            alive(pid) && alive(ppid),
+            "instance not alive at READY: {msgs:?}"
+        );
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert!(
+            nspid.ends_with("\t1"),
+            "container init is PID 1 inside: {nspid}"
+        );
+        (pid, ppid)
+    }
+
+    /// SIGTERM to supervisor `i`; its output once it has exited.
+    pub fn stop(&mut self, i: usize) -> Output {
+        kill(self.child(i).id() as i32, libc::SIGTERM);
+        self.wait(i, 60 * SEC)
+    }
+
+    /// [`World::stop`], which must end with exit 0.
+    pub fn stop_ok(&mut self, i: usize) -> Output {
+        let out = self.stop(i);
+        assert!(out.status.success(), "{}", stderr(&out));
+        out
+    }
+
     /// Runs the supervisor binary to completion with `args`.
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = self.cmd(BIN);
@@ -657,17 +699,23 @@ impl Drop for World {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let mut killed = Vec::new();
         if let Ok(text) = std::fs::read_to_string(self.state_file()) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 for k in ["pid", "ppid"] {
                     if let Some(p) = v[k].as_i64() {
                         kill(p as i32, libc::SIGKILL);
+                        killed.push(p as i32);
                     }
                 }
                 self.container_pid_seen = v["pid"].as_i64().map(|p| p as i32);
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Until the SIGKILLed pids are gone (bounded, never panicking in a drop).
+        let deadline = Instant::now() + 5 * SEC;
+        while killed.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         // A master killed here never ran its cleanup: remove the container's cgroup
         // (DOUBLE.md: /apptainer/<pid> in the cgroup2 hierarchy), deepest first.
         if let Some(pid) = self.container_pid_seen {

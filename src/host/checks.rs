@@ -5,8 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use super::canonical::canonical_path;
+use crate::config::keys;
 use crate::config::{self, Service};
-use crate::keys;
 
 /// One host problem, already located (`file:line: key`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,16 +67,16 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
             );
         }
     }
-    match crate::overlay::inspect(&s.overlay.path) {
-        Ok(crate::overlay::Found::NotAFile(what)) => push(
+    match crate::host::overlay::inspect(&s.overlay.path) {
+        Ok(crate::host::overlay::Found::NotAFile(what)) => push(
             s.locate(keys::OVERLAY_PATH),
             format!(
                 "{} exists but is {what}; it is left untouched",
                 s.overlay.path.display()
             ),
         ),
-        Ok(crate::overlay::Found::Missing) => {
-            let dir = crate::overlay::parent_dir(&s.overlay.path);
+        Ok(crate::host::overlay::Found::Missing) => {
+            let dir = crate::host::overlay::parent_dir(&s.overlay.path);
             if !dir.is_dir() {
                 push(
                     s.locate(keys::OVERLAY_PATH),
@@ -86,7 +87,7 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
                 );
             }
         }
-        Ok(crate::overlay::Found::Image { .. }) => {}
+        Ok(crate::host::overlay::Found::Image { .. }) => {}
         Err(e) => push(
             s.locate(keys::OVERLAY_PATH),
             format!("{}: {e}", s.overlay.path.display()),
@@ -121,7 +122,7 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
             Vec::new()
         }
     };
-    let at_network = |e: &crate::network::NetworkError| {
+    let at_network = |e: &crate::host::cni_dir::NetworkError| {
         let line = e
             .network()
             .and_then(|name| s.networks.iter().find(|n| n.name == name))
@@ -131,10 +132,10 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
             None => format!("{}: network", s.file.display()),
         }
     };
-    if let Err(e) = crate::network::check_parents(s) {
+    if let Err(e) = crate::host::cni_dir::check_parents(s) {
         push(at_network(&e), e.to_string());
     }
-    if let Err(e) = crate::network::dry_run(s) {
+    if let Err(e) = crate::host::cni_dir::dry_run(s) {
         push(at_network(&e), e.to_string());
     }
     issues.extend(claims(s, config_dir));
@@ -152,7 +153,9 @@ pub fn claims(s: &Service, config_dir: &Path) -> Vec<HostIssue> {
     let mut issues = Vec::new();
     let mut push = |at: String, reason: String| issues.push(HostIssue { at, reason });
     let others = other_services(config_dir, &s.name);
-    for (ip, mine, theirs) in crate::network::address_conflicts(s, others.iter().map(|(o, _)| o)) {
+    for (ip, mine, theirs) in
+        crate::host::cni_dir::address_conflicts(s, others.iter().map(|(o, _)| o))
+    {
         push(
             format!("{}: network.ipam.addresses", s.file.display()),
             format!("{ip} of network {mine} is also claimed by service {theirs}"),
@@ -196,36 +199,6 @@ pub fn claims(s: &Service, config_dir: &Path) -> Vec<HostIssue> {
     issues
 }
 
-/// `p` with every symbolic link resolved, as the kernel names it in loop devices'
-/// `backing_file` and in mount tables. A path that does not exist yet (an overlay to be
-/// created) gets its deepest existing ancestor resolved and the rest appended as written.
-pub fn canonical_path(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
-        return c;
-    }
-    match (p.parent(), p.file_name()) {
-        (Some(parent), Some(name)) => canonical_path(parent).join(name),
-        _ => p.to_owned(),
-    }
-}
-
-/// The service with its host paths resolved (image, overlay, bind sources, service
-/// directory, env file), for the argv and every check after [`check`]: what Apptainer is
-/// given is what the kernel will report back (loop `backing_file`, mountinfo), and a
-/// symlink swapped after the checks cannot redirect the start. Bind destinations are
-/// paths inside the container and are left as written.
-pub fn canonicalize(s: &Service) -> Service {
-    let mut c = s.clone();
-    c.service_dir = canonical_path(&s.service_dir);
-    c.image = canonical_path(&s.image);
-    c.overlay.path = canonical_path(&s.overlay.path);
-    c.env_file.path = canonical_path(&s.env_file.path);
-    for b in &mut c.binds {
-        b.src = canonical_path(&b.src);
-    }
-    c
-}
-
 /// Why a file that configures a root process is unsafe, if it is: writable by group or
 /// others, or (when we run as root) owned by another user. A missing file is not unsafe.
 fn unsafe_file(p: &Path) -> Option<String> {
@@ -238,9 +211,7 @@ fn unsafe_file(p: &Path) -> Option<String> {
             p.display()
         ));
     }
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    if euid == 0 && m.uid() != 0 {
+    if nix::unistd::geteuid().is_root() && m.uid() != 0 {
         return Some(format!(
             "is owned by uid {}, not root: it decides what runs as root\n  hint: chown root {}",
             m.uid(),
@@ -273,31 +244,4 @@ fn other_services(dir: &Path, me: &str) -> Vec<(Service, PathBuf)> {
         }
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn canonical_path_resolves_symlinks_also_below_a_missing_file() {
-        let d = tempfile::tempdir().unwrap();
-        let real = d.path().join("real");
-        std::fs::create_dir_all(real.join("overlay")).unwrap();
-        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
-        let real = std::fs::canonicalize(&real).unwrap();
-        assert_eq!(
-            canonical_path(&d.path().join("link/overlay")),
-            real.join("overlay")
-        );
-        // The overlay image does not exist yet: its directory is still resolved.
-        assert_eq!(
-            canonical_path(&d.path().join("link/overlay/overlay.img")),
-            real.join("overlay/overlay.img")
-        );
-        assert_eq!(
-            canonical_path(&d.path().join("link/missing/deeper")),
-            real.join("missing/deeper")
-        );
-    }
 }

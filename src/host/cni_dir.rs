@@ -331,7 +331,7 @@ fn reconcile(s: &Service, write: bool) -> Result<Vec<(PathBuf, Written)>, Networ
                 source,
             };
             std::fs::create_dir_all(dir).map_err(err)?;
-            crate::fsutil::write_atomic(&target, text.as_bytes(), 0o644).map_err(err)?;
+            crate::os::fsutil::write_atomic(&target, text.as_bytes(), 0o644).map_err(err)?;
         }
         out.push((target, written));
     }

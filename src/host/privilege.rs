@@ -63,8 +63,8 @@
 use caps::{CapSet, Capability, CapsHashSet};
 use tracing::debug;
 
+use crate::config::keys;
 use crate::config::Service;
-use crate::keys;
 
 /// A set of capabilities, sorted by number (`caps::Capability` is not `Ord`).
 pub type Caps = Vec<Capability>;
@@ -161,8 +161,7 @@ pub fn needs_root(s: &Service, euid: u32) -> Vec<String> {
 
 /// Refuses a configuration that needs root when we are not root (exit 77).
 pub fn require_root(s: &Service) -> Result<(), PrivilegeError> {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = nix::unistd::geteuid().as_raw();
     let settings = needs_root(s, euid);
     if settings.is_empty() {
         return Ok(());
@@ -195,8 +194,7 @@ pub fn apply(plan: &Plan) -> Result<Applied, PrivilegeError> {
             reason: e.to_string(),
         }
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    if nix::unistd::geteuid().is_root() {
         // The bounding set stays whole: it is what Apptainer's starter gets as its
         // permitted set (module docs).
         caps::clear(None, CapSet::Ambient).map_err(err("clearing the ambient set"))?;
@@ -241,15 +239,6 @@ pub fn show(set: &Caps) -> String {
         .join(",")
 }
 
-/// Parses a capability name as `security.keep_capabilities` takes it: `CAP_SYS_TIME`,
-/// case-insensitive, the `CAP_` prefix optional.
-pub fn parse_cap(name: &str) -> Result<Capability, String> {
-    let canonical = caps::to_canonical(name);
-    canonical
-        .parse::<Capability>()
-        .map_err(|_| format!("{name:?} is not a Linux capability name (capabilities(7))"))
-}
-
 /// The bitmask `/proc/<pid>/status` shows for a set (`CapBnd:` etc.).
 pub fn mask(set: &Caps) -> u64 {
     set.iter().fold(0, |m, c| m | c.bitmask())
@@ -265,15 +254,6 @@ mod tests {
             show(&plan().own),
             "CAP_DAC_OVERRIDE,CAP_DAC_READ_SEARCH,CAP_KILL,CAP_SYS_PTRACE"
         );
-    }
-
-    #[test]
-    fn capability_names_parse_as_capabilities7_spells_them() {
-        assert_eq!(parse_cap("CAP_SYS_TIME"), Ok(Capability::CAP_SYS_TIME));
-        assert_eq!(parse_cap("sys_time"), Ok(Capability::CAP_SYS_TIME));
-        assert!(parse_cap("CAP_FLY")
-            .unwrap_err()
-            .contains("not a Linux capability"));
     }
 
     #[test]

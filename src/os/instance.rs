@@ -165,32 +165,11 @@ pub fn try_reap(pid: i32) -> Option<Exit> {
     }
 }
 
-/// Reaps every exited child we have (we are a subreaper, so orphans of the apptainer CLI
-/// land here). Returns the ones reaped.
-pub fn reap_all() -> Vec<(i32, Exit)> {
-    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    let mut out = Vec::new();
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(p, c)) => out.push((p.as_raw(), Exit::Code(c))),
-            Ok(WaitStatus::Signaled(p, s, _)) => out.push((p.as_raw(), Exit::Signal(s as i32))),
-            Ok(WaitStatus::StillAlive) | Err(_) => break,
-            Ok(_) => {}
-        }
-    }
-    out
-}
-
 /// Makes this process the reaper of its orphaned descendants, so Apptainer's master —
 /// which setsid()s and is orphaned when the CLI exits — is reparented to us and we can
 /// wait for its exit status.
 pub fn become_subreaper() -> io::Result<()> {
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) only sets a flag on this process.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
 }
 
 /// What identifies a running instance of a service, kept in `<run dir>/<name>.run`.
@@ -218,7 +197,7 @@ impl RunRecord {
         let text = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         // Under /run: it must outlive a killed supervisor, not a reboot (which empties
         // /run), so the rename is enough and no fsync delays the start.
-        crate::fsutil::write_replace(path, &text, 0o644)
+        crate::os::fsutil::write_replace(path, &text, 0o644)
     }
 }
 

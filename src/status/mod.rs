@@ -10,14 +10,18 @@
 //! `collect` gathers, `render_table` and serde render; the JSON schema is documented in
 //! apptainer-supervisor(8), section STATUS JSON.
 
+mod render;
+
+pub use render::{human_bytes, human_duration, render_table, render_warnings};
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::{self, Service};
-use crate::inner::{ManagerProxy, UnitProxy};
-use crate::state::{self, LiveState, Phase};
+use crate::os::inner::{ManagerProxy, UnitProxy};
+use crate::os::live::{self, LiveState, Phase};
 
 /// Overlay fill at which `status` and the start warn.
 pub const OVERLAY_WARN_PERCENT: f64 = 90.0;
@@ -104,7 +108,7 @@ impl ServiceStatus {
 /// (a service removed while it still runs). `status NAME` of neither is an error.
 pub fn known(config_dir: &Path, run_dir: &Path, name: &str) -> bool {
     config::path_for(config_dir, name).is_ok_and(|p| p.exists())
-        || state::path(run_dir, name).exists()
+        || live::path(run_dir, name).exists()
 }
 
 /// The services to show: the named ones, or every `*.toml` of the config directory plus any
@@ -150,7 +154,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
         },
         _ => (None, None, None),
     };
-    let live = LiveState::read(&state::path(run_dir, name));
+    let live = LiveState::read(&live::path(run_dir, name));
     let mut st = ServiceStatus {
         schema_version: SCHEMA_VERSION,
         service: name.to_owned(),
@@ -174,7 +178,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
         warnings: Vec::new(),
     };
     match live {
-        Ok(Some(l)) => apply_live(&mut st, &l, state::unix_now()),
+        Ok(Some(l)) => apply_live(&mut st, &l, live::unix_now()),
         Ok(None) => {}
         Err(e) => st.warnings.push(e.to_string()),
     }
@@ -186,7 +190,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
             .push("no service file in the config directory".to_owned());
     }
     // A unit of the same name outranks or is shadowed by ours: say so, on one line.
-    if let Some(c) = crate::unit_names::clash(name, &crate::unit_names::unit_root()) {
+    if let Some(c) = crate::host::unit_names::clash(name, &crate::host::unit_names::unit_root()) {
         st.warnings
             .push(c.message(name).replace("\n  hint: ", "; "));
     }
@@ -260,14 +264,15 @@ pub fn overlay_use(path: &Path) -> OverlayUse {
     let (apparent, allocated) = meta
         .as_ref()
         .map_or((0, 0), |m| (m.len(), m.blocks() * 512));
-    let (fs_used_percent, fs_size_bytes, fs_error) = match crate::overlay::read_superblock(path) {
-        Ok(sb) => (
-            Some((sb.fill_percent() * 10.0).round() / 10.0),
-            Some(sb.blocks_count * sb.block_size),
-            None,
-        ),
-        Err(e) => (None, None, Some(e.to_string())),
-    };
+    let (fs_used_percent, fs_size_bytes, fs_error) =
+        match crate::host::overlay::read_superblock(path) {
+            Ok(sb) => (
+                Some((sb.fill_percent() * 10.0).round() / 10.0),
+                Some(sb.blocks_count * sb.block_size),
+                None,
+            ),
+            Err(e) => (None, None, Some(e.to_string())),
+        };
     OverlayUse {
         path: path.to_owned(),
         apparent_bytes: apparent,
@@ -288,7 +293,7 @@ fn image_info(s: &Service) -> ImageInfo {
         path: s.image.clone(),
         url: s.image_url.clone(),
         mtime,
-        age_days: mtime.map(|t| state::unix_now().saturating_sub(t) / 86_400),
+        age_days: mtime.map(|t| live::unix_now().saturating_sub(t) / 86_400),
     }
 }
 
@@ -317,7 +322,7 @@ pub async fn ask_buses(rows: &mut [ServiceStatus]) {
         }
         if let Some(pid) = row.instance_pid {
             let live = tokio::time::timeout(BUS_TIMEOUT, async {
-                let i = crate::inner::connect_now(pid).await.ok()?;
+                let i = crate::os::inner::connect_now(pid).await.ok()?;
                 i.failed_units().await.ok()
             })
             .await;
@@ -386,142 +391,11 @@ pub fn collect(config_dir: &Path, run_dir: &Path, names: &[String]) -> Vec<Servi
     rows
 }
 
-/// `1.2G`-style sizes for the table.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < UNITS.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b}B")
-    } else if v < 10.0 {
-        format!("{v:.1}{}", UNITS[i])
-    } else {
-        format!("{v:.0}{}", UNITS[i])
-    }
-}
-
-/// `3d4h`, `2h05m`, `4m10s`.
-pub fn human_duration(s: u64) -> String {
-    let (d, h, m, sec) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
-    if d > 0 {
-        format!("{d}d{h}h")
-    } else if h > 0 {
-        format!("{h}h{m:02}m")
-    } else if m > 0 {
-        format!("{m}m{sec:02}s")
-    } else {
-        format!("{sec}s")
-    }
-}
-
-/// The table: the header line when `legend` (`--no-legend` leaves it out, as systemctl's
-/// does), then one line per service. Warnings are [`render_warnings`].
-pub fn render_table(rows: &[ServiceStatus], legend: bool) -> String {
-    let header = [
-        "SERVICE", "UNIT", "PHASE", "PID", "IP", "UPTIME", "INNER", "FAILED", "OVERLAY", "IMAGE",
-    ];
-    let dash = || "-".to_owned();
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.service.clone(),
-                r.unit.as_ref().map_or_else(
-                    || "unknown".to_owned(),
-                    |u| {
-                        if u.name.starts_with("apptainer-supervisor@") {
-                            format!("{} (@)", u.active_state)
-                        } else {
-                            u.active_state.clone()
-                        }
-                    },
-                ),
-                r.phase.clone(),
-                r.instance_pid.map_or_else(dash, |p| p.to_string()),
-                r.ip.clone().unwrap_or_else(dash),
-                r.uptime_sec.map_or_else(dash, human_duration),
-                r.inner_state.clone().unwrap_or_else(dash),
-                if r.failed_units.is_empty() {
-                    if r.inner_state.is_some() {
-                        "0".to_owned()
-                    } else {
-                        dash()
-                    }
-                } else {
-                    r.failed_units.join(",")
-                },
-                r.overlay.as_ref().map_or_else(dash, |o| {
-                    let fill = o
-                        .fs_used_percent
-                        .map_or_else(|| "?%".to_owned(), |p| format!("{p:.0}%"));
-                    format!(
-                        "{fill} {}/{}",
-                        human_bytes(o.allocated_bytes),
-                        human_bytes(o.apparent_bytes)
-                    )
-                }),
-                r.image.as_ref().map_or_else(dash, |i| {
-                    let file = i
-                        .path
-                        .file_name()
-                        .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
-                    match i.age_days {
-                        Some(d) => format!("{file} {d}d"),
-                        None => format!("{file} missing"),
-                    }
-                }),
-            ]
-        })
-        .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let line = |out: &mut String, row: &[String]| {
-        let last = row.len() - 1;
-        for (i, c) in row.iter().enumerate() {
-            out.push_str(c);
-            if i < last {
-                out.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
-            }
-        }
-        out.push('\n');
-    };
-    if legend {
-        line(
-            &mut out,
-            &header.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
-        );
-    }
-    for row in &cells {
-        line(&mut out, row);
-    }
-    out
-}
-
-/// One `warning: SERVICE: …` line per warning.
-pub fn render_warnings(rows: &[ServiceStatus]) -> String {
-    let mut out = String::new();
-    for r in rows {
-        for w in &r.warnings {
-            out.push_str(&format!("warning: {}: {w}\n", r.service));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::instance::ProcId;
-    use crate::state::{InnerSummary, LiveState};
+    use crate::os::instance::ProcId;
+    use crate::os::live::{InnerSummary, LiveState};
 
     fn row(name: &str) -> ServiceStatus {
         ServiceStatus {

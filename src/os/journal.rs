@@ -12,7 +12,7 @@
 //! `/run/systemd/journal/socket`; each field is either `KEY=VALUE\n` or, when the value may
 //! hold a newline or arbitrary bytes, `KEY\n` + 64-bit little-endian length + value + `\n`.
 //! Entries larger than a datagram must go through a sealed memfd; the forwarder bounds each
-//! entry to [`crate::output::MAX_LINE`] bytes, far below the socket's datagram limit
+//! entry to [`crate::os::output::MAX_LINE`] bytes, far below the socket's datagram limit
 //! (`net.core.wmem_default`, 208 KiB by default), so that path is never needed here.
 
 use std::io;

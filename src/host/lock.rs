@@ -7,7 +7,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,8 +31,13 @@ pub struct ServiceLock {
     _file: File,
 }
 
+/// The lock file of service `name` (also listed by `check`).
+pub fn path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("{name}.lock"))
+}
+
 pub fn acquire(run_dir: &Path, name: &str) -> Result<ServiceLock, LockError> {
-    let path = run_dir.join(format!("{name}.lock"));
+    let path = path(run_dir, name);
     let open_err = |source| LockError::Open {
         path: path.clone(),
         source,
@@ -46,11 +50,10 @@ pub fn acquire(run_dir: &Path, name: &str) -> Result<ServiceLock, LockError> {
         .truncate(false)
         .open(&path)
         .map_err(open_err)?;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if r != 0 {
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    // flock(LOCK_EX | LOCK_NB): std's File::try_lock on Linux.
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim().replace('\n', ", ");
@@ -64,7 +67,7 @@ pub fn acquire(run_dir: &Path, name: &str) -> Result<ServiceLock, LockError> {
                 },
             });
         }
-        return Err(open_err(err));
+        Err(std::fs::TryLockError::Error(err)) => return Err(open_err(err)),
     }
     let me = format!(
         "pid {}\nunit {}\n",

@@ -108,7 +108,8 @@ pub struct DelStep {
 /// (last plugin first). Each plugin gets its own object with the list's `name` and
 /// `cniVersion` (libcni `buildOneConfig`); there is no cached result to pass as
 /// `prevResult`.
-pub fn del_steps(conflist: &str, path: &Path) -> Result<Vec<DelStep>, CniError> {
+#[cfg(test)]
+fn del_steps(conflist: &str, path: &Path) -> Result<Vec<DelStep>, CniError> {
     let v: serde_json::Value = serde_json::from_str(conflist).map_err(|e| CniError::BadConf {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -227,6 +228,26 @@ pub fn find_conf(dir: &Path, name: &str) -> Result<(PathBuf, serde_json::Value),
 /// Runs the DEL of every network of `s` for the container that had pid `container_pid`.
 /// Returns one result per network, in order; it never stops at the first failure, so
 /// that one broken network does not keep another's lease.
+/// libcni's cache of ADD results (`CacheDir`, libcni/api.go:40 at v1.1.2 and :41 at v1.2.3,
+/// the versions Apptainer 1.3.6 and 1.4.5 build with): `results/<network>-<container
+/// id>-<ifname>` is written by each network's ADD and removed by its DEL (api.go:218-225 at
+/// v1.1.2, :247-254 at v1.2.3).
+const CNI_RESULTS: &str = "/var/lib/cni/results";
+
+/// Whether the DEL of some network of the container that had pid `container_pid` has not
+/// run: libcni's cached ADD result for it is still there. What tells that a master ran its
+/// cleanup (see `run/watch.rs`, where a master's exit is judged).
+pub fn del_pending(s: &Service, container_pid: i32) -> bool {
+    del_pending_in(Path::new(CNI_RESULTS), s, container_pid)
+}
+
+fn del_pending_in(dir: &Path, s: &Service, container_pid: i32) -> bool {
+    s.networks.iter().enumerate().any(|(i, n)| {
+        dir.join(format!("{}-{container_pid}-eth{i}", n.name))
+            .exists()
+    })
+}
+
 pub async fn release(
     s: &Service,
     container_pid: i32,
@@ -421,5 +442,24 @@ mod tests {
             plugin_dirs(&none.path().join("network"))[0],
             Path::new("/usr/libexec/apptainer/cni")
         );
+    }
+
+    #[test]
+    fn a_del_is_pending_while_libcnis_cached_add_result_is_there() {
+        let s = crate::config::parse(
+            "service_dir = \"/srv/x\"\n[[network]]\nname = \"a\"\nexternal = true\n[[network]]\nname = \"b\"\nexternal = true\n",
+            Path::new("/etc/apptainer-supervisor/x.toml"),
+            None,
+        )
+        .unwrap();
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            !del_pending_in(d.path(), &s, 42),
+            "no cached result: DEL done"
+        );
+        // The second network's ADD result, cached as libcni names it: <net>-<id>-<ifname>.
+        std::fs::write(d.path().join("b-42-eth1"), "{}").unwrap();
+        assert!(del_pending_in(d.path(), &s, 42));
+        assert!(!del_pending_in(d.path(), &s, 43), "another container's");
     }
 }

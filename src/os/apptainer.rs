@@ -153,27 +153,6 @@ impl StateFile {
 /// (`launcher_linux.go` prognameFormat). Apptainer's own ghost check uses this prefix.
 pub const MASTER_CMDLINE_PREFIX: &[u8] = b"Apptainer instance";
 
-/// Output of a finished CLI call.
-#[derive(Debug)]
-pub struct CliOutput {
-    pub status: std::process::ExitStatus,
-    pub stderr: String,
-}
-
-/// Runs an apptainer CLI command to completion with the given environment, stdin closed,
-/// stdout discarded and stderr captured (Apptainer 1.4 echoes a failed start's log there,
-/// 1.3 on stdout; see `supervise::start_log_part`).
-pub fn run_cli(argv: &[OsString], env: &[(OsString, OsString)]) -> io::Result<CliOutput> {
-    let out = command(argv, env)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()?;
-    Ok(CliOutput {
-        status: out.status,
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    })
-}
-
 /// The `Command` for an argv: program and arguments straight to execve, no shell.
 pub fn command(argv: &[OsString], env: &[(OsString, OsString)]) -> Command {
     let mut cmd = Command::new(&argv[0]);
@@ -245,7 +224,7 @@ mod tests {
     /// Shaped exactly as Apptainer writes it; see tests/fixtures/apptainer-state/SOURCE.md.
     #[test]
     fn parses_apptainer_state_fixture() {
-        let text = include_str!("../tests/fixtures/apptainer-state/ood001.json");
+        let text = include_str!("../../tests/fixtures/apptainer-state/ood001.json");
         let s = StateFile::parse(text).unwrap();
         assert_eq!(s.name, "ood001");
         assert!(s.pid > 0 && s.ppid > 0 && s.pid != s.ppid);

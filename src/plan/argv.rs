@@ -6,8 +6,8 @@
 
 use std::ffi::OsString;
 
-use crate::config::Service;
-use crate::keys;
+use crate::config::keys;
+use crate::config::{Service, NO_NETWORK};
 
 /// How a table entry turns into arguments.
 enum Emit {
@@ -88,9 +88,6 @@ fn networks(s: &Service) -> Vec<String> {
         Vec::new()
     }
 }
-
-/// Apptainer's network name for "a network namespace with no CNI network in it".
-pub const NO_NETWORK: &str = "none";
 
 /// One `--network-args "net:K=V;K2=V2"` per network that has arguments. Apptainer's
 /// `SetArgs` (pkg/network) gives every `;`-separated key to the network named before the

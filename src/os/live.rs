@@ -16,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::inner::InnerState;
-use crate::instance::ProcId;
+use crate::os::inner::InnerState;
+use crate::os::instance::ProcId;
 
 /// The version of the file's layout.
 pub const SCHEMA: u32 = 1;
@@ -228,6 +228,7 @@ impl Publisher {
         }
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -274,7 +275,7 @@ impl Publisher {
         };
         // 0644: `status` run by any user may read it; only root writes /run.
         // No fsync: /run is emptied at boot anyway, and this runs on the way to READY=1.
-        match crate::fsutil::write_replace(&self.path, &data, 0o644) {
+        match crate::os::fsutil::write_replace(&self.path, &data, 0o644) {
             Ok(()) => {
                 if self.failing {
                     tracing::info!(state_file = %self.path.display(), "live state file written again");

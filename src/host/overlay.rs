@@ -406,26 +406,12 @@ pub fn remove_stale_temps(path: &Path) -> io::Result<Vec<PathBuf>> {
 /// support the flag (NFS before Linux 6.x answers EINVAL). Either fails with EEXIST when
 /// `path` exists.
 pub fn publish(tmp: &Path, path: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+    let r = renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RenameFlags::RENAME_NOREPLACE);
+    let err = match r {
+        Ok(()) => return sync_dir(path),
+        Err(e) => io::Error::from(e),
     };
-    let (from, to) = (c(tmp)?, c(path)?);
-    // SAFETY: two valid NUL-terminated paths, AT_FDCWD for both.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        return sync_dir(path);
-    }
-    let err = io::Error::last_os_error();
     if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
         return Err(err);
     }

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::unix::AsyncFd;
 
-use crate::journal::Journal;
+use crate::os::journal::Journal;
 
 /// Longest line forwarded as one entry; longer lines are cut into pieces of this size
 /// (journald's own stream transport cuts at `LineMax=48K`). It also keeps every entry far
@@ -385,6 +385,24 @@ impl Forwarder {
         tokio::select! {
             _ = written => {}
             _ = report => {}
+        }
+    }
+
+    /// Stops watching the logs for writes; what is written from now on is forwarded when
+    /// the forwarder is dropped (it reads by size). Called when the container starts to
+    /// halt: closing an inotify descriptor waits for an SRCU grace period (some ms), so it
+    /// is closed on a thread of its own while the container halts, not on the loop after.
+    pub fn stop_watching(&mut self) {
+        if let Some(fd) = self.inotify.take() {
+            let watch = fd.into_inner();
+            if std::thread::Builder::new()
+                .name("inotify-close".into())
+                .spawn(move || drop(watch))
+                .is_err()
+            {
+                // No thread to be had: the close blocks here instead, as it used to.
+                tracing::debug!("closing the log watch on the loop");
+            }
         }
     }
 

@@ -1,0 +1,16 @@
+//! This host: where the service's paths really lead, whether the host can run it (files,
+//! binaries, claims of other services), the supervisor's own privilege, the per-service
+//! lock, the overlay image and the CNI configuration directory and its DEL.
+
+mod canonical;
+mod checks;
+pub(crate) mod cni_del;
+pub(crate) mod cni_dir;
+pub(crate) mod lock;
+pub(crate) mod overlay;
+pub mod privilege;
+pub mod unit_names;
+
+pub use canonical::{canonical_path, canonicalize, Canonical};
+pub use checks::{check, claims, EnvPairs, HostError, HostIssue};
+pub use overlay::{read_superblock, Superblock, SuperblockError};

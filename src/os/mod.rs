@@ -1,0 +1,18 @@
+//! Thin wrappers over the world the supervisor talks to: Apptainer's CLI and files
+//! ([`apptainer`]), the processes it tracks ([`instance`]: pidfds, subreaper, signals), the
+//! host's systemd ([`notify`]), journald ([`journal`], [`output`]), the container's own
+//! systemd ([`inner`]) and crash-safe file writes ([`fsutil`]). None of them decides
+//! anything; `run` does.
+
+pub(crate) mod apptainer;
+pub(crate) mod fsutil;
+pub(crate) mod inner;
+pub(crate) mod instance;
+pub(crate) mod journal;
+pub(crate) mod live;
+pub(crate) mod notify;
+pub(crate) mod output;
+
+pub use apptainer::InstancePaths;
+pub use fsutil::write_atomic;
+pub use instance::{ProcId, RunRecord};

@@ -1,0 +1,247 @@
+//! `run NAME`: a service's life, from setup to exit.
+//!
+//! Order of work (each step reports its status through [`report`]):
+//! 1. fork-sensitive setup before the runtime exists: privilege, subreaper, the service lock;
+//!    the service is resolved, host-checked and planned (the [`Plan`] `check` prints);
+//! 2. [`leftovers`] of an earlier run are judged by the *container* pid;
+//! 3. the [`overlay`] is created if missing (never touched otherwise) and must not be
+//!    attached to a loop device already;
+//! 4. [`start`]: `apptainer instance start` runs from the plan's argv (no shell, [`child`]);
+//!    the state file names the container init and the master, recorded with their start
+//!    times and watched through pidfds;
+//! 5. [`watch`]: one biased `select!` (signals first) turns what it waits on into events;
+//!    [`policy`] decides what to do about each, and [`halt`] stops the container in order.
+//!
+//! Not yet one loop: the start and the overlay creation wait in [`child`] (which notes a
+//! stop request), the bus connection waits beside the signals in [`watch`], and [`halt`]
+//! waits on its own. Apptainer moves the container into a cgroup of its own
+//! (`apptainer-<pid>.scope`), outside this unit, so systemd's `KillMode` never reaches it:
+//! stopping it is our job, here.
+
+mod child;
+mod halt;
+mod leftovers;
+mod overlay;
+mod policy;
+mod report;
+mod start;
+mod watch;
+
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+
+use futures_util::FutureExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::Service;
+use crate::exit::{self, RunError};
+use crate::host::{self, cni_dir, lock, privilege};
+use crate::os::apptainer::InstancePaths;
+use crate::os::instance::{self, Exit, ExitWatch, ProcId, RunRecord};
+use crate::os::live::{Phase, Publisher};
+use crate::os::notify::Notifier;
+use crate::plan::{argv, Plan};
+use policy::Sig;
+use report::Notice;
+
+fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
+    let what = what.into();
+    move |source| RunError::Os { what, source }
+}
+
+/// Where the supervisor keeps its own runtime files: systemd's `RuntimeDirectory=`
+/// (`$RUNTIME_DIRECTORY`), else `/run/apptainer-supervisor`.
+pub fn default_run_dir() -> PathBuf {
+    std::env::var_os("RUNTIME_DIRECTORY")
+        .map(|d| {
+            // RuntimeDirectory= with several entries gives a ':'-separated list.
+            let d = d.to_string_lossy().into_owned();
+            PathBuf::from(d.split(':').next().unwrap_or_default())
+        })
+        .filter(|d| d.is_absolute())
+        .unwrap_or_else(|| PathBuf::from("/run/apptainer-supervisor"))
+}
+
+/// Everything `run` needs besides the service.
+pub struct RunContext {
+    pub run_dir: PathBuf,
+    pub config_dir: PathBuf,
+    pub paths: InstancePaths,
+}
+
+/// Entry point of `run`. Sets up what must precede the runtime, then runs the loop.
+pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
+    // First, before any thread exists (capability sets are per thread): refuse what needs
+    // root when we lack it, then narrow our own capabilities for good.
+    privilege::require_root(service)?;
+    privilege::apply(&privilege::plan())?;
+    if let Some(notice) = privilege::keep_capabilities_notice(service) {
+        warn!("{notice}");
+    }
+    // Resolved first, then checked and planned: what the checks saw is what runs (see
+    // host::canonicalize), and the plan is the one `check` prints.
+    let canonical = host::canonicalize(service);
+    let env_file = host::check(&canonical, &ctx.config_dir)?;
+    let plan = Plan::build(&canonical, &ctx.run_dir, &ctx.paths, Some(&env_file));
+    let service = &*canonical;
+    // Before any thread exists and before the first child: orphans of the CLI (the master)
+    // must be reparented to us.
+    instance::become_subreaper().map_err(os("PR_SET_CHILD_SUBREAPER"))?;
+    let _lock = lock::acquire(&ctx.run_dir, &service.name)?;
+    // After the lock: a second supervisor of a running service must change nothing.
+    for (path, written) in cni_dir::sync(service)? {
+        match written {
+            cni_dir::Written::Unchanged => {
+                debug!(conflist = %path.display(), "network config unchanged")
+            }
+            cni_dir::Written::Created => {
+                info!(conflist = %path.display(), "network config written")
+            }
+            cni_dir::Written::Changed(keys) => {
+                info!(conflist = %path.display(), changed = %keys.join(", "), "network config rewritten")
+            }
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(os("creating the event loop"))?;
+    rt.block_on(async {
+        let mut sup = Supervisor::new(service, ctx, plan)?;
+        let result = sup.main().await;
+        sup.finish(&result);
+        result
+    })
+}
+
+/// The signals that stop us. SIGABRT is what systemd sends when our watchdog expires
+/// (`WatchdogSignal=`): the container lives outside the unit's cgroup, so even then we
+/// halt it before going. (A panic still aborts: with a handler that returns, abort(3)
+/// restores the default action and raises again.)
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    abrt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// The next signal; SIGABRT first when several are pending (see `policy`).
+    async fn recv(&mut self) -> Sig {
+        tokio::select! {
+            biased;
+            _ = self.abrt.recv() => Sig::Abrt,
+            _ = self.term.recv() => Sig::Term,
+            _ = self.int.recv() => Sig::Int,
+        }
+    }
+
+    /// A signal that has arrived and not been received yet, without waiting.
+    fn pending(&mut self) -> Option<Sig> {
+        self.recv().now_or_never()
+    }
+}
+
+/// The running instance as we track it.
+struct Tracked {
+    container: ProcId,
+    master: ProcId,
+    container_fd: ExitWatch,
+    master_fd: ExitWatch,
+}
+
+struct Supervisor<'a> {
+    s: &'a Service,
+    ctx: &'a RunContext,
+    /// What runs: the start argv and Apptainer's environment come from here.
+    plan: Plan,
+    env: Vec<(OsString, OsString)>,
+    notify: Notifier,
+    signals: Signals,
+    record_path: PathBuf,
+    /// When `instance start` was run: `timeouts.start_sec` counts from here.
+    started_at: Instant,
+    /// The instance's address from Apptainer's state file (empty without a network).
+    ip: String,
+    /// The inner manager's last `SystemState`, for the journal.
+    system_state: String,
+    /// `<run dir>/<name>.json`, for `status` and scripts.
+    live: Publisher,
+    /// The sizes of the instance's logs before `instance start`: forwarding starts there.
+    log_start: crate::os::output::Start,
+}
+
+impl<'a> Supervisor<'a> {
+    fn new(s: &'a Service, ctx: &'a RunContext, plan: Plan) -> Result<Self, RunError> {
+        let signals = Signals {
+            term: signal(SignalKind::terminate()).map_err(os("installing the SIGTERM handler"))?,
+            int: signal(SignalKind::interrupt()).map_err(os("installing the SIGINT handler"))?,
+            abrt: signal(SignalKind::from_raw(libc::SIGABRT))
+                .map_err(os("installing the SIGABRT handler"))?,
+        };
+        Ok(Supervisor {
+            s,
+            ctx,
+            env: argv::child_env(std::env::vars_os(), &plan.env, s),
+            plan,
+            notify: Notifier::from_env(),
+            signals,
+            record_path: RunRecord::path(&ctx.run_dir, &s.name),
+            started_at: Instant::now(),
+            ip: String::new(),
+            system_state: String::new(),
+            live: Publisher::new(&ctx.run_dir, &s.name),
+            log_start: crate::os::output::Start::default(),
+        })
+    }
+
+    async fn main(&mut self) -> Result<(), RunError> {
+        self.report(Notice::Status, Some(Phase::Starting), "starting");
+        self.clear_leftovers().await?;
+        self.ensure_overlay().await?;
+        let Some(t) = self.start().await? else {
+            return Err(RunError::StoppedDuringStart);
+        };
+        let r = self.watch(t).await;
+        // One PHASE=stopped entry however the watch ended, with the outcome as RESULT.
+        match &r {
+            Ok(()) => info!(PHASE = "stopped", RESULT = "success", "stopped"),
+            Err(e) => info!(PHASE = "stopped", RESULT = e.result(), "stopped"),
+        }
+        r
+    }
+
+    /// A status line that begins no new phase (see [`report`]).
+    fn status(&mut self, msg: &str) {
+        self.report(Notice::Status, None, msg);
+    }
+
+    /// The last word in the live state file: how this run ended.
+    fn finish(&mut self, result: &Result<(), RunError>) {
+        let (phase, code, error) = match result {
+            Ok(()) => (Phase::Stopped, exit::OK, None),
+            Err(e) if e.exit_code() == exit::OK => (Phase::Stopped, exit::OK, Some(e.to_string())),
+            Err(e) => (Phase::Failed, e.exit_code(), Some(e.to_string())),
+        };
+        self.live.update(|s| {
+            s.exit_code = Some(code);
+            s.last_error = error;
+            s.instance = None;
+            s.master = None;
+        });
+        let status = match phase {
+            Phase::Failed => "failed",
+            _ => "stopped",
+        };
+        self.live.phase(phase, status);
+    }
+}
+
+/// How a process ended, for log fields ("exit status 0", "killed by signal 9 (SIGKILL)").
+fn show_exit(e: Option<Exit>) -> String {
+    e.map_or_else(|| "not reaped".to_owned(), |e| e.to_string())
+}

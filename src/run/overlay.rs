@@ -1,0 +1,127 @@
+//! Step 3 of a run: the overlay image is created if missing (never touched otherwise) and
+//! must not be attached to a loop device already.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::child::{describe, CliResult};
+use super::report::Notice;
+use super::{os, Supervisor};
+use crate::exit::RunError;
+use crate::host::overlay;
+use crate::os::live::Phase;
+use crate::plan::argv;
+
+impl Supervisor<'_> {
+    pub(super) async fn ensure_overlay(&mut self) -> Result<(), RunError> {
+        let path = &self.s.overlay.path;
+        // A creation interrupted by a crash or SIGKILL left its temporary; we hold the
+        // service lock, so no other run is creating it now.
+        match overlay::remove_stale_temps(path) {
+            Ok(removed) => {
+                for t in removed {
+                    info!(overlay = %path.display(), temporary = %t.display(), "removed the temporary of an interrupted overlay creation");
+                }
+            }
+            Err(e) => {
+                warn!(overlay = %path.display(), error = %e, "cannot clear temporaries of an interrupted overlay creation")
+            }
+        }
+        match overlay::inspect(path).map_err(os(format!("inspecting {}", path.display())))? {
+            overlay::Found::NotAFile(what) => {
+                return Err(RunError::OverlayNotAFile {
+                    path: path.clone(),
+                    what,
+                })
+            }
+            overlay::Found::Image { .. } => {
+                if let Some(device) = overlay::attached_loop(path) {
+                    return Err(RunError::OverlayInUse {
+                        path: path.clone(),
+                        device,
+                    });
+                }
+                self.check_superblock(path)?;
+                return Ok(());
+            }
+            overlay::Found::Missing => {}
+        }
+        info!(overlay = %path.display(), size_mib = self.s.overlay.size_mib, "creating overlay image");
+        let status = format!(
+            "creating overlay {} ({} MiB)",
+            path.display(),
+            self.s.overlay.size_mib
+        );
+        self.report(Notice::Status, Some(Phase::CreatingOverlay), &status);
+        // Built at a temporary name beside the target and moved into place only when
+        // complete: a stop, a crash or a full disk never leaves a truncated overlay.img.
+        let tmp = overlay::temp_path(path, std::process::id());
+        let discard = |tmp: &Path| {
+            let mut ext3 = tmp.as_os_str().to_owned();
+            ext3.push(".ext3");
+            for t in [tmp.to_owned(), PathBuf::from(ext3)] {
+                let _ = std::fs::remove_file(t);
+            }
+        };
+        let argv = argv::overlay_create(self.s, &tmp);
+        // mkfs of a large image can outlast the start timeout: keep asking for more.
+        let extend = Duration::from_secs(30);
+        let out = match self.run_cli(&argv, Some(extend), None).await {
+            Ok(out) => out,
+            Err(e) => {
+                discard(&tmp);
+                return Err(e);
+            }
+        };
+        match out {
+            CliResult::Done(status, _) if status.success() => {
+                if let Err(e) = overlay::publish(&tmp, path) {
+                    discard(&tmp);
+                    return Err(os(format!(
+                        "moving the new overlay {} to {}",
+                        tmp.display(),
+                        path.display()
+                    ))(e));
+                }
+                info!(overlay = %path.display(), "overlay image created");
+                Ok(())
+            }
+            CliResult::Done(status, stderr) => {
+                discard(&tmp);
+                Err(RunError::CreateOverlay {
+                    path: path.clone(),
+                    status: describe(status),
+                    stderr,
+                })
+            }
+            CliResult::TimedOut => unreachable!("no deadline was given"),
+        }
+    }
+
+    /// Refuses an existing image whose superblock is broken (never recreating it); warns
+    /// when it is over 90% full or was not cleanly unmounted without a journal.
+    pub(super) fn check_superblock(&self, path: &Path) -> Result<(), RunError> {
+        let sb = overlay::read_superblock(path)
+            .map_err(|source| RunError::OverlayUnusable { source })?;
+        let fill = sb.fill_percent();
+        if fill > 90.0 {
+            warn!(
+                overlay = %path.display(),
+                fill_percent = format!("{fill:.1}"),
+                blocks_count = sb.blocks_count,
+                free_blocks = sb.free_blocks,
+                block_size = sb.block_size,
+                "the overlay image is over 90% full"
+            );
+        }
+        if sb.needs_recovery {
+            info!(overlay = %path.display(), "the overlay's journal needs recovery; the kernel replays it at mount");
+        }
+        if overlay::unclean_without_journal(path) {
+            warn!(overlay = %path.display(), "the overlay has no journal and was not cleanly unmounted; the kernel mounts it unchecked");
+        }
+        Ok(())
+    }
+}
