@@ -462,7 +462,7 @@ fn build(inputs: &Inputs) -> Result<Model, MigrateError> {
         if inputs.service_dir.is_none() && dir.is_some_and(|d| d != "bin") {
             notes.push(header(
                 &sh_label,
-                "start.sh is not in a bin/ directory as in the seed's layout; service_dir is \
+                "start.sh is not in a bin/ directory as in today's start.sh layout; service_dir is \
                  still the directory above it, as $(dirname \"$SCRIPT\")/../ computes"
                     .into(),
             ));

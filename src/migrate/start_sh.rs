@@ -362,7 +362,7 @@ impl Reader<'_> {
                     Level::Warning,
                     line,
                     "$DIRNAME is used but never set in this start.sh; taken as the service \
-                     directory, as the seed's other scripts set it (DIRNAME=$(dirname \"$SCRIPT\")/../) \
+                     directory, as the other start.sh scripts of today's setup set it (DIRNAME=$(dirname \"$SCRIPT\")/../) \
                      — if the real script does not set it, bash expands it to nothing",
                 );
                 self.out.notes.push(n);
