@@ -120,15 +120,28 @@ pub(super) fn check_doc_uri(d: &str) -> Result<(), String> {
 }
 
 pub(super) fn check_hostname(h: &str) -> Result<(), String> {
+    // The kernel's limit for a UTS host name (HOST_NAME_MAX).
     if h.is_empty() || h.len() > 64 {
         return Err(format!("{h:?} must be 1 to 64 characters"));
     }
-    if h.chars()
-        .any(|c| !(c.is_ascii_alphanumeric() || c == '-' || c == '.'))
-    {
-        return Err(format!(
-            "{h:?} may contain only letters, digits, '-' and '.'"
-        ));
+    // Apptainer's own rule, which refuses anything else at every start ("… is not a valid
+    // hostname"): dot-separated labels of letters, digits and inner '-'
+    // (internal/pkg/util/fs/files/hostname.go:19, `hostRegex`, v1.3.6 and v1.4.5).
+    for label in h.split('.') {
+        if label.is_empty() {
+            return Err(format!("{h:?} has an empty label between dots"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Err(format!(
+                "{h:?} contains {c:?}; a host name may contain only letters, digits, '-' and '.'"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("{h:?}: a label may not start or end with '-'"));
+        }
     }
     Ok(())
 }

@@ -482,3 +482,32 @@ fn env_may_not_move_apptainers_state() {
         );
     }
 }
+
+#[test]
+fn a_booted_instance_without_hostname_needs_a_name_apptainer_takes_as_host_name() {
+    // Apptainer would refuse each of these at every start ("… is not a valid hostname").
+    for bad in ["ood_001", "a..b", "a-", "a.-b"] {
+        let e = one_error(&format!("name = {bad:?}\nservice_dir = \"/x\"\n"));
+        assert!(
+            e.contains(":1:8: name: a booted instance takes its name as host name"),
+            "{bad}: {e}"
+        );
+        assert!(
+            e.contains("hint: set a host name Apptainer accepts"),
+            "{bad}: {e}"
+        );
+        // Fine with a host name of its own, or without --boot (no UTS namespace then).
+        let named = format!("name = {bad:?}\nservice_dir = \"/x\"\nhostname = \"ood-001\"\n");
+        assert!(p(&named).is_ok(), "{bad}");
+        let unbooted = format!(
+            "name = {bad:?}\nservice_dir = \"/x\"\nboot = false\n[readiness]\nmode = \"instance\"\n"
+        );
+        assert!(p(&unbooted).is_ok(), "{bad}: {:?}", p(&unbooted).err());
+    }
+    for bad in ["-a", "a-", "a..b", ".a", "a_b", "a b"] {
+        assert!(check_hostname(bad).is_err(), "{bad}");
+    }
+    for good in ["ood001", "a.b-c", "x", "login-005.cluster"] {
+        assert_eq!(check_hostname(good), Ok(()), "{good}");
+    }
+}

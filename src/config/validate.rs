@@ -96,6 +96,26 @@ impl Validator<'_> {
             }
             h.get_ref().clone()
         });
+        // With --boot and no --hostname, Apptainer makes the instance's name its host name
+        // (internal/pkg/runtime/launch/launcher_linux.go v1.3.6:371, v1.4.5:369) and then
+        // refuses one its host-name rule does not accept: every start would fail.
+        if raw.boot && hostname.is_none() && check_name(&name).is_ok() {
+            if let Err(reason) = check_hostname(&name) {
+                let offset = raw.name.as_ref().map_or(0, |n| n.span().start);
+                let suggestion = name.replace(['_', '.'], "-");
+                let suggestion = suggestion.trim_matches('-');
+                self.push(
+                    offset,
+                    keys::NAME,
+                    format!(
+                        "a booted instance takes its name as host name, and Apptainer would refuse it: {reason}"
+                    ),
+                    Some(&format!(
+                        "set a host name Apptainer accepts, e.g. hostname = \"{suggestion}\""
+                    )),
+                );
+            }
+        }
 
         let binds = self.binds(&raw.binds, &subst);
 
