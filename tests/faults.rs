@@ -857,3 +857,49 @@ fn twenty_instances_start_and_stop_concurrently_without_crossing() {
         );
     }
 }
+
+/// Row 8: an overlay on a file system mounted read-only. Apptainer would not fail: it
+/// mounts the overlay read-only and goes on, so nothing the service writes is kept. The
+/// host checks refuse it (78) before Apptainer runs, with the image left as it was.
+#[test]
+fn overlay_on_a_read_only_file_system_is_refused_before_apptainer_runs() {
+    if !require_root() {
+        return;
+    }
+    if std::env::var_os(IN_NS).is_none() {
+        rerun_in_private_mounts(
+            "overlay_on_a_read_only_file_system_is_refused_before_apptainer_runs",
+        );
+        return;
+    }
+    let mut w = World::new("f-ro-fs");
+    let overlay = create_overlay(&w);
+    let before = fingerprint(&overlay);
+    // A read-only bind of the overlay's directory over itself, in this test's own mount
+    // namespace, as a read-only NFS export or a `mount -o ro` would look.
+    let dir = overlay.parent().unwrap().to_path_buf();
+    for args in [&["--bind"][..], &["-o", "remount,bind,ro"][..]] {
+        let st = Command::new("mount")
+            .args(args)
+            .args(if args.len() == 1 {
+                vec![&dir, &dir]
+            } else {
+                vec![&dir]
+            })
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {args:?}");
+    }
+    let says = "is on a file system mounted read-only: Apptainer would mount the overlay read-only";
+    let check = w.cli(&["check", "--host", &w.name]);
+    assert_eq!(check.status.code(), Some(78), "{}", stderr(&check));
+    assert!(stderr(&check).contains(says), "{}", stderr(&check));
+    w.spawn_run();
+    let out = w.wait(0, 30 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains(says) && err.contains("overlay.path"), "{err}");
+    assert!(fingerprint(&overlay) == before, "image unchanged");
+    nothing_left(&w, &[]);
+    let _ = Command::new("umount").arg(&dir).status();
+}

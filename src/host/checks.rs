@@ -93,6 +93,9 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
             format!("{}: {e}", s.overlay.path.display()),
         ),
     }
+    if let Some(reason) = read_only_overlay_fs(&s.overlay.path) {
+        push(s.locate(keys::OVERLAY_PATH), reason);
+    }
     let env = match std::fs::read_to_string(&s.env_file.path) {
         Ok(text) => match config::parse_env_file_lines(&text) {
             Ok(env) => env
@@ -219,6 +222,28 @@ fn unsafe_file(p: &Path) -> Option<String> {
         ));
     }
     None
+}
+
+/// Apptainer does not fail on a writable overlay it cannot write: it mounts it read-only
+/// and goes on (prepare_linux.go `loadOverlayImages`: v1.3.6:1282-1290 silently,
+/// v1.4.5:1373-1381 with a WARNING), so the service would run and keep nothing it writes.
+/// Refused here instead, while a person can still fix the mount.
+fn read_only_overlay_fs(overlay: &Path) -> Option<String> {
+    // The image, or the directory it is to be created in.
+    let at = if overlay.exists() {
+        overlay.to_path_buf()
+    } else {
+        crate::host::overlay::parent_dir(overlay)
+    };
+    let st = nix::sys::statvfs::statvfs(&at).ok()?;
+    st.flags()
+        .contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
+        .then(|| {
+            format!(
+                "{} is on a file system mounted read-only: Apptainer would mount the overlay read-only and nothing the container writes would be kept\n  hint: remount it read-write, or set overlay.path to a writable file system",
+                at.display()
+            )
+        })
 }
 
 fn is_executable(p: &Path) -> bool {
