@@ -98,7 +98,13 @@ impl Supervisor<'_> {
                 }
             }
         };
-        if !matches!(timeout(stop, halted).await, Ok(true)) {
+        // A bounded call the loop drives: a stop request meanwhile is noted and handed to
+        // the policy once the halt returns.
+        let in_order = self
+            .signals
+            .call("the container halts", timeout(stop, halted))
+            .await;
+        if !matches!(in_order, Ok(true)) {
             warn!(
                 INSTANCE_PID = container.pid,
                 timeout_sec = to.stop_sec,
@@ -113,21 +119,28 @@ impl Supervisor<'_> {
             let _ = self
                 .run_cli_reaping(&argv, None, Some(Instant::now() + kill), m)
                 .await;
-            if timeout(kill, container_fd.readable()).await.is_err() {
+            let forced = timeout(kill, container_fd.readable());
+            if self
+                .signals
+                .call("the container is forced down", forced)
+                .await
+                .is_err()
+            {
                 self.notify.extend(kill * 2 + Duration::from_secs(5));
                 instance::signal(container, libc::SIGKILL);
-                let _ = timeout(kill, container_fd.readable()).await;
+                let killed = timeout(kill, container_fd.readable());
+                let _ = self.signals.call("the container is killed", killed).await;
             }
         }
         // The master cleans up after its container (CNI DEL, loop device, state file).
         if let (Some(m), Some(mfd)) = (master, master_fd) {
-            let exit = reap_within(
+            let cleanup = reap_within(
                 m,
                 mfd,
                 kill,
                 "the master did not finish its cleanup in time; killing it",
-            )
-            .await;
+            );
+            let exit = self.signals.call("the master cleans up", cleanup).await;
             info!(master_pid = m.pid, EXIT_STATUS = %show_exit(exit), "master exited");
         }
         instance::try_reap(container.pid);

@@ -9,16 +9,20 @@
 //! 4. [`start`]: `apptainer instance start` runs from the plan's argv (no shell, [`child`]);
 //!    the state file names the container init and the master, recorded with their start
 //!    times and watched through pidfds;
-//! 5. [`watch`]: one biased `select!` (signals first) turns what it waits on into events;
-//!    [`policy`] decides what to do about each, and [`halt`] stops the container in order.
+//! 5. [`watch`]: what the running instance does is turned into events; [`policy`] decides
+//!    what to do about each, and [`halt`] stops the container in order.
 //!
-//! Not yet one loop: the start and the overlay creation wait in [`child`] (which notes a
-//! stop request), the bus connection waits beside the signals in [`watch`], and [`halt`]
-//! waits on its own. Apptainer moves the container into a cgroup of its own
+//! Every phase waits through [`event_loop`], which alone owns the signals and selects
+//! them first beside the phase's current operation (a CLI command, the bus connection,
+//! the instance's next event); a stop that comes while a call must finish is noted there
+//! and handed on once it returns. Not yet one loop: the CLI command's own waits
+//! ([`child`]), the running instance's sources ([`watch`]) and the halt's escalation
+//! ([`halt`]) still each select among their own (signal-free) sources. Apptainer moves the container into a cgroup of its own
 //! (`apptainer-<pid>.scope`), outside this unit, so systemd's `KillMode` never reaches it:
 //! stopping it is our job, here.
 
 mod child;
+mod event_loop;
 mod halt;
 mod leftovers;
 mod overlay;
@@ -31,8 +35,6 @@ use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 
-use futures_util::FutureExt;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -44,7 +46,7 @@ use crate::os::instance::{self, Exit, ExitWatch, ProcId, RunRecord};
 use crate::os::live::{Phase, Publisher};
 use crate::os::notify::Notifier;
 use crate::plan::{argv, Plan};
-use policy::Sig;
+use event_loop::Signals;
 use report::Notice;
 
 fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
@@ -119,33 +121,6 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
     })
 }
 
-/// The signals that stop us. SIGABRT is what systemd sends when our watchdog expires
-/// (`WatchdogSignal=`): the container lives outside the unit's cgroup, so even then we
-/// halt it before going. (A panic still aborts: with a handler that returns, abort(3)
-/// restores the default action and raises again.)
-struct Signals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-    abrt: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    /// The next signal; SIGABRT first when several are pending (see `policy`).
-    async fn recv(&mut self) -> Sig {
-        tokio::select! {
-            biased;
-            _ = self.abrt.recv() => Sig::Abrt,
-            _ = self.term.recv() => Sig::Term,
-            _ = self.int.recv() => Sig::Int,
-        }
-    }
-
-    /// A signal that has arrived and not been received yet, without waiting.
-    fn pending(&mut self) -> Option<Sig> {
-        self.recv().now_or_never()
-    }
-}
-
 /// The running instance as we track it.
 struct Tracked {
     container: ProcId,
@@ -177,12 +152,7 @@ struct Supervisor<'a> {
 
 impl<'a> Supervisor<'a> {
     fn new(s: &'a Service, ctx: &'a RunContext, plan: Plan) -> Result<Self, RunError> {
-        let signals = Signals {
-            term: signal(SignalKind::terminate()).map_err(os("installing the SIGTERM handler"))?,
-            int: signal(SignalKind::interrupt()).map_err(os("installing the SIGINT handler"))?,
-            abrt: signal(SignalKind::from_raw(libc::SIGABRT))
-                .map_err(os("installing the SIGABRT handler"))?,
-        };
+        let signals = Signals::install().map_err(|(what, e)| os(what)(e))?;
         Ok(Supervisor {
             s,
             ctx,
@@ -201,8 +171,17 @@ impl<'a> Supervisor<'a> {
 
     async fn main(&mut self) -> Result<(), RunError> {
         self.report(Notice::Status, Some(Phase::Starting), "starting");
+        // After each step: a stop the loop noted while a command ran (an orphan's forced
+        // stop, the overlay's creation, the instance's start, which then undid what it made
+        // and returned `None`) ends the run there.
         self.clear_leftovers().await?;
+        if self.signals.stop_noted() {
+            return Err(RunError::StoppedDuringStart);
+        }
         self.ensure_overlay().await?;
+        if self.signals.stop_noted() {
+            return Err(RunError::StoppedDuringStart);
+        }
         let Some(t) = self.start().await? else {
             return Err(RunError::StoppedDuringStart);
         };

@@ -69,6 +69,12 @@ impl Supervisor<'_> {
         // mkfs of a large image can outlast the start timeout: keep asking for more.
         let extend = Duration::from_secs(30);
         let out = match self.run_cli(&argv, Some(extend), None).await {
+            // A stop request while mkfs ran: the new image is not kept half-trusted, and
+            // the run ends where `main` looks at the noted stop, right after this.
+            Ok(_) if self.signals.stop_noted() => {
+                discard(&tmp);
+                return Ok(());
+            }
             Ok(out) => out,
             Err(e) => {
                 discard(&tmp);

@@ -3,9 +3,10 @@
 //!
 //! A pure state machine: [`Policy::on`] takes one [`Event`] (a signal, a pidfd, the inner
 //! manager's state, a deadline, the watchdog tick) and the time, and returns the
-//! [`Action`]s to take, in order. No tokio, no I/O, no clock of its own: the loop in
-//! `run/watch.rs` turns what it waits on into events and carries out the actions, and the
-//! tables at the bottom of this file test the decisions as event sequences.
+//! [`Action`]s to take, in order. No tokio, no I/O, no clock of its own: `run/watch.rs`
+//! turns what the loop (`run/event_loop.rs`, signals first) wakes it for into events and
+//! carries out the actions, and the tables at the bottom of this file test the decisions
+//! as event sequences.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant};

@@ -19,8 +19,8 @@ use crate::os::instance::{self, ProcId, RunRecord};
 use crate::os::live::{self, Phase};
 
 impl Supervisor<'_> {
-    /// Starts the instance. `Ok(None)`: SIGTERM arrived during start and the half-started
-    /// instance was stopped.
+    /// Starts the instance. `Ok(None)`: a stop was noted while the CLI ran and the
+    /// half-started instance was stopped.
     pub(super) async fn start(&mut self) -> Result<Option<Tracked>, RunError> {
         let argv = self.plan.argv.clone();
         info!(PHASE = "starting-instance", argv = ?argv, "starting instance");
@@ -42,12 +42,9 @@ impl Supervisor<'_> {
         let out = self
             .run_cli(&argv, Some(Duration::from_secs(30)), Some(deadline))
             .await;
-        let stop_requested = matches!(out, Err(RunError::StoppedDuringStart));
-        let out = match out {
-            Err(RunError::StoppedDuringStart) => None,
-            Err(e) => return Err(e),
-            Ok(o) => Some(o),
-        };
+        // A stop request while the CLI ran was noted by the loop; the CLI was left to finish.
+        let stop_requested = self.signals.stop_noted();
+        let out = if stop_requested { None } else { Some(out?) };
         match out {
             Some(CliResult::Done(status, stderr)) if !status.success() => {
                 error!(exit = %describe(status), stderr = %stderr.trim_end(), "apptainer instance start failed");

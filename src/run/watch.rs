@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::event_loop::{self, Wake};
 use super::halt::reap_within;
 use super::policy::{Action, End, Event, Policy};
 use super::report::Notice;
@@ -94,13 +95,21 @@ impl Supervisor<'_> {
                 let left = start_deadline.saturating_duration_since(Instant::now());
                 let container = t.container;
                 // A stop request while we wait for the bus is served at once.
-                let connected = tokio::select! {
-                    biased;
-                    sig = self.signals.recv() => {
-                        info!(INSTANCE_PID = pid, signal = sig.name(), "stop requested while the container boots");
+                let connected = match event_loop::next(
+                    &mut self.signals,
+                    Inner::connect(pid, left, || container.is_alive()),
+                )
+                .await
+                {
+                    Wake::Signal(sig) => {
+                        info!(
+                            INSTANCE_PID = pid,
+                            signal = sig.name(),
+                            "stop requested while the container boots"
+                        );
                         Err(sig)
                     }
-                    r = Inner::connect(pid, left, || container.is_alive()) => Ok(r),
+                    Wake::Done(r) => Ok(r),
                 };
                 match connected {
                     Err(sig) => {
@@ -145,41 +154,54 @@ impl Supervisor<'_> {
             let flush_due = self.live.due();
             // Signals first: with SIGABRT and SIGTERM both pending, the policy sees both
             // before anything else; then the pidfds, the container's before its master's.
-            let ev = tokio::select! {
-                biased;
-                sig = self.signals.recv() => {
+            // Signals first (the event loop's), then the pidfds, the container's before its
+            // master's: with SIGABRT and SIGTERM both pending, the policy sees both before
+            // anything else.
+            let source = async {
+                tokio::select! {
+                    biased;
+                    _ = t.container_fd.readable() => Source::ContainerFd,
+                    _ = t.master_fd.readable() => Source::MasterFd,
+                    ev = recv_opt(&mut events) => Source::Inner(ev),
+                    _ = &mut not_ready_by, if !policy.is_ready() => Source::StartDeadline,
+                    _ = tick(&watchdog) => Source::WatchdogTick,
+                    answered = ping_opt(&mut ping) => Source::Ping(answered),
+                    _ = sleep_until_opt(flush_due) => Source::Flush,
+                    _ = output.changed() => Source::Output,
+                }
+            };
+            let ev = match event_loop::next(&mut self.signals, source).await {
+                Wake::Signal(sig) => {
                     info!(INSTANCE_PID = pid, signal = sig.name(), "stop requested");
                     Event::Signal(sig)
                 }
-                _ = t.container_fd.readable() => Event::ContainerExited,
-                _ = t.master_fd.readable() => {
+                Wake::Done(Source::ContainerFd) => Event::ContainerExited,
+                Wake::Done(Source::MasterFd) => {
                     let container_alive = t.container.is_alive();
                     Event::MasterExited {
                         container_alive,
                         cleanup_done: !container_alive && self.master_cleaned_up(&t),
                     }
                 }
-                ev = recv_opt(&mut events) => match ev {
-                    Some(ev) => match self.on_inner_event(ev, &t) {
-                        Some(ev) => ev,
-                        None => continue,
-                    },
-                    None => {
-                        events = None;
-                        continue;
-                    }
+                Wake::Done(Source::Inner(Some(ev))) => match self.on_inner_event(ev, &t) {
+                    Some(ev) => ev,
+                    None => continue,
                 },
-                _ = &mut not_ready_by, if !policy.is_ready() => Event::StartDeadline,
-                _ = tick(&watchdog) => Event::WatchdogTick,
-                answered = ping_opt(&mut ping) => {
+                Wake::Done(Source::Inner(None)) => {
+                    events = None;
+                    continue;
+                }
+                Wake::Done(Source::StartDeadline) => Event::StartDeadline,
+                Wake::Done(Source::WatchdogTick) => Event::WatchdogTick,
+                Wake::Done(Source::Ping(answered)) => {
                     ping = None;
                     Event::PingAnswered(answered)
                 }
-                _ = sleep_until_opt(flush_due) => {
+                Wake::Done(Source::Flush) => {
                     self.live.flush();
                     continue;
                 }
-                _ = output.changed() => {
+                Wake::Done(Source::Output) => {
                     output.pump();
                     continue;
                 }
@@ -377,8 +399,9 @@ impl Supervisor<'_> {
                 }
                 Action::End(end) => {
                     let mut r = self.end(end, t, events.as_mut()).await;
-                    // A signal that came while we halted still counts (see policy).
-                    while let Some(sig) = self.signals.pending() {
+                    // A signal that came while we halted still counts (see policy): those
+                    // the loop noted while a call ran, then those still pending.
+                    for sig in self.signals.take_noted() {
                         for a in policy.on(Event::Signal(sig), std::time::Instant::now()) {
                             if let Action::EndAs(End::Aborted) = a {
                                 info!(
@@ -599,6 +622,18 @@ impl Supervisor<'_> {
             },
         }
     }
+}
+
+/// What the running instance's sources woke the loop for.
+enum Source {
+    ContainerFd,
+    MasterFd,
+    Inner(Option<InnerEvent>),
+    StartDeadline,
+    WatchdogTick,
+    Ping(bool),
+    Flush,
+    Output,
 }
 
 pub(super) async fn recv_opt(
