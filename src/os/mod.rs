@@ -1,7 +1,8 @@
 //! Thin wrappers over the world the supervisor talks to: Apptainer's CLI and files
 //! ([`apptainer`]), the processes it tracks ([`instance`]: pidfds, subreaper, signals), the
 //! host's systemd ([`notify`]), journald ([`journal`], [`output`]), the container's own
-//! systemd ([`inner`]) and crash-safe file writes ([`fsutil`]). None of them decides
+//! systemd ([`inner`]), crash-safe file writes ([`fsutil`]) and the one-line form of text
+//! that may come from inside the container ([`sanitize`]). None of them decides
 //! anything; `run` does.
 
 pub(crate) mod apptainer;
@@ -12,6 +13,7 @@ pub(crate) mod journal;
 pub(crate) mod live;
 pub(crate) mod notify;
 pub(crate) mod output;
+pub(crate) mod sanitize;
 
 pub use apptainer::InstancePaths;
 pub use fsutil::write_atomic;

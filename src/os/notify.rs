@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+use crate::os::sanitize::{one_line, MAX_STATUS};
+
 #[derive(Debug, Clone)]
 pub struct Notifier {
     socket: Option<Arc<(UnixDatagram, SocketAddr)>>,
@@ -61,12 +63,18 @@ impl Notifier {
         }
     }
 
+    /// Every STATUS= goes through here and [`Notifier::ready`]/[`Notifier::stopping`]: the
+    /// text may quote the container (unit names, states), so it is kept on one line
+    /// ([`one_line`]) — a newline would add notify fields of the container's choosing.
     pub fn status(&self, status: &str) {
-        self.send(&[NotifyState::Status(status)]);
+        self.send(&[NotifyState::Status(&one_line(status, MAX_STATUS))]);
     }
 
     pub fn ready(&self, status: &str) {
-        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        self.send(&[
+            NotifyState::Ready,
+            NotifyState::Status(&one_line(status, MAX_STATUS)),
+        ]);
     }
 
     pub fn watchdog(&self) {
@@ -74,7 +82,10 @@ impl Notifier {
     }
 
     pub fn stopping(&self, status: &str) {
-        self.send(&[NotifyState::Stopping, NotifyState::Status(status)]);
+        self.send(&[
+            NotifyState::Stopping,
+            NotifyState::Status(&one_line(status, MAX_STATUS)),
+        ]);
     }
 
     /// Asks systemd for `d` more from now (start or stop timeout).
@@ -196,6 +207,25 @@ mod tests {
         let mut buf = [0u8; 128];
         let len = listener.recv(&mut buf).unwrap();
         assert_eq!(&buf[..len], b"READY=1\nSTATUS=up\n");
+    }
+
+    #[test]
+    fn a_status_from_inside_stays_one_field() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("n.sock");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        let (sock, addr) = open(path.as_os_str()).unwrap();
+        let n = Notifier {
+            socket: Some(Arc::new((sock, addr))),
+            watchdog_interval: None,
+        };
+        n.ready("x.service failed\nMAINPID=1\nWATCHDOG=trigger");
+        let mut buf = [0u8; 256];
+        let len = listener.recv(&mut buf).unwrap();
+        assert_eq!(
+            &buf[..len],
+            b"READY=1\nSTATUS=x.service failed\\nMAINPID=1\\nWATCHDOG=trigger\n"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use tracing::info;
 
 use super::Supervisor;
 use crate::os::live::Phase;
+use crate::os::sanitize::{one_line, MAX_STATUS};
 
 /// What the `STATUS=` datagram carries besides the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +20,9 @@ impl Supervisor<'_> {
     /// Says `status` to all three sinks; `phase`: the phase it begins, if any. READY=1 goes
     /// first (nothing may delay it), the state file right after.
     pub(super) fn report(&mut self, notice: Notice, phase: Option<Phase>, status: &str) {
+        // The text may quote the container (unit names, states): the one-line form goes to
+        // all three sinks, so that they say the same thing and none gets a forged line.
+        let status = &*one_line(status, MAX_STATUS);
         match notice {
             Notice::Status => self.notify.status(status),
             Notice::Ready => self.notify.ready(status),
