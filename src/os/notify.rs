@@ -193,8 +193,9 @@ impl Ticker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sends_to_a_path_socket() {
+    /// A notifier sending to a fresh path socket, with the listening end (and the directory
+    /// that holds the socket, kept alive by the caller).
+    fn at_path_socket() -> (tempfile::TempDir, UnixDatagram, Notifier) {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("n.sock");
         let listener = UnixDatagram::bind(&path).unwrap();
@@ -203,6 +204,12 @@ mod tests {
             socket: Some(Arc::new((sock, addr))),
             watchdog_interval: None,
         };
+        (d, listener, n)
+    }
+
+    #[test]
+    fn sends_to_a_path_socket() {
+        let (_d, listener, n) = at_path_socket();
         n.ready("up");
         let mut buf = [0u8; 128];
         let len = listener.recv(&mut buf).unwrap();
@@ -211,14 +218,7 @@ mod tests {
 
     #[test]
     fn a_status_from_inside_stays_one_field() {
-        let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("n.sock");
-        let listener = UnixDatagram::bind(&path).unwrap();
-        let (sock, addr) = open(path.as_os_str()).unwrap();
-        let n = Notifier {
-            socket: Some(Arc::new((sock, addr))),
-            watchdog_interval: None,
-        };
+        let (_d, listener, n) = at_path_socket();
         n.ready("x.service failed\nMAINPID=1\nWATCHDOG=trigger");
         let mut buf = [0u8; 256];
         let len = listener.recv(&mut buf).unwrap();
@@ -247,14 +247,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_instead_of_blocking() {
-        let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("n.sock");
-        let listener = UnixDatagram::bind(&path).unwrap();
-        let (sock, addr) = open(path.as_os_str()).unwrap();
-        let n = Notifier {
-            socket: Some(Arc::new((sock, addr))),
-            watchdog_interval: None,
-        };
+        let (_d, listener, n) = at_path_socket();
         // Nobody reads: the queue fills (net.unix.max_dgram_qlen); a blocking socket would
         // hang here for good, ours returns and drops what does not fit.
         for _ in 0..20 {
