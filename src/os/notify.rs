@@ -3,32 +3,86 @@
 //!
 //! The socket is ours, not the crate's: the crate opens a blocking socket per message and
 //! does not support abstract addresses (`NOTIFY_SOCKET=@…`). A send that blocks would
-//! stall the one event loop, so ours is non-blocking; a datagram that does not fit right
-//! away is retried a few times (bounded) and then dropped with a log line. Without
-//! `NOTIFY_SOCKET` every call is a no-op.
+//! stall the one event loop, so ours is non-blocking and never waits: a datagram that does
+//! not fit right away (systemd's queue is full for a moment) is kept, in order, and the
+//! event loop sends it when [`Notifier::due`] comes ([`Notifier::send_due`]). Later
+//! datagrams queue behind it, so `READY=1` still comes before what follows it, and
+//! `READY=1`/`STOPPING=1` are never dropped; of the rest, repeats are folded into the last
+//! one queued, and past [`MAX_QUEUED`] the oldest is dropped with a log line.
+//!
+//! `STATUS=` alone is sent at most every [`STATUS_EVERY`] (systemd stores each one and a
+//! person reads a few a second): an update within that time is held, a newer one replaces
+//! it, and the latest is sent when the time has come. `READY=1`, `STOPPING=1`,
+//! `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` are never held, and the held status is sent at
+//! the end of the run ([`Notifier::finish`]). Without `NOTIFY_SOCKET` every call is a no-op.
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
 use crate::os::sanitize::{one_line, MAX_STATUS};
 
+/// `STATUS=`-only updates: at most one per this time (5 per second).
+pub const STATUS_EVERY: Duration = Duration::from_millis(200);
+
+/// Datagrams kept while the socket is full, beyond `READY=1`/`STOPPING=1` (never dropped).
+pub const MAX_QUEUED: usize = 16;
+
+/// The first retry of a refused datagram; doubled up to [`RETRY_MAX`] while it stays full.
+const RETRY_FIRST: Duration = Duration::from_millis(5);
+const RETRY_MAX: Duration = Duration::from_millis(200);
+
 #[derive(Debug, Clone)]
 pub struct Notifier {
-    socket: Option<Arc<(UnixDatagram, SocketAddr)>>,
+    socket: Option<Arc<Socket>>,
     /// Half of `WATCHDOG_USEC`, as sd_watchdog_enabled(3) recommends; None when off.
     pub watchdog_interval: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct Socket {
+    sock: UnixDatagram,
+    addr: SocketAddr,
+    out: Mutex<Outbox>,
+}
+
+/// What a datagram is, for folding repeats and for what may be dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Status,
+    Watchdog,
+    Extend,
+    /// `READY=1` or `STOPPING=1` (with their status): never folded, never dropped.
+    Keep,
+}
+
+/// What has not been sent yet.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Datagrams the socket refused, and those behind them, oldest first.
+    queued: VecDeque<(Kind, String)>,
+    /// When to try the queue again, and the wait after that.
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The latest `STATUS=`-only text held back by the rate, and when the last one went out.
+    held: Option<String>,
+    status_sent: Option<Instant>,
 }
 
 impl Notifier {
     pub fn from_env() -> Self {
         let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|p| match open(&p) {
-            Ok(s) => Some(Arc::new(s)),
+            Ok((sock, addr)) => Some(Arc::new(Socket {
+                sock,
+                addr,
+                out: Mutex::default(),
+            })),
             Err(e) => {
                 tracing::warn!(error = %e, "NOTIFY_SOCKET is set but unusable; systemd will not hear from us");
                 None
@@ -42,56 +96,206 @@ impl Notifier {
         }
     }
 
-    fn send(&self, states: &[NotifyState]) {
+    fn send(&self, kind: Kind, states: &[NotifyState], now: Instant) {
         let Some(sock) = &self.socket else { return };
         let mut msg = String::new();
         for s in states {
             let _ = writeln!(msg, "{s}");
         }
-        for attempt in 0..10 {
-            match sock.0.send_to_addr(msg.as_bytes(), &sock.1) {
-                Ok(_) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && attempt < 9 => {
-                    // The manager's queue is full for a moment: a short, bounded wait.
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, notify_message = %msg.trim_end(), "sd_notify message dropped");
-                    return;
-                }
+        let mut out = sock.outbox();
+        match kind {
+            // What it carries is newer than a held status, which it replaces.
+            Kind::Keep => {
+                out.held = None;
+                out.status_sent = Some(now);
+            }
+            Kind::Status => out.status_sent = Some(now),
+            Kind::Watchdog | Kind::Extend => {}
+        }
+        // Behind a refused datagram it waits its turn (the loop retries); else it goes now.
+        let waiting = !out.queued.is_empty();
+        out.push(kind, msg);
+        if !waiting {
+            sock.flush(&mut out, now);
+        }
+    }
+
+    fn status_at(&self, status: &str, now: Instant) {
+        let Some(sock) = &self.socket else { return };
+        let text = one_line(status, MAX_STATUS).into_owned();
+        {
+            let mut out = sock.outbox();
+            let recent = out
+                .status_sent
+                .is_some_and(|t| now.saturating_duration_since(t) < STATUS_EVERY);
+            if recent || out.held.is_some() {
+                out.held = Some(text);
+                return;
             }
         }
+        self.send(Kind::Status, &[NotifyState::Status(&text)], now);
     }
 
     /// Every STATUS= goes through here and [`Notifier::ready`]/[`Notifier::stopping`]: the
     /// text may quote the container (unit names, states), so it is kept on one line
     /// ([`one_line`]) — a newline would add notify fields of the container's choosing.
+    /// At most one per [`STATUS_EVERY`] (module docs).
     pub fn status(&self, status: &str) {
-        self.send(&[NotifyState::Status(&one_line(status, MAX_STATUS))]);
+        self.status_at(status, Instant::now());
     }
 
     pub fn ready(&self, status: &str) {
-        self.send(&[
-            NotifyState::Ready,
-            NotifyState::Status(&one_line(status, MAX_STATUS)),
-        ]);
+        self.send(
+            Kind::Keep,
+            &[
+                NotifyState::Ready,
+                NotifyState::Status(&one_line(status, MAX_STATUS)),
+            ],
+            Instant::now(),
+        );
     }
 
     pub fn watchdog(&self) {
-        self.send(&[NotifyState::Watchdog]);
+        self.send(Kind::Watchdog, &[NotifyState::Watchdog], Instant::now());
     }
 
     pub fn stopping(&self, status: &str) {
-        self.send(&[
-            NotifyState::Stopping,
-            NotifyState::Status(&one_line(status, MAX_STATUS)),
-        ]);
+        self.send(
+            Kind::Keep,
+            &[
+                NotifyState::Stopping,
+                NotifyState::Status(&one_line(status, MAX_STATUS)),
+            ],
+            Instant::now(),
+        );
     }
 
     /// Asks systemd for `d` more from now (start or stop timeout).
     pub fn extend(&self, d: Duration) {
         let usec = u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
-        self.send(&[NotifyState::ExtendTimeoutUsec(usec)]);
+        self.send(
+            Kind::Extend,
+            &[NotifyState::ExtendTimeoutUsec(usec)],
+            Instant::now(),
+        );
+    }
+
+    /// When something held or refused is to be sent ([`Self::send_due`]); `None` when
+    /// nothing waits, so that no timer is armed.
+    pub fn due(&self) -> Option<Instant> {
+        let sock = self.socket.as_ref()?;
+        let out = sock.outbox();
+        let held = out
+            .held
+            .as_ref()
+            .and(out.status_sent)
+            .map(|t| t + STATUS_EVERY);
+        let retry = out.retry_at.filter(|_| !out.queued.is_empty());
+        held.into_iter().chain(retry).min()
+    }
+
+    /// Sends what is due: the held status once its time has come, the queue when the
+    /// socket takes it again. Never waits.
+    pub fn send_due(&self) {
+        self.send_due_at(Instant::now());
+    }
+
+    fn send_due_at(&self, now: Instant) {
+        let Some(sock) = &self.socket else { return };
+        let held = {
+            let mut out = sock.outbox();
+            if out.retry_at.is_some_and(|t| t <= now) {
+                sock.flush(&mut out, now);
+            }
+            let due = out.status_sent.is_none_or(|t| t + STATUS_EVERY <= now);
+            if due {
+                out.held.take()
+            } else {
+                None
+            }
+        };
+        if let Some(text) = held {
+            self.send(Kind::Status, &[NotifyState::Status(&text)], now);
+        }
+    }
+
+    /// The end of the run, after the loop: the held status goes out now, and what the
+    /// socket refused is retried for a short, bounded while (nothing else waits on us).
+    pub fn finish(&self) {
+        let Some(sock) = &self.socket else { return };
+        let held = sock.outbox().held.take();
+        if let Some(text) = held {
+            self.send(Kind::Status, &[NotifyState::Status(&text)], Instant::now());
+        }
+        for _ in 0..10 {
+            let mut out = sock.outbox();
+            if out.queued.is_empty() {
+                return;
+            }
+            sock.flush(&mut out, Instant::now());
+            drop(out);
+            std::thread::sleep(RETRY_FIRST);
+        }
+        let lost = sock.outbox().queued.len();
+        if lost > 0 {
+            tracing::warn!(
+                datagrams = lost,
+                "sd_notify messages dropped at exit: the socket stayed full"
+            );
+        }
+    }
+}
+
+impl Socket {
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        // Nothing panics while holding it; a poisoned lock still holds a usable outbox.
+        self.out.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sends the queue in order until the socket refuses; then a retry is due later.
+    fn flush(&self, out: &mut Outbox, now: Instant) {
+        while let Some((_, msg)) = out.queued.front() {
+            match self.sock.send_to_addr(msg.as_bytes(), &self.addr) {
+                Ok(_) => {
+                    out.queued.pop_front();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The manager's queue is full for a moment: the loop tries again.
+                    let wait = out.backoff.clamp(RETRY_FIRST, RETRY_MAX);
+                    out.retry_at = Some(now + wait);
+                    out.backoff = (wait * 2).min(RETRY_MAX);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, notify_message = %msg.trim_end(), "sd_notify message dropped");
+                    out.queued.pop_front();
+                }
+            }
+        }
+        out.retry_at = None;
+        out.backoff = RETRY_FIRST;
+    }
+}
+
+impl Outbox {
+    /// Queues a datagram behind those not sent yet: a repeat of the last one queued
+    /// replaces it, and past [`MAX_QUEUED`] the oldest that may be dropped is.
+    fn push(&mut self, kind: Kind, msg: String) {
+        if kind != Kind::Keep {
+            if let Some(last) = self.queued.back_mut().filter(|(k, _)| *k == kind) {
+                last.1 = msg;
+                return;
+            }
+        }
+        self.queued.push_back((kind, msg));
+        let droppable = self.queued.iter().filter(|(k, _)| *k != Kind::Keep).count();
+        if droppable > MAX_QUEUED {
+            if let Some(i) = self.queued.iter().position(|(k, _)| *k != Kind::Keep) {
+                if let Some((_, msg)) = self.queued.remove(i) {
+                    tracing::warn!(notify_message = %msg.trim_end(), "sd_notify message dropped: the socket stays full");
+                }
+            }
+        }
     }
 }
 
@@ -201,7 +405,11 @@ mod tests {
         let listener = UnixDatagram::bind(&path).unwrap();
         let (sock, addr) = open(path.as_os_str()).unwrap();
         let n = Notifier {
-            socket: Some(Arc::new((sock, addr))),
+            socket: Some(Arc::new(Socket {
+                sock,
+                addr,
+                out: Mutex::default(),
+            })),
             watchdog_interval: None,
         };
         (d, listener, n)
@@ -236,7 +444,11 @@ mod tests {
                 .unwrap();
         let (sock, addr) = open(std::ffi::OsStr::new(&format!("@{name}"))).unwrap();
         let n = Notifier {
-            socket: Some(Arc::new((sock, addr))),
+            socket: Some(Arc::new(Socket {
+                sock,
+                addr,
+                out: Mutex::default(),
+            })),
             watchdog_interval: None,
         };
         n.watchdog();

@@ -1,16 +1,15 @@
-//! Step 5 of a run: the loop that watches the running instance (SIGTERM/SIGINT/SIGABRT,
+//! Step 5 of a run: watching the running instance through the event loop (the signals,
 //! the container's and the master's pidfds, the instance's output, the inner bus, the
-//! watchdog tick) and reacts to what it sees.
+//! watchdog tick, the start deadline), turning what it sees into the policy's events and
+//! carrying out the actions the policy returns.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::event_loop::{self, Wake};
-use super::halt::reap_within;
+use super::event_loop::{self, earliest, InnerEvents, Waits, Wake};
 use super::policy::{Action, End, Event, Policy};
 use super::report::Notice;
 use super::{os, show_exit, Supervisor, Tracked};
@@ -54,7 +53,7 @@ impl Supervisor<'_> {
         let r = &self.s.readiness;
         let mut policy = Policy::new(r.clone(), r.mode == ReadinessMode::Instance);
         let mut inner: Option<Inner> = None;
-        let mut events: Option<mpsc::UnboundedReceiver<InnerEvent>> = None;
+        let mut events: Option<InnerEvents> = None;
         let mut ping: Option<oneshot::Receiver<bool>> = None;
         let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         // Our own start timeout decides; keep systemd's TimeoutStartSec= behind it even
@@ -81,8 +80,8 @@ impl Supervisor<'_> {
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
-                    self.stop_tracked(&t, "stopping: the image has no D-Bus system bus", None)
-                        .await;
+                    let why = "stopping: the image has no D-Bus system bus";
+                    self.stop_tracked(&t, why, None, None).await;
                     return Err(RunError::NoInnerBus {
                         name: self.s.name.clone(),
                     });
@@ -95,21 +94,25 @@ impl Supervisor<'_> {
                 let left = start_deadline.saturating_duration_since(Instant::now());
                 let container = t.container;
                 // A stop request while we wait for the bus is served at once.
-                let connected = match event_loop::next(
-                    &mut self.signals,
-                    Inner::connect(pid, left, || container.is_alive()),
-                )
-                .await
-                {
-                    Wake::Signal(sig) => {
-                        info!(
-                            INSTANCE_PID = pid,
-                            signal = sig.name(),
-                            "stop requested while the container boots"
-                        );
-                        Err(sig)
+                let mut connect =
+                    std::pin::pin!(Inner::connect(pid, left, || container.is_alive()));
+                let connected = loop {
+                    let waits = Waits {
+                        call: Some(connect.as_mut()),
+                        ..Waits::default()
+                    };
+                    match event_loop::next(&mut self.signals, waits).await {
+                        Wake::Signal(sig) => {
+                            info!(
+                                INSTANCE_PID = pid,
+                                signal = sig.name(),
+                                "stop requested while the container boots"
+                            );
+                            break Err(sig);
+                        }
+                        Wake::Done(r) => break Ok(r),
+                        _ => {}
                     }
-                    Wake::Done(r) => Ok(r),
                 };
                 match connected {
                     Err(sig) => {
@@ -135,12 +138,8 @@ impl Supervisor<'_> {
                     }
                     Ok(Err(e)) if container.is_alive() => {
                         error!(INSTANCE_PID = pid, error = %e, "cannot reach the container's systemd");
-                        self.stop_tracked(
-                            &t,
-                            "stopping: the container's systemd cannot be reached",
-                            None,
-                        )
-                        .await;
+                        let why = "stopping: the container's systemd cannot be reached";
+                        self.stop_tracked(&t, why, None, None).await;
                         return Err(RunError::Inner(e));
                     }
                     // The container died while we waited: the loop below reports it.
@@ -148,63 +147,68 @@ impl Supervisor<'_> {
                 }
             }
         }
-        let not_ready_by = tokio::time::sleep_until(start_deadline);
-        tokio::pin!(not_ready_by);
         loop {
-            let flush_due = self.live.due();
-            // Signals first: with SIGABRT and SIGTERM both pending, the policy sees both
-            // before anything else; then the pidfds, the container's before its master's.
-            // Signals first (the event loop's), then the pidfds, the container's before its
-            // master's: with SIGABRT and SIGTERM both pending, the policy sees both before
-            // anything else.
-            let source = async {
-                tokio::select! {
-                    biased;
-                    _ = t.container_fd.readable() => Source::ContainerFd,
-                    _ = t.master_fd.readable() => Source::MasterFd,
-                    ev = recv_opt(&mut events) => Source::Inner(ev),
-                    _ = &mut not_ready_by, if !policy.is_ready() => Source::StartDeadline,
-                    _ = tick(&watchdog) => Source::WatchdogTick,
-                    answered = ping_opt(&mut ping) => Source::Ping(answered),
-                    _ = sleep_until_opt(flush_due) => Source::Flush,
-                    _ = output.changed() => Source::Output,
-                }
+            // The event loop orders the sources: signals first, then the container's pidfd,
+            // then its master's, then the rest.
+            let at = earliest([
+                (!policy.is_ready()).then_some(start_deadline),
+                self.live.due(),
+                output.deadline(),
+            ]);
+            let waits = Waits {
+                container: Some(&t.container_fd),
+                master: Some(&t.master_fd),
+                inner: events.as_mut(),
+                ping: ping.as_mut(),
+                watchdog: watchdog.as_ref(),
+                output: Some(&output),
+                at,
+                ..Waits::default()
             };
-            let ev = match event_loop::next(&mut self.signals, source).await {
+            let ev = match event_loop::next(&mut self.signals, waits).await {
                 Wake::Signal(sig) => {
                     info!(INSTANCE_PID = pid, signal = sig.name(), "stop requested");
                     Event::Signal(sig)
                 }
-                Wake::Done(Source::ContainerFd) => Event::ContainerExited,
-                Wake::Done(Source::MasterFd) => {
+                Wake::ContainerExited => Event::ContainerExited,
+                Wake::MasterExited => {
                     let container_alive = t.container.is_alive();
                     Event::MasterExited {
                         container_alive,
                         cleanup_done: !container_alive && self.master_cleaned_up(&t),
                     }
                 }
-                Wake::Done(Source::Inner(Some(ev))) => match self.on_inner_event(ev, &t) {
+                Wake::Inner(Some(ev)) => match self.on_inner_event(ev, &t) {
                     Some(ev) => ev,
                     None => continue,
                 },
-                Wake::Done(Source::Inner(None)) => {
+                Wake::Inner(None) => {
                     events = None;
                     continue;
                 }
-                Wake::Done(Source::StartDeadline) => Event::StartDeadline,
-                Wake::Done(Source::WatchdogTick) => Event::WatchdogTick,
-                Wake::Done(Source::Ping(answered)) => {
+                Wake::WatchdogTick => Event::WatchdogTick,
+                Wake::Ping(answered) => {
                     ping = None;
                     Event::PingAnswered(answered)
                 }
-                Wake::Done(Source::Flush) => {
-                    self.live.flush();
-                    continue;
-                }
-                Wake::Done(Source::Output) => {
+                Wake::Output => {
                     output.pump();
                     continue;
                 }
+                Wake::Deadline => {
+                    let now = Instant::now();
+                    if self.live.due().is_some_and(|d| d <= now) {
+                        self.live.flush();
+                    }
+                    if output.deadline().is_some_and(|d| d <= now) {
+                        output.pump();
+                    }
+                    if policy.is_ready() || start_deadline > now {
+                        continue;
+                    }
+                    Event::StartDeadline
+                }
+                Wake::ChildExited | Wake::Stderr | Wake::Done(()) => continue,
             };
             if let Event::BusLost { .. } = ev {
                 events = None;
@@ -311,7 +315,7 @@ impl Supervisor<'_> {
         actions: Vec<Action>,
         t: &Tracked,
         inner: &Option<Inner>,
-        events: &mut Option<mpsc::UnboundedReceiver<InnerEvent>>,
+        events: &mut Option<InnerEvents>,
     ) -> Option<Result<(), RunError>> {
         let pid = t.container.pid;
         for a in actions {
@@ -427,56 +431,40 @@ impl Supervisor<'_> {
         &mut self,
         end: End,
         t: &Tracked,
-        events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+        events: Option<&mut InnerEvents>,
     ) -> Result<(), RunError> {
         let pid = t.container.pid;
+        let halting = "stopping: halting the container";
         match end {
             End::Stopped => {
-                self.stop_tracked(t, "stopping: halting the container", events)
-                    .await;
+                self.stop_tracked(t, halting, None, events).await;
                 Ok(())
             }
             End::Aborted => {
-                self.stop_tracked(t, "stopping: halting the container", events)
-                    .await;
+                self.stop_tracked(t, halting, None, events).await;
                 Err(RunError::Aborted)
             }
             End::NotReady { status } => {
                 let secs = self.s.timeouts.start_sec;
                 error!(INSTANCE_PID = pid, status = %status, timeout_sec = secs, "not ready in time");
-                self.stop_tracked(
-                    t,
-                    &format!("stopping: not ready after {secs} s: {status}"),
-                    events,
-                )
-                .await;
+                let why = format!("stopping: not ready after {secs} s: {status}");
+                self.stop_tracked(t, &why, None, events).await;
                 Err(RunError::NotReady { secs, status })
             }
             End::UnitFailed { unit, result } => {
-                match self.s.readiness.on_failure {
+                let r = &self.s.readiness;
+                match r.on_failure {
                     OnFailure::RestartUnit => {
-                        let r = &self.s.readiness;
                         error!(INNER_UNIT = %unit, RESULT = %result, max_restarts = r.max_restarts, window_sec = r.restart_window_sec, "restart budget exhausted; restarting the whole service");
                     }
                     _ => {
                         error!(INNER_UNIT = %unit, RESULT = %result, "required unit failed; restarting the whole service (readiness.on_failure = restart-service)");
                     }
                 }
-                info!(INSTANCE_PID = pid, PHASE = "stopping", INNER_UNIT = %unit, RESULT = %result, "stopping");
-                self.report(
-                    Notice::Stopping,
-                    Some(Phase::Stopping),
-                    &format!("stopping: {unit} failed ({result}); the service will be restarted"),
-                );
-                self.halt(
-                    &t.container,
-                    &t.container_fd,
-                    Some(&t.master),
-                    Some(&t.master_fd),
-                    events,
-                )
-                .await;
-                self.remove_leftovers();
+                let why =
+                    format!("stopping: {unit} failed ({result}); the service will be restarted");
+                self.stop_tracked(t, &why, Some((&unit, &result)), events)
+                    .await;
                 Err(RunError::UnitFailed { unit, result })
             }
             End::ContainerEnded => Err(self.container_ended(t).await),
@@ -519,13 +507,8 @@ impl Supervisor<'_> {
     /// unit's RestartForceExitStatus=), poweroff/halt → 0.
     async fn shut_down_inside(&mut self, t: &Tracked, kind: Shutdown) -> RunError {
         let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        let exit = reap_within(
-            &t.master,
-            &t.master_fd,
-            grace,
-            "the master did not exit after its container shut down; killing it",
-        )
-        .await;
+        let why = "the master did not exit after its container shut down; killing it";
+        let exit = self.reap_within(&t.master, &t.master_fd, grace, why).await;
         instance::try_reap(t.container.pid);
         self.remove_leftovers();
         info!(INSTANCE_PID = t.container.pid, EXIT_STATUS = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
@@ -540,23 +523,21 @@ impl Supervisor<'_> {
     }
 
     /// Halts the tracked instance in order (see [`Self::halt`]) after telling systemd we are
-    /// stopping and why, then removes what is left of it.
+    /// stopping and why (`failed`: the required unit and its result, when that is why),
+    /// then removes what is left of it.
     pub(super) async fn stop_tracked(
         &mut self,
         t: &Tracked,
         why: &str,
-        events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+        failed: Option<(&str, &str)>,
+        events: Option<&mut InnerEvents>,
     ) {
-        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", status = %why, "stopping");
+        let (unit, result) = failed.unzip();
+        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", INNER_UNIT = unit, RESULT = result, status = %why, "stopping");
         self.report(Notice::Stopping, Some(Phase::Stopping), why);
-        self.halt(
-            &t.container,
-            &t.container_fd,
-            Some(&t.master),
-            Some(&t.master_fd),
-            events,
-        )
-        .await;
+        let (c, cfd) = (&t.container, &t.container_fd);
+        self.halt(c, cfd, Some(&t.master), Some(&t.master_fd), events)
+            .await;
         self.remove_leftovers();
     }
 
@@ -592,13 +573,8 @@ impl Supervisor<'_> {
         let pid = t.container.pid;
         // The master's exit status is the container's (Apptainer re-raises its signal).
         let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        let master_exit = reap_within(
-            &t.master,
-            &t.master_fd,
-            grace,
-            "the master did not exit after its container; killing it",
-        )
-        .await;
+        let why = "the master did not exit after its container; killing it";
+        let master_exit = self.reap_within(&t.master, &t.master_fd, grace, why).await;
         // If the master died first the container became our child: reap it too.
         let container_exit = instance::try_reap(pid);
         let exit = container_exit
@@ -621,57 +597,5 @@ impl Supervisor<'_> {
                 )
             },
         }
-    }
-}
-
-/// What the running instance's sources woke the loop for.
-enum Source {
-    ContainerFd,
-    MasterFd,
-    Inner(Option<InnerEvent>),
-    StartDeadline,
-    WatchdogTick,
-    Ping(bool),
-    Flush,
-    Output,
-}
-
-pub(super) async fn recv_opt(
-    rx: &mut Option<mpsc::UnboundedReceiver<InnerEvent>>,
-) -> Option<InnerEvent> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn recv_opt_ref(
-    rx: &mut Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
-) -> Option<InnerEvent> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn ping_opt(rx: &mut Option<oneshot::Receiver<bool>>) -> bool {
-    match rx {
-        Some(rx) => rx.await.unwrap_or(false),
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `at`; never wakes without one (no timer while nothing is pending).
-pub(super) async fn sleep_until_opt(at: Option<std::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn tick(t: &Option<crate::os::notify::Ticker>) {
-    match t {
-        Some(t) => t.tick().await,
-        None => std::future::pending::<()>().await,
     }
 }
