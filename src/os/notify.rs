@@ -11,10 +11,14 @@
 //! one queued, and past [`MAX_QUEUED`] the oldest is dropped with a log line.
 //!
 //! `STATUS=` alone is sent at most every [`STATUS_EVERY`] (systemd stores each one and a
-//! person reads a few a second): an update within that time is held, a newer one replaces
-//! it, and the latest is sent when the time has come. `READY=1`, `STOPPING=1`,
-//! `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` are never held, and the held status is sent at
-//! the end of the run ([`Notifier::finish`]). Without `NOTIFY_SOCKET` every call is a no-op.
+//! person reads a few a second): an update within that time is held and sent when its time
+//! has come. The supervisor's own steps ([`Notifier::status`]: a handful per run) are held
+//! in order, each one said; progress driven by the container ([`Notifier::progress`]: job
+//! counts, hundreds a second while it boots or stops) is folded, a newer one replacing the
+//! one held. `READY=1`, `STOPPING=1`, `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` are never
+//! held (a held status older than `READY=1`/`STOPPING=1` is dropped: theirs is newer), and
+//! what is held is sent at the end of the run ([`Notifier::finish`]). Without
+//! `NOTIFY_SOCKET` every call is a no-op.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -33,6 +37,9 @@ pub const STATUS_EVERY: Duration = Duration::from_millis(200);
 
 /// Datagrams kept while the socket is full, beyond `READY=1`/`STOPPING=1` (never dropped).
 pub const MAX_QUEUED: usize = 16;
+
+/// Statuses held back by the rate; past this, a new one replaces the newest held.
+const MAX_HELD: usize = 8;
 
 /// The first retry of a refused datagram; doubled up to [`RETRY_MAX`] while it stays full.
 const RETRY_FIRST: Duration = Duration::from_millis(5);
@@ -70,8 +77,9 @@ struct Outbox {
     /// When to try the queue again, and the wait after that.
     retry_at: Option<Instant>,
     backoff: Duration,
-    /// The latest `STATUS=`-only text held back by the rate, and when the last one went out.
-    held: Option<String>,
+    /// `STATUS=`-only texts held back by the rate, oldest first, each marked when it is
+    /// progress (folded); and when the last status went out.
+    held: VecDeque<(bool, String)>,
     status_sent: Option<Instant>,
 }
 
@@ -106,7 +114,7 @@ impl Notifier {
         match kind {
             // What it carries is newer than a held status, which it replaces.
             Kind::Keep => {
-                out.held = None;
+                out.held.clear();
                 out.status_sent = Some(now);
             }
             Kind::Status => out.status_sent = Some(now),
@@ -120,7 +128,7 @@ impl Notifier {
         }
     }
 
-    fn status_at(&self, status: &str, now: Instant) {
+    fn status_at(&self, status: &str, progress: bool, now: Instant) {
         let Some(sock) = &self.socket else { return };
         let text = one_line(status, MAX_STATUS).into_owned();
         {
@@ -128,20 +136,32 @@ impl Notifier {
             let recent = out
                 .status_sent
                 .is_some_and(|t| now.saturating_duration_since(t) < STATUS_EVERY);
-            if recent || out.held.is_some() {
-                out.held = Some(text);
+            if recent || !out.held.is_empty() {
+                let fold = out.held.len() >= MAX_HELD
+                    || (progress && out.held.back().is_some_and(|(p, _)| *p));
+                match out.held.back_mut() {
+                    Some(last) if fold => *last = (progress, text),
+                    _ => out.held.push_back((progress, text)),
+                }
                 return;
             }
         }
         self.send(Kind::Status, &[NotifyState::Status(&text)], now);
     }
 
-    /// Every STATUS= goes through here and [`Notifier::ready`]/[`Notifier::stopping`]: the
-    /// text may quote the container (unit names, states), so it is kept on one line
-    /// ([`one_line`]) — a newline would add notify fields of the container's choosing.
-    /// At most one per [`STATUS_EVERY`] (module docs).
+    /// Every STATUS= goes through here, [`Notifier::progress`] and
+    /// [`Notifier::ready`]/[`Notifier::stopping`]: the text may quote the container (unit
+    /// names, states), so it is kept on one line ([`one_line`]) — a newline would add
+    /// notify fields of the container's choosing. A step of the supervisor's own: at most
+    /// one per [`STATUS_EVERY`], each one said (module docs).
     pub fn status(&self, status: &str) {
-        self.status_at(status, Instant::now());
+        self.status_at(status, false, Instant::now());
+    }
+
+    /// A status that says how far the container is (job counts): at most one per
+    /// [`STATUS_EVERY`], a newer one replacing one held (module docs).
+    pub fn progress(&self, status: &str) {
+        self.status_at(status, true, Instant::now());
     }
 
     pub fn ready(&self, status: &str) {
@@ -186,9 +206,8 @@ impl Notifier {
         let sock = self.socket.as_ref()?;
         let out = sock.outbox();
         let held = out
-            .held
-            .as_ref()
-            .and(out.status_sent)
+            .status_sent
+            .filter(|_| !out.held.is_empty())
             .map(|t| t + STATUS_EVERY);
         let retry = out.retry_at.filter(|_| !out.queued.is_empty());
         held.into_iter().chain(retry).min()
@@ -209,22 +228,22 @@ impl Notifier {
             }
             let due = out.status_sent.is_none_or(|t| t + STATUS_EVERY <= now);
             if due {
-                out.held.take()
+                out.held.pop_front()
             } else {
                 None
             }
         };
-        if let Some(text) = held {
+        if let Some((_, text)) = held {
             self.send(Kind::Status, &[NotifyState::Status(&text)], now);
         }
     }
 
-    /// The end of the run, after the loop: the held status goes out now, and what the
+    /// The end of the run, after the loop: the held statuses go out now, and what the
     /// socket refused is retried for a short, bounded while (nothing else waits on us).
     pub fn finish(&self) {
         let Some(sock) = &self.socket else { return };
-        let held = sock.outbox().held.take();
-        if let Some(text) = held {
+        let held = std::mem::take(&mut sock.outbox().held);
+        for (_, text) in held {
             self.send(Kind::Status, &[NotifyState::Status(&text)], Instant::now());
         }
         for _ in 0..10 {
@@ -460,8 +479,9 @@ mod tests {
     #[test]
     fn a_full_queue_drops_instead_of_blocking() {
         let (_d, listener, n) = at_path_socket();
-        // Nobody reads: the queue fills (net.unix.max_dgram_qlen); a blocking socket would
-        // hang here for good, ours returns and drops what does not fit.
+        // Nobody reads: a blocking socket would hang here for good once the queue is full
+        // (net.unix.max_dgram_qlen); ours returns at once, and the status rate (module docs)
+        // folds a burst of updates into one datagram now and the latest one later.
         for _ in 0..20 {
             n.status("x");
         }
@@ -474,6 +494,202 @@ mod tests {
         assert!(
             (1..20).contains(&queued),
             "some queued, the rest dropped: {queued}"
+        );
+    }
+
+    /// Fills the listener's queue from a socket of its own, until the kernel refuses more.
+    fn fill(path: &std::path::Path) -> usize {
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let mut n = 0;
+        while filler.send_to(b"X=1\n", path).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    /// Every datagram queued at the listener now.
+    fn received(listener: &UnixDatagram) -> Vec<String> {
+        listener.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 512];
+        let mut got = Vec::new();
+        while let Ok(len) = listener.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+        }
+        got
+    }
+
+    #[test]
+    fn a_full_socket_keeps_ready_and_stopping_in_order_without_waiting() {
+        let (d, listener, n) = at_path_socket();
+        let filled = fill(&d.path().join("n.sock"));
+        // Each call returns at once (no sleep on the loop): the refused ones are kept.
+        n.ready("up");
+        n.watchdog();
+        n.watchdog();
+        n.stopping("bye");
+        let retry = n.due().expect("a retry is due");
+        assert_eq!(
+            received(&listener).len(),
+            filled,
+            "only the filler's got in"
+        );
+        // The loop's timer: the queue goes out in order, repeats folded.
+        n.send_due_at(retry);
+        assert_eq!(
+            received(&listener),
+            [
+                "READY=1\nSTATUS=up\n",
+                "WATCHDOG=1\n",
+                "STOPPING=1\nSTATUS=bye\n"
+            ]
+        );
+        assert_eq!(n.due(), None, "nothing left, no timer");
+    }
+
+    #[test]
+    fn a_socket_that_stays_full_drops_the_oldest_status_never_ready() {
+        let (d, listener, n) = at_path_socket();
+        let filled = fill(&d.path().join("n.sock"));
+        let t0 = Instant::now();
+        n.ready("up");
+        for i in 0..MAX_QUEUED * 2 {
+            // Apart by more than the status rate: none is held, each is queued.
+            let at = t0 + STATUS_EVERY * (i as u32 + 2);
+            n.status_at(&format!("s{i}"), false, at);
+            n.extend(Duration::from_secs(1));
+        }
+        assert_eq!(received(&listener).len(), filled);
+        // The loop's timer, until all is out (the listener's queue is short).
+        let mut got = Vec::new();
+        while let Some(due) = n.due() {
+            n.send_due_at(due);
+            got.extend(received(&listener));
+        }
+        assert_eq!(got[0], "READY=1\nSTATUS=up\n", "{got:?}");
+        assert!(got.len() <= MAX_QUEUED + 1, "{got:?}");
+        assert_eq!(
+            got.iter()
+                .rev()
+                .find(|m| m.starts_with("STATUS="))
+                .map(String::as_str),
+            Some(format!("STATUS=s{}\n", MAX_QUEUED * 2 - 1).as_str()),
+            "the latest status is kept: {got:?}"
+        );
+    }
+
+    #[test]
+    fn a_burst_of_statuses_gives_the_first_now_and_the_last_when_due() {
+        let (_d, listener, n) = at_path_socket();
+        let t0 = Instant::now();
+        for i in 0..1000 {
+            n.status_at(&format!("status {i}"), true, t0);
+        }
+        assert_eq!(received(&listener), ["STATUS=status 0\n"]);
+        let due = n.due().expect("the latest is held");
+        assert_eq!(due, t0 + STATUS_EVERY);
+        n.send_due_at(due);
+        assert_eq!(received(&listener), ["STATUS=status 999\n"]);
+        assert_eq!(n.due(), None);
+    }
+
+    #[test]
+    fn statuses_go_out_at_most_five_a_second_and_the_last_arrives() {
+        let (_d, listener, n) = at_path_socket();
+        let t0 = Instant::now();
+        // 1000 updates in one second, with the event loop's timer between them.
+        let mut sent: Vec<(Duration, String)> = Vec::new();
+        let mut note = |at: Instant| {
+            for m in received(&listener) {
+                sent.push((at - t0, m));
+            }
+        };
+        for i in 0..1000u64 {
+            let now = t0 + Duration::from_millis(i);
+            if n.due().is_some_and(|d| d <= now) {
+                n.send_due_at(now);
+            }
+            n.status_at(&format!("status {i}"), true, now);
+            note(now);
+        }
+        while let Some(due) = n.due() {
+            n.send_due_at(due);
+            note(due);
+        }
+        assert_eq!(
+            sent.last().map(|(_, m)| m.as_str()),
+            Some("STATUS=status 999\n")
+        );
+        // At least STATUS_EVERY apart: never more than 5 in any second.
+        for w in sent.windows(2) {
+            assert!(w[1].0 - w[0].0 >= STATUS_EVERY, "{sent:?}");
+        }
+        for (i, (at, _)) in sent.iter().enumerate() {
+            let in_a_second = sent[i..]
+                .iter()
+                .take_while(|(t, _)| *t < *at + Duration::from_secs(1))
+                .count();
+            assert!(in_a_second <= 5, "{sent:?}");
+        }
+        assert_eq!(
+            sent.len(),
+            6,
+            "0, 200, …, 800 ms and the last at 1 s: {sent:?}"
+        );
+    }
+
+    #[test]
+    fn steps_are_held_in_order_and_progress_is_folded() {
+        let (_d, listener, n) = at_path_socket();
+        let t0 = Instant::now();
+        n.status_at("starting", false, t0);
+        n.status_at("halting an orphan", false, t0);
+        n.status_at("booting: 90 jobs", true, t0);
+        n.status_at("booting: 12 jobs", true, t0);
+        n.status_at("starting instance", false, t0);
+        let mut got = received(&listener);
+        while let Some(due) = n.due() {
+            n.send_due_at(due);
+            got.extend(received(&listener));
+        }
+        assert_eq!(
+            got,
+            [
+                "STATUS=starting\n",
+                "STATUS=halting an orphan\n",
+                "STATUS=booting: 12 jobs\n",
+                "STATUS=starting instance\n"
+            ]
+        );
+    }
+
+    #[test]
+    fn ready_and_stopping_are_never_held_and_replace_a_held_status() {
+        let (_d, listener, n) = at_path_socket();
+        n.status("booting");
+        n.status("booting: 3 jobs");
+        assert!(n.due().is_some(), "the second one is held");
+        n.ready("up");
+        assert_eq!(
+            received(&listener),
+            ["STATUS=booting\n", "READY=1\nSTATUS=up\n"]
+        );
+        assert_eq!(
+            n.due(),
+            None,
+            "the older held status is not sent after READY=1"
+        );
+        n.status("stopping: 3 jobs left");
+        n.stopping("stopping");
+        n.status("stopping: 1 jobs left");
+        n.finish();
+        assert_eq!(
+            received(&listener),
+            [
+                "STOPPING=1\nSTATUS=stopping\n",
+                "STATUS=stopping: 1 jobs left\n"
+            ],
+            "the last status goes out at the end"
         );
     }
 }

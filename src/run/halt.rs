@@ -124,7 +124,7 @@ impl Supervisor<'_> {
                 Wake::Inner(Some(InnerEvent::Changed(st) | InnerEvent::Connected(st))) => {
                     let msg = format!("stopping: {} jobs left inside", st.jobs);
                     if msg != last {
-                        self.notify.status(&msg);
+                        self.notify.progress(&msg);
                         last = msg;
                     }
                 }

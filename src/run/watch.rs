@@ -328,7 +328,7 @@ impl Supervisor<'_> {
                     self.report(Notice::Ready, Some(Phase::Ready), &status);
                     info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %self.system_state, IP = %self.ip, status = %status, "ready");
                 }
-                Action::Status(status) => self.report(Notice::Status, None, &status),
+                Action::Status(status) => self.report(Notice::Progress, None, &status),
                 Action::BackToReady { status } => {
                     let status = self.with_ip(&status);
                     self.report(Notice::Status, Some(Phase::Ready), &status);
