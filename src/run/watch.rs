@@ -55,6 +55,8 @@ impl Supervisor<'_> {
         let mut inner: Option<Inner> = None;
         let mut events: Option<InnerEvents> = None;
         let mut ping: Option<oneshot::Receiver<bool>> = None;
+        // When the pending ping was sent (Unix ms), for the live state file.
+        let mut ping_sent_ms = 0;
         let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         // Our own start timeout decides; keep systemd's TimeoutStartSec= behind it even
         // when overlay creation or an orphan's halt came first.
@@ -189,6 +191,10 @@ impl Supervisor<'_> {
                 Wake::WatchdogTick => Event::WatchdogTick,
                 Wake::Ping(answered) => {
                     ping = None;
+                    if !answered {
+                        let at = Some(ping_sent_ms);
+                        self.live.update(|s| s.last_unanswered_ping_ms = at);
+                    }
                     Event::PingAnswered(answered)
                 }
                 Wake::Output => {
@@ -233,6 +239,7 @@ impl Supervisor<'_> {
                         let _ = tx.send(i.ping(bound).await);
                     });
                     ping = Some(rx);
+                    ping_sent_ms = live::unix_now_ms();
                 }
             }
             if let Some(r) = self
