@@ -10,7 +10,8 @@
 //!    the state file names the container init and the master, recorded with their start
 //!    times and watched through pidfds;
 //! 5. [`watch`]: what the running instance does is turned into events; [`policy`] decides
-//!    what to do about each, and [`halt`] stops the container in order.
+//!    what to do about each, and [`end`] ends the run as it decided ([`halt`] stops the
+//!    container in order).
 //!
 //! Every phase waits through [`event_loop`], which alone owns the signals and holds the
 //! crate's one `select!`: signals first, then the pidfds, then what the phase waits on (a
@@ -22,6 +23,7 @@
 //! stopping it is our job, here.
 
 mod child;
+mod end;
 mod event_loop;
 mod halt;
 mod leftovers;

@@ -10,15 +10,13 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::event_loop::{self, earliest, InnerEvents, Waits, Wake};
-use super::policy::{Action, End, Event, Policy};
+use super::policy::{Action, End, Event, Policy, Sig};
 use super::report::Notice;
-use super::{os, show_exit, Supervisor, Tracked};
-use crate::config::{OnFailure, ReadinessMode};
+use super::{os, Supervisor, Tracked};
+use crate::config::ReadinessMode;
 use crate::exit::RunError;
 use crate::host::cni_del;
-use crate::os::apptainer;
-use crate::os::inner::{self, Inner, InnerEvent, Shutdown};
-use crate::os::instance::{self, Exit};
+use crate::os::inner::{self, Inner, InnerError, InnerEvent};
 use crate::os::live::{self, InnerSummary, Phase};
 
 impl Supervisor<'_> {
@@ -75,10 +73,7 @@ impl Supervisor<'_> {
                 let status = self.with_ip(&format!(
                     "running: instance pid {pid} (readiness: instance up)"
                 ));
-                // READY=1 first (nothing may delay it), the state file right after: it is
-                // written before the loop waits again, within a fraction of a millisecond.
-                self.live.update(|s| s.ready_at = Some(live::unix_now()));
-                self.report(Notice::Ready, Some(Phase::Ready), &status);
+                self.say_ready(&status);
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
@@ -93,30 +88,7 @@ impl Supervisor<'_> {
                     Some(Phase::Booting),
                     &format!("booting: instance pid {pid}; waiting for its system bus"),
                 );
-                let left = start_deadline.saturating_duration_since(Instant::now());
-                let container = t.container;
-                // A stop request while we wait for the bus is served at once.
-                let mut connect =
-                    std::pin::pin!(Inner::connect(pid, left, || container.is_alive()));
-                let connected = loop {
-                    let waits = Waits {
-                        call: Some(connect.as_mut()),
-                        ..Waits::default()
-                    };
-                    match event_loop::next(&mut self.signals, waits).await {
-                        Wake::Signal(sig) => {
-                            info!(
-                                INSTANCE_PID = pid,
-                                signal = sig.name(),
-                                "stop requested while the container boots"
-                            );
-                            break Err(sig);
-                        }
-                        Wake::Done(r) => break Ok(r),
-                        _ => {}
-                    }
-                };
-                match connected {
+                match self.wait_for_bus(&t, start_deadline).await {
                     Err(sig) => {
                         let actions = policy.on(Event::Signal(sig), std::time::Instant::now());
                         if let Some(r) = self
@@ -138,7 +110,7 @@ impl Supervisor<'_> {
                         events = Some(rx);
                         policy.connected();
                     }
-                    Ok(Err(e)) if container.is_alive() => {
+                    Ok(Err(e)) if t.container.is_alive() => {
                         error!(INSTANCE_PID = pid, error = %e, "cannot reach the container's systemd");
                         let why = "stopping: the container's systemd cannot be reached";
                         self.stop_tracked(&t, why, None, None).await;
@@ -251,6 +223,43 @@ impl Supervisor<'_> {
         }
     }
 
+    /// Waits (bounded by `until`, the start deadline) for the container's bus. A stop
+    /// request meanwhile is served at once: `Err` with its signal.
+    async fn wait_for_bus(
+        &mut self,
+        t: &Tracked,
+        until: Instant,
+    ) -> Result<Result<Inner, InnerError>, Sig> {
+        let (pid, container) = (t.container.pid, t.container);
+        let left = until.saturating_duration_since(Instant::now());
+        let mut connect = std::pin::pin!(Inner::connect(pid, left, || container.is_alive()));
+        loop {
+            let waits = Waits {
+                call: Some(connect.as_mut()),
+                ..Waits::default()
+            };
+            match event_loop::next(&mut self.signals, waits).await {
+                Wake::Signal(sig) => {
+                    let signal = sig.name();
+                    info!(
+                        INSTANCE_PID = pid,
+                        signal, "stop requested while the container boots"
+                    );
+                    return Err(sig);
+                }
+                Wake::Done(r) => return Ok(r),
+                _ => {}
+            }
+        }
+    }
+
+    /// READY=1 first (nothing may delay it: the inner boot's end → READY is what the loop
+    /// is measured on), the state file right after, before the loop waits again.
+    fn say_ready(&mut self, status: &str) {
+        self.live.update(|s| s.ready_at = Some(live::unix_now()));
+        self.report(Notice::Ready, Some(Phase::Ready), status);
+    }
+
     /// Reports one event from the inner watcher (the journal, the live state file) and
     /// turns it into the policy's event; `None` when there is nothing to decide.
     fn on_inner_event(&mut self, ev: InnerEvent, t: &Tracked) -> Option<Event> {
@@ -329,10 +338,7 @@ impl Supervisor<'_> {
             match a {
                 Action::Ready { status } => {
                     let status = self.with_ip(&status);
-                    // READY=1 first (the inner boot's end → READY is what this loop is
-                    // measured on), then the state file, before the loop waits again.
-                    self.live.update(|s| s.ready_at = Some(live::unix_now()));
-                    self.report(Notice::Ready, Some(Phase::Ready), &status);
+                    self.say_ready(&status);
                     info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %self.system_state, IP = %self.ip, status = %status, "ready");
                 }
                 Action::Status(status) => self.report(Notice::Progress, None, &status),
@@ -433,121 +439,6 @@ impl Supervisor<'_> {
         None
     }
 
-    /// Halts what is left and ends the run as the policy decided.
-    async fn end(
-        &mut self,
-        end: End,
-        t: &Tracked,
-        events: Option<&mut InnerEvents>,
-    ) -> Result<(), RunError> {
-        let pid = t.container.pid;
-        let halting = "stopping: halting the container";
-        match end {
-            End::Stopped => {
-                self.stop_tracked(t, halting, None, events).await;
-                Ok(())
-            }
-            End::Aborted => {
-                self.stop_tracked(t, halting, None, events).await;
-                Err(RunError::Aborted)
-            }
-            End::NotReady { status } => {
-                let secs = self.s.timeouts.start_sec;
-                error!(INSTANCE_PID = pid, status = %status, timeout_sec = secs, "not ready in time");
-                let why = format!("stopping: not ready after {secs} s: {status}");
-                self.stop_tracked(t, &why, None, events).await;
-                Err(RunError::NotReady { secs, status })
-            }
-            End::UnitFailed { unit, result } => {
-                let r = &self.s.readiness;
-                match r.on_failure {
-                    OnFailure::RestartUnit => {
-                        error!(INNER_UNIT = %unit, RESULT = %result, max_restarts = r.max_restarts, window_sec = r.restart_window_sec, "restart budget exhausted; restarting the whole service");
-                    }
-                    _ => {
-                        error!(INNER_UNIT = %unit, RESULT = %result, "required unit failed; restarting the whole service (readiness.on_failure = restart-service)");
-                    }
-                }
-                let why =
-                    format!("stopping: {unit} failed ({result}); the service will be restarted");
-                self.stop_tracked(t, &why, Some((&unit, &result)), events)
-                    .await;
-                Err(RunError::UnitFailed { unit, result })
-            }
-            End::ContainerEnded => Err(self.container_ended(t).await),
-            End::ShutDownInside(kind) => Err(self.shut_down_inside(t, kind).await),
-            End::MasterDied { container_alive } => {
-                let exit = instance::try_reap(t.master.pid);
-                error!(
-                    INSTANCE_PID = pid,
-                    PHASE = "stopping",
-                    master_pid = t.master.pid,
-                    EXIT_STATUS = %show_exit(exit),
-                    container_alive,
-                    "the Apptainer master died; its cleanup did not run"
-                );
-                // From here on we are stopping: tell systemd, so that the watchdog
-                // does not fire while the container halts.
-                self.report(
-                    Notice::Stopping,
-                    Some(Phase::Stopping),
-                    "master died: halting the container",
-                );
-                self.halt(&t.container, &t.container_fd, None, None, None)
-                    .await;
-                self.release_networks(t.container.pid).await;
-                self.remove_leftovers();
-                Err(RunError::MasterDied {
-                    name: self.s.name.clone(),
-                    pid: t.master.pid,
-                    container: if container_alive {
-                        "was halted"
-                    } else {
-                        "died with it"
-                    },
-                })
-            }
-        }
-    }
-
-    /// The container ended after a shutdown job from inside: reboot → 133 (restarted by the
-    /// unit's RestartForceExitStatus=), poweroff/halt → 0.
-    async fn shut_down_inside(&mut self, t: &Tracked, kind: Shutdown) -> RunError {
-        let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        let why = "the master did not exit after its container shut down; killing it";
-        let exit = self.reap_within(&t.master, &t.master_fd, grace, why).await;
-        instance::try_reap(t.container.pid);
-        self.remove_leftovers();
-        info!(INSTANCE_PID = t.container.pid, EXIT_STATUS = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
-        match kind {
-            Shutdown::Reboot => RunError::RebootedInside {
-                name: self.s.name.clone(),
-            },
-            Shutdown::Poweroff | Shutdown::Halt => RunError::PoweredOffInside {
-                name: self.s.name.clone(),
-            },
-        }
-    }
-
-    /// Halts the tracked instance in order (see [`Self::halt`]) after telling systemd we are
-    /// stopping and why (`failed`: the required unit and its result, when that is why),
-    /// then removes what is left of it.
-    pub(super) async fn stop_tracked(
-        &mut self,
-        t: &Tracked,
-        why: &str,
-        failed: Option<(&str, &str)>,
-        events: Option<&mut InnerEvents>,
-    ) {
-        let (unit, result) = failed.unzip();
-        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", INNER_UNIT = unit, RESULT = result, status = %why, "stopping");
-        self.report(Notice::Stopping, Some(Phase::Stopping), why);
-        let (c, cfd) = (&t.container, &t.container_fd);
-        self.halt(c, cfd, Some(&t.master), Some(&t.master_fd), events)
-            .await;
-        self.remove_leftovers();
-    }
-
     /// A status line with the instance's address, when it has one.
     pub(super) fn with_ip(&self, status: &str) -> String {
         if self.ip.is_empty() {
@@ -572,37 +463,6 @@ impl Supervisor<'_> {
                 config_watchdog_sec = want,
                 "the unit's WatchdogSec= differs from timeouts.watchdog_sec; the unit's value is used (set it with a drop-in)"
             );
-        }
-    }
-
-    /// The container exited without being asked: collect why, let the master clean up.
-    async fn container_ended(&mut self, t: &Tracked) -> RunError {
-        let pid = t.container.pid;
-        // The master's exit status is the container's (Apptainer re-raises its signal).
-        let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        let why = "the master did not exit after its container; killing it";
-        let master_exit = self.reap_within(&t.master, &t.master_fd, grace, why).await;
-        // If the master died first the container became our child: reap it too.
-        let container_exit = instance::try_reap(pid);
-        let exit = container_exit
-            .or(master_exit)
-            .map_or_else(|| "unknown status".to_owned(), |e: Exit| e.to_string());
-        let tail = apptainer::log_tail(&self.ctx.paths.err_log, 10);
-        error!(INSTANCE_PID = pid, EXIT_STATUS = %exit, err_log_tail = %tail, "instance ended by itself");
-        self.status(&format!("instance ended: {exit}"));
-        self.remove_leftovers();
-        RunError::InstanceEnded {
-            name: self.s.name.clone(),
-            pid,
-            exit,
-            tail: if tail.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "\nlast lines of {}:\n{tail}",
-                    self.ctx.paths.err_log.display()
-                )
-            },
         }
     }
 }
