@@ -16,8 +16,9 @@
 //! in order, each one said; progress driven by the container ([`Notifier::progress`]: job
 //! counts, hundreds a second while it boots or stops) is folded, a newer one replacing the
 //! one held. `READY=1`, `STOPPING=1`, `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` are never
-//! held (a held status older than `READY=1`/`STOPPING=1` is dropped: theirs is newer), and
-//! what is held is sent at the end of the run ([`Notifier::finish`]). Without
+//! held. They carry a newer status than any held: held progress is dropped then, and held
+//! steps go out right before them (a few at most, so our own story is told whole). What is
+//! still held at the end of the run goes out then ([`Notifier::finish`]). Without
 //! `NOTIFY_SOCKET` every call is a no-op.
 
 use std::collections::VecDeque;
@@ -62,7 +63,10 @@ struct Socket {
 /// What a datagram is, for folding repeats and for what may be dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// The container's progress: a repeat replaces the one before it.
     Status,
+    /// A step of the supervisor's own: never folded.
+    Step,
     Watchdog,
     Extend,
     /// `READY=1` or `STOPPING=1` (with their status): never folded, never dropped.
@@ -113,15 +117,21 @@ impl Notifier {
         let mut out = sock.outbox();
         match kind {
             // What it carries is newer than a held status, which it replaces.
-            Kind::Keep => {
-                out.held.clear();
-                out.status_sent = Some(now);
-            }
-            Kind::Status => out.status_sent = Some(now),
+            Kind::Keep => out.status_sent = Some(now),
+            Kind::Status | Kind::Step => out.status_sent = Some(now),
             Kind::Watchdog | Kind::Extend => {}
         }
         // Behind a refused datagram it waits its turn (the loop retries); else it goes now.
         let waiting = !out.queued.is_empty();
+        if kind == Kind::Keep {
+            // Its status is newer than any held one: the container's progress is superseded,
+            // but the supervisor's own steps still held are said first, in order, each
+            // being part of the story (a few at most: [`MAX_HELD`]).
+            let held = std::mem::take(&mut out.held);
+            for (_, text) in held.into_iter().filter(|(progress, _)| !progress) {
+                out.push(Kind::Step, format!("{}\n", NotifyState::Status(&text)));
+            }
+        }
         out.push(kind, msg);
         if !waiting {
             sock.flush(&mut out, now);
@@ -146,7 +156,8 @@ impl Notifier {
                 return;
             }
         }
-        self.send(Kind::Status, &[NotifyState::Status(&text)], now);
+        let kind = if progress { Kind::Status } else { Kind::Step };
+        self.send(kind, &[NotifyState::Status(&text)], now);
     }
 
     /// Every STATUS= goes through here, [`Notifier::progress`] and
@@ -233,8 +244,9 @@ impl Notifier {
                 None
             }
         };
-        if let Some((_, text)) = held {
-            self.send(Kind::Status, &[NotifyState::Status(&text)], now);
+        if let Some((progress, text)) = held {
+            let kind = if progress { Kind::Status } else { Kind::Step };
+            self.send(kind, &[NotifyState::Status(&text)], now);
         }
     }
 
@@ -243,8 +255,9 @@ impl Notifier {
     pub fn finish(&self) {
         let Some(sock) = &self.socket else { return };
         let held = std::mem::take(&mut sock.outbox().held);
-        for (_, text) in held {
-            self.send(Kind::Status, &[NotifyState::Status(&text)], Instant::now());
+        for (progress, text) in held {
+            let kind = if progress { Kind::Status } else { Kind::Step };
+            self.send(kind, &[NotifyState::Status(&text)], Instant::now());
         }
         for _ in 0..10 {
             let mut out = sock.outbox();
@@ -300,7 +313,7 @@ impl Outbox {
     /// Queues a datagram behind those not sent yet: a repeat of the last one queued
     /// replaces it, and past [`MAX_QUEUED`] the oldest that may be dropped is.
     fn push(&mut self, kind: Kind, msg: String) {
-        if kind != Kind::Keep {
+        if !matches!(kind, Kind::Keep | Kind::Step) {
             if let Some(last) = self.queued.back_mut().filter(|(k, _)| *k == kind) {
                 last.1 = msg;
                 return;
@@ -667,21 +680,27 @@ mod tests {
     fn ready_and_stopping_are_never_held_and_replace_a_held_status() {
         let (_d, listener, n) = at_path_socket();
         n.status("booting");
-        n.status("booting: 3 jobs");
+        n.status("waiting for the bus");
+        n.progress("booting: 3 jobs");
         assert!(n.due().is_some(), "the second one is held");
         n.ready("up");
         assert_eq!(
             received(&listener),
-            ["STATUS=booting\n", "READY=1\nSTATUS=up\n"]
+            [
+                "STATUS=booting\n",
+                "STATUS=waiting for the bus\n",
+                "READY=1\nSTATUS=up\n"
+            ],
+            "a held step is said before READY=1, held progress is not"
         );
         assert_eq!(
             n.due(),
             None,
             "the older held status is not sent after READY=1"
         );
-        n.status("stopping: 3 jobs left");
+        n.progress("stopping: 3 jobs left");
         n.stopping("stopping");
-        n.status("stopping: 1 jobs left");
+        n.progress("stopping: 1 jobs left");
         n.finish();
         assert_eq!(
             received(&listener),
