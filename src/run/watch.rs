@@ -90,7 +90,7 @@ impl Supervisor<'_> {
                 );
                 match self.wait_for_bus(&t, start_deadline).await {
                     Err(sig) => {
-                        let actions = policy.on(Event::Signal(sig), std::time::Instant::now());
+                        let actions = policy.on(Event::Signal(sig), Instant::now());
                         if let Some(r) = self
                             .act(&mut policy, actions, &t, &inner, &mut events)
                             .await
@@ -192,7 +192,7 @@ impl Supervisor<'_> {
                 events = None;
                 inner = None;
             }
-            let actions = policy.on(ev, std::time::Instant::now());
+            let actions = policy.on(ev, Instant::now());
             if actions.iter().any(|a| matches!(a, Action::End(_))) {
                 // The container halts or has ended: no more waiting on its logs (the rest is
                 // read when `output` is dropped).
@@ -419,7 +419,7 @@ impl Supervisor<'_> {
                     // A signal that came while we halted still counts (see policy): those
                     // the loop noted while a call ran, then those still pending.
                     for sig in self.signals.take_noted() {
-                        for a in policy.on(Event::Signal(sig), std::time::Instant::now()) {
+                        for a in policy.on(Event::Signal(sig), Instant::now()) {
                             if let Action::EndAs(End::Aborted) = a {
                                 info!(
                                     INSTANCE_PID = pid,
