@@ -9,11 +9,14 @@
 //! The order is fixed here: signals first (SIGABRT first of them, see `policy`), then the
 //! pidfds (the container's before its master's: with both ready, the container's end is
 //! what happened), then the rest. The notifier's deferred datagrams (a full socket, a
-//! rate-limited status) are sent from here too, whatever the phase. Nothing else selects,
-//! loops on its own waits or handles a signal: a phase loops over [`next`], and a signal
-//! that comes while what it does must finish first is noted ([`Signals::note`]) and handed
-//! to the policy once that returns ([`Signals::take_noted`]). A scan of the source (the
-//! tests at the bottom) holds the crate to it.
+//! rate-limited status) are sent from here too, whatever the phase. Nothing else selects
+//! or handles a signal, and no phase waits on its own: it loops over [`next`]. The only
+//! waits elsewhere are calls bounded by their own timeout (the bus connection, handed in
+//! as [`Waits::call`]; a ping, on a task of its own whose answer is [`Waits::ping`]). A
+//! signal that comes while what a phase does must finish first is noted
+//! ([`Signals::note`]) and handed to the policy once that returns
+//! ([`Signals::take_noted`]). A scan of the source (the tests at the bottom) holds the
+//! crate to the one `select!` and the signals kept here.
 
 use std::future::Future;
 use std::io;
@@ -156,7 +159,8 @@ impl Signals {
         sigs
     }
 
-    /// Waits up to `within` for the process behind `fd` to exit; a signal meanwhile is
+    /// Waits up to `within` for the process behind `fd` (the container or the master: it
+    /// takes the first pidfd branch) to exit; a signal meanwhile is
     /// noted for the caller to hand on after (see [`Self::note`]; `what` says what is
     /// waited for). Whether it exited.
     pub(super) async fn exits_within(
