@@ -10,16 +10,18 @@
 //! `READY=1`/`STOPPING=1` are never dropped; of the rest, repeats are folded into the last
 //! one queued, and past [`MAX_QUEUED`] the oldest is dropped with a log line.
 //!
-//! `STATUS=` alone is sent at most every [`STATUS_EVERY`] (systemd stores each one and a
-//! person reads a few a second): an update within that time is held and sent when its time
-//! has come. The supervisor's own steps ([`Notifier::status`]: a handful per run) are held
-//! in order, each one said; progress driven by the container ([`Notifier::progress`]: job
-//! counts, hundreds a second while it boots or stops) is folded, a newer one replacing the
-//! one held. `READY=1`, `STOPPING=1`, `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` are never
-//! held. They carry a newer status than any held: held progress is dropped then, and held
-//! steps go out right before them (a few at most, so our own story is told whole). What is
-//! still held at the end of the run goes out then ([`Notifier::finish`]). Without
-//! `NOTIFY_SOCKET` every call is a no-op.
+//! `STATUS=` goes out at most [`STATUS_PER_WINDOW`] times per [`STATUS_WINDOW`] (5 a
+//! second: systemd stores each one and a person reads a few a second). Progress driven by
+//! the container ([`Notifier::progress`]: job counts and readiness, hundreds of changes a
+//! second while it boots or stops, or as fast as a hostile inside makes them) waits when
+//! the window is full: it is held, a newer one replaces it, and the latest goes out as soon
+//! as the window has room. A sporadic change (a unit that fails) still goes out at once.
+//! The supervisor's own steps ([`Notifier::status`]: phases, restarts, the halt's
+//! escalation — a handful per run, bounded by the run itself), `READY=1`, `STOPPING=1`,
+//! `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` are never held; a status among them counts in
+//! the window and drops held progress, which is older. Held progress still there at the
+//! end of the run goes out then ([`Notifier::finish`]). Without `NOTIFY_SOCKET` every call
+//! is a no-op.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -33,14 +35,12 @@ use sd_notify::NotifyState;
 
 use crate::os::sanitize::{one_line, MAX_STATUS};
 
-/// `STATUS=`-only updates: at most one per this time (5 per second).
-pub const STATUS_EVERY: Duration = Duration::from_millis(200);
+/// `STATUS=`: at most this many per [`STATUS_WINDOW`]; progress beyond it is held.
+pub const STATUS_PER_WINDOW: usize = 5;
+pub const STATUS_WINDOW: Duration = Duration::from_secs(1);
 
 /// Datagrams kept while the socket is full, beyond `READY=1`/`STOPPING=1` (never dropped).
 pub const MAX_QUEUED: usize = 16;
-
-/// Statuses held back by the rate; past this, a new one replaces the newest held.
-const MAX_HELD: usize = 8;
 
 /// The first retry of a refused datagram; doubled up to [`RETRY_MAX`] while it stays full.
 const RETRY_FIRST: Duration = Duration::from_millis(5);
@@ -81,10 +81,10 @@ struct Outbox {
     /// When to try the queue again, and the wait after that.
     retry_at: Option<Instant>,
     backoff: Duration,
-    /// `STATUS=`-only texts held back by the rate, oldest first, each marked when it is
-    /// progress (folded); and when the last status went out.
-    held: VecDeque<(bool, String)>,
-    status_sent: Option<Instant>,
+    /// The latest progress held back by the rate, and when the last statuses went out
+    /// (the last [`STATUS_PER_WINDOW`], oldest first).
+    held: Option<String>,
+    said: VecDeque<Instant>,
 }
 
 impl Notifier {
@@ -116,63 +116,52 @@ impl Notifier {
         }
         let mut out = sock.outbox();
         match kind {
-            // What it carries is newer than a held status, which it replaces.
-            Kind::Keep => out.status_sent = Some(now),
-            Kind::Status | Kind::Step => out.status_sent = Some(now),
+            // What a step or READY=1/STOPPING=1 says is newer than held progress.
+            Kind::Keep | Kind::Step => {
+                out.held = None;
+                out.said(now);
+            }
+            Kind::Status => out.said(now),
             Kind::Watchdog | Kind::Extend => {}
         }
         // Behind a refused datagram it waits its turn (the loop retries); else it goes now.
         let waiting = !out.queued.is_empty();
-        if kind == Kind::Keep {
-            // Its status is newer than any held one: the container's progress is superseded,
-            // but the supervisor's own steps still held are said first, in order, each
-            // being part of the story (a few at most: [`MAX_HELD`]).
-            let held = std::mem::take(&mut out.held);
-            for (_, text) in held.into_iter().filter(|(progress, _)| !progress) {
-                out.push(Kind::Step, format!("{}\n", NotifyState::Status(&text)));
-            }
-        }
         out.push(kind, msg);
         if !waiting {
             sock.flush(&mut out, now);
         }
     }
 
-    fn status_at(&self, status: &str, progress: bool, now: Instant) {
+    fn progress_at(&self, status: &str, now: Instant) {
         let Some(sock) = &self.socket else { return };
         let text = one_line(status, MAX_STATUS).into_owned();
         {
             let mut out = sock.outbox();
-            let recent = out
-                .status_sent
-                .is_some_and(|t| now.saturating_duration_since(t) < STATUS_EVERY);
-            if recent || !out.held.is_empty() {
-                let fold = out.held.len() >= MAX_HELD
-                    || (progress && out.held.back().is_some_and(|(p, _)| *p));
-                match out.held.back_mut() {
-                    Some(last) if fold => *last = (progress, text),
-                    _ => out.held.push_back((progress, text)),
-                }
+            if out.room_at().is_some_and(|t| now < t) || out.held.is_some() {
+                out.held = Some(text);
                 return;
             }
         }
-        let kind = if progress { Kind::Status } else { Kind::Step };
-        self.send(kind, &[NotifyState::Status(&text)], now);
+        self.send(Kind::Status, &[NotifyState::Status(&text)], now);
     }
 
     /// Every STATUS= goes through here, [`Notifier::progress`] and
     /// [`Notifier::ready`]/[`Notifier::stopping`]: the text may quote the container (unit
     /// names, states), so it is kept on one line ([`one_line`]) — a newline would add
-    /// notify fields of the container's choosing. A step of the supervisor's own: at most
-    /// one per [`STATUS_EVERY`], each one said (module docs).
+    /// notify fields of the container's choosing. A step of the supervisor's own: sent at
+    /// once (module docs).
     pub fn status(&self, status: &str) {
-        self.status_at(status, false, Instant::now());
+        self.send(
+            Kind::Step,
+            &[NotifyState::Status(&one_line(status, MAX_STATUS))],
+            Instant::now(),
+        );
     }
 
-    /// A status that says how far the container is (job counts): at most one per
-    /// [`STATUS_EVERY`], a newer one replacing one held (module docs).
+    /// A status that says how far the container is (job counts, readiness): at most one
+    /// [`STATUS_PER_WINDOW`] per [`STATUS_WINDOW`], the latest one (module docs).
     pub fn progress(&self, status: &str) {
-        self.status_at(status, true, Instant::now());
+        self.progress_at(status, Instant::now());
     }
 
     pub fn ready(&self, status: &str) {
@@ -217,14 +206,14 @@ impl Notifier {
         let sock = self.socket.as_ref()?;
         let out = sock.outbox();
         let held = out
-            .status_sent
-            .filter(|_| !out.held.is_empty())
-            .map(|t| t + STATUS_EVERY);
+            .held
+            .as_ref()
+            .map(|_| out.room_at().unwrap_or(Instant::now()));
         let retry = out.retry_at.filter(|_| !out.queued.is_empty());
         held.into_iter().chain(retry).min()
     }
 
-    /// Sends what is due: the held status once its time has come, the queue when the
+    /// Sends what is due: held progress once its time has come, the queue when the
     /// socket takes it again. Never waits.
     pub fn send_due(&self) {
         self.send_due_at(Instant::now());
@@ -237,27 +226,25 @@ impl Notifier {
             if out.retry_at.is_some_and(|t| t <= now) {
                 sock.flush(&mut out, now);
             }
-            let due = out.status_sent.is_none_or(|t| t + STATUS_EVERY <= now);
+            let due = out.room_at().is_none_or(|t| t <= now);
             if due {
-                out.held.pop_front()
+                out.held.take()
             } else {
                 None
             }
         };
-        if let Some((progress, text)) = held {
-            let kind = if progress { Kind::Status } else { Kind::Step };
-            self.send(kind, &[NotifyState::Status(&text)], now);
+        if let Some(text) = held {
+            self.send(Kind::Status, &[NotifyState::Status(&text)], now);
         }
     }
 
-    /// The end of the run, after the loop: the held statuses go out now, and what the
+    /// The end of the run, after the loop: held progress goes out now, and what the
     /// socket refused is retried for a short, bounded while (nothing else waits on us).
     pub fn finish(&self) {
         let Some(sock) = &self.socket else { return };
-        let held = std::mem::take(&mut sock.outbox().held);
-        for (progress, text) in held {
-            let kind = if progress { Kind::Status } else { Kind::Step };
-            self.send(kind, &[NotifyState::Status(&text)], Instant::now());
+        let held = sock.outbox().held.take();
+        if let Some(text) = held {
+            self.send(Kind::Status, &[NotifyState::Status(&text)], Instant::now());
         }
         for _ in 0..10 {
             let mut out = sock.outbox();
@@ -310,6 +297,22 @@ impl Socket {
 }
 
 impl Outbox {
+    /// Notes a `STATUS=` that went out (or was queued) at `now`.
+    fn said(&mut self, now: Instant) {
+        self.said.push_back(now);
+        while self.said.len() > STATUS_PER_WINDOW {
+            self.said.pop_front();
+        }
+    }
+
+    /// When the window has room for one more status (`None`: it has now).
+    fn room_at(&self) -> Option<Instant> {
+        if self.said.len() < STATUS_PER_WINDOW {
+            return None;
+        }
+        self.said.front().map(|t| *t + STATUS_WINDOW)
+    }
+
     /// Queues a datagram behind those not sent yet: a repeat of the last one queued
     /// replaces it, and past [`MAX_QUEUED`] the oldest that may be dropped is.
     fn push(&mut self, kind: Kind, msg: String) {
@@ -493,8 +496,8 @@ mod tests {
     fn a_full_queue_drops_instead_of_blocking() {
         let (_d, listener, n) = at_path_socket();
         // Nobody reads: a blocking socket would hang here for good once the queue is full
-        // (net.unix.max_dgram_qlen); ours returns at once, and the status rate (module docs)
-        // folds a burst of updates into one datagram now and the latest one later.
+        // (net.unix.max_dgram_qlen); ours returns at once and keeps what does not fit for
+        // the event loop to retry (see the tests below).
         for _ in 0..20 {
             n.status("x");
         }
@@ -564,12 +567,10 @@ mod tests {
     fn a_socket_that_stays_full_drops_the_oldest_status_never_ready() {
         let (d, listener, n) = at_path_socket();
         let filled = fill(&d.path().join("n.sock"));
-        let t0 = Instant::now();
         n.ready("up");
         for i in 0..MAX_QUEUED * 2 {
-            // Apart by more than the status rate: none is held, each is queued.
-            let at = t0 + STATUS_EVERY * (i as u32 + 2);
-            n.status_at(&format!("s{i}"), false, at);
+            // Steps of our own: never held, each is queued.
+            n.status(&format!("s{i}"));
             n.extend(Duration::from_secs(1));
         }
         assert_eq!(received(&listener).len(), filled);
@@ -592,22 +593,27 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_of_statuses_gives_the_first_now_and_the_last_when_due() {
+    fn a_burst_of_progress_gives_five_now_and_the_last_when_due() {
         let (_d, listener, n) = at_path_socket();
         let t0 = Instant::now();
         for i in 0..1000 {
-            n.status_at(&format!("status {i}"), true, t0);
+            n.progress_at(&format!("status {i}"), t0);
         }
-        assert_eq!(received(&listener), ["STATUS=status 0\n"]);
+        assert_eq!(
+            received(&listener),
+            (0..STATUS_PER_WINDOW)
+                .map(|i| format!("STATUS=status {i}\n"))
+                .collect::<Vec<_>>()
+        );
         let due = n.due().expect("the latest is held");
-        assert_eq!(due, t0 + STATUS_EVERY);
+        assert_eq!(due, t0 + STATUS_WINDOW);
         n.send_due_at(due);
         assert_eq!(received(&listener), ["STATUS=status 999\n"]);
         assert_eq!(n.due(), None);
     }
 
     #[test]
-    fn statuses_go_out_at_most_five_a_second_and_the_last_arrives() {
+    fn progress_goes_out_at_most_five_a_second_and_the_last_arrives() {
         let (_d, listener, n) = at_path_socket();
         let t0 = Instant::now();
         // 1000 updates in one second, with the event loop's timer between them.
@@ -622,7 +628,7 @@ mod tests {
             if n.due().is_some_and(|d| d <= now) {
                 n.send_due_at(now);
             }
-            n.status_at(&format!("status {i}"), true, now);
+            n.progress_at(&format!("status {i}"), now);
             note(now);
         }
         while let Some(due) = n.due() {
@@ -633,10 +639,6 @@ mod tests {
             sent.last().map(|(_, m)| m.as_str()),
             Some("STATUS=status 999\n")
         );
-        // At least STATUS_EVERY apart: never more than 5 in any second.
-        for w in sent.windows(2) {
-            assert!(w[1].0 - w[0].0 >= STATUS_EVERY, "{sent:?}");
-        }
         for (i, (at, _)) in sent.iter().enumerate() {
             let in_a_second = sent[i..]
                 .iter()
@@ -647,19 +649,26 @@ mod tests {
         assert_eq!(
             sent.len(),
             6,
-            "0, 200, …, 800 ms and the last at 1 s: {sent:?}"
+            "the first five at once, the last when the window has room: {sent:?}"
         );
     }
 
+    /// Fills the status window with progress said at `t0`, and drains it at the listener.
+    fn fill_window(n: &Notifier, listener: &UnixDatagram, t0: Instant) {
+        for i in 0..STATUS_PER_WINDOW {
+            n.progress_at(&format!("booting: {i} jobs"), t0);
+        }
+        assert_eq!(received(listener).len(), STATUS_PER_WINDOW);
+    }
+
     #[test]
-    fn steps_are_held_in_order_and_progress_is_folded() {
+    fn steps_go_out_at_once_and_drop_older_progress() {
         let (_d, listener, n) = at_path_socket();
         let t0 = Instant::now();
-        n.status_at("starting", false, t0);
-        n.status_at("halting an orphan", false, t0);
-        n.status_at("booting: 90 jobs", true, t0);
-        n.status_at("booting: 12 jobs", true, t0);
-        n.status_at("starting instance", false, t0);
+        fill_window(&n, &listener, t0);
+        n.progress_at("booting: 12 jobs", t0);
+        n.status("halting an orphan");
+        n.progress_at("booting: 3 jobs", t0);
         let mut got = received(&listener);
         while let Some(due) = n.due() {
             n.send_due_at(due);
@@ -667,22 +676,19 @@ mod tests {
         }
         assert_eq!(
             got,
-            [
-                "STATUS=starting\n",
-                "STATUS=halting an orphan\n",
-                "STATUS=booting: 12 jobs\n",
-                "STATUS=starting instance\n"
-            ]
+            ["STATUS=halting an orphan\n", "STATUS=booting: 3 jobs\n"],
+            "the step at once, the progress held before it dropped, the one after it held"
         );
     }
 
     #[test]
     fn ready_and_stopping_are_never_held_and_replace_a_held_status() {
         let (_d, listener, n) = at_path_socket();
+        fill_window(&n, &listener, Instant::now());
         n.status("booting");
         n.status("waiting for the bus");
         n.progress("booting: 3 jobs");
-        assert!(n.due().is_some(), "the second one is held");
+        assert!(n.due().is_some(), "the progress is held");
         n.ready("up");
         assert_eq!(
             received(&listener),
@@ -691,7 +697,7 @@ mod tests {
                 "STATUS=waiting for the bus\n",
                 "READY=1\nSTATUS=up\n"
             ],
-            "a held step is said before READY=1, held progress is not"
+            "steps at once, the held progress dropped by READY=1"
         );
         assert_eq!(
             n.due(),
