@@ -10,18 +10,19 @@
 //! `READY=1`/`STOPPING=1` are never dropped; of the rest, repeats are folded into the last
 //! one queued, and past [`MAX_QUEUED`] the oldest is dropped with a log line.
 //!
-//! `STATUS=` goes out at most [`STATUS_PER_WINDOW`] times per [`STATUS_WINDOW`] (5 a
-//! second: systemd stores each one and a person reads a few a second). Progress driven by
-//! the container ([`Notifier::progress`]: job counts and readiness, hundreds of changes a
-//! second while it boots or stops, or as fast as a hostile inside makes them) waits when
-//! the window is full: it is held, a newer one replaces it, and the latest goes out as soon
+//! Progress driven by the container ([`Notifier::progress`]: job counts and readiness,
+//! hundreds of changes a second while it boots or stops, or as fast as a hostile inside
+//! makes them) goes out as `STATUS=` at most [`STATUS_PER_WINDOW`] times per
+//! [`STATUS_WINDOW`] (5 a second: systemd stores each one and a person reads a few a
+//! second): past that it is held, a newer one replaces it, and the latest goes out as soon
 //! as the window has room. A sporadic change (a unit that fails) still goes out at once.
-//! The supervisor's own steps ([`Notifier::status`]: phases, restarts, the halt's
-//! escalation — a handful per run, bounded by the run itself), `READY=1`, `STOPPING=1`,
-//! `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` are never held; a status among them counts in
-//! the window and drops held progress, which is older. Held progress still there at the
-//! end of the run goes out then ([`Notifier::finish`]). Without `NOTIFY_SOCKET` every call
-//! is a no-op.
+//! `READY=1` and `STOPPING=1` begin a new phase with a fresh window (so the boot's progress
+//! never delays what the running service says first). The supervisor's own steps
+//! ([`Notifier::status`]: phases, restarts, the halt's escalation — a handful per run,
+//! bounded by the run itself), `READY=1`, `STOPPING=1`, `WATCHDOG=1` and
+//! `EXTEND_TIMEOUT_USEC=` are never held; what their status says is newer than held
+//! progress, which they drop. Held progress still there at the end of the run goes out
+//! then ([`Notifier::finish`]). Without `NOTIFY_SOCKET` every call is a no-op.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -35,7 +36,7 @@ use sd_notify::NotifyState;
 
 use crate::os::sanitize::{one_line, MAX_STATUS};
 
-/// `STATUS=`: at most this many per [`STATUS_WINDOW`]; progress beyond it is held.
+/// Progress `STATUS=`: at most this many per [`STATUS_WINDOW`]; beyond it, it is held.
 pub const STATUS_PER_WINDOW: usize = 5;
 pub const STATUS_WINDOW: Duration = Duration::from_secs(1);
 
@@ -81,8 +82,8 @@ struct Outbox {
     /// When to try the queue again, and the wait after that.
     retry_at: Option<Instant>,
     backoff: Duration,
-    /// The latest progress held back by the rate, and when the last statuses went out
-    /// (the last [`STATUS_PER_WINDOW`], oldest first).
+    /// The latest progress held back by the rate, and when the last progress went out in
+    /// this phase (the last [`STATUS_PER_WINDOW`], oldest first).
     held: Option<String>,
     said: VecDeque<Instant>,
 }
@@ -117,10 +118,12 @@ impl Notifier {
         let mut out = sock.outbox();
         match kind {
             // What a step or READY=1/STOPPING=1 says is newer than held progress.
-            Kind::Keep | Kind::Step => {
+            // A new phase: a fresh window for its progress.
+            Kind::Keep => {
                 out.held = None;
-                out.said(now);
+                out.said.clear();
             }
+            Kind::Step => out.held = None,
             Kind::Status => out.said(now),
             Kind::Watchdog | Kind::Extend => {}
         }
@@ -297,7 +300,7 @@ impl Socket {
 }
 
 impl Outbox {
-    /// Notes a `STATUS=` that went out (or was queued) at `now`.
+    /// Notes progress that went out (or was queued) at `now`.
     fn said(&mut self, now: Instant) {
         self.said.push_back(now);
         while self.said.len() > STATUS_PER_WINDOW {
@@ -305,7 +308,7 @@ impl Outbox {
         }
     }
 
-    /// When the window has room for one more status (`None`: it has now).
+    /// When the window has room for more progress (`None`: it has now).
     fn room_at(&self) -> Option<Instant> {
         if self.said.len() < STATUS_PER_WINDOW {
             return None;
@@ -653,12 +656,13 @@ mod tests {
         );
     }
 
-    /// Fills the status window with progress said at `t0`, and drains it at the listener.
+    /// Fills the status window with progress said at `t0` (more, if it had some already),
+    /// and drains the listener.
     fn fill_window(n: &Notifier, listener: &UnixDatagram, t0: Instant) {
         for i in 0..STATUS_PER_WINDOW {
             n.progress_at(&format!("booting: {i} jobs"), t0);
         }
-        assert_eq!(received(listener).len(), STATUS_PER_WINDOW);
+        assert!(!received(listener).is_empty());
     }
 
     #[test]
@@ -704,17 +708,24 @@ mod tests {
             None,
             "the older held status is not sent after READY=1"
         );
+        // READY=1 began a fresh window: the first change of the running service goes at once.
+        n.progress("degraded: x.service failed");
+        assert_eq!(received(&listener), ["STATUS=degraded: x.service failed\n"]);
+        fill_window(&n, &listener, Instant::now());
         n.progress("stopping: 3 jobs left");
         n.stopping("stopping");
+        assert_eq!(
+            received(&listener),
+            ["STOPPING=1\nSTATUS=stopping\n"],
+            "held progress is dropped by STOPPING=1"
+        );
+        fill_window(&n, &listener, Instant::now());
         n.progress("stopping: 1 jobs left");
         n.finish();
         assert_eq!(
             received(&listener),
-            [
-                "STOPPING=1\nSTATUS=stopping\n",
-                "STATUS=stopping: 1 jobs left\n"
-            ],
-            "the last status goes out at the end"
+            ["STATUS=stopping: 1 jobs left\n"],
+            "the last held goes out at the end"
         );
     }
 }
