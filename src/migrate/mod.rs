@@ -470,4 +470,32 @@ mod tests {
         assert!(s.networks[0].args.is_empty());
         assert_eq!(s.networks[1].args, ["IP=10.0.0.2/24"]);
     }
+
+    #[test]
+    fn network_args_for_a_network_not_joined_stay_in_extra_args() {
+        let i = Inputs {
+            start_sh: Some(input(
+                "start.sh",
+                "apptainer instance start --network a --network-args \"c:IP=1\" --writable-tmpfs /c.sif s\n",
+            )),
+            service_dir: Some("/srv/s".into()),
+            ..Default::default()
+        };
+        let m = migrate(&i).unwrap();
+        let s = config::parse(&m.toml, Path::new("s.toml"), None).unwrap();
+        assert!(s.networks[0].args.is_empty());
+        assert_eq!(
+            s.apptainer.extra_args,
+            ["--writable-tmpfs", "--network-args=c:IP=1"],
+            "{}",
+            m.toml
+        );
+        assert!(
+            m.messages
+                .iter()
+                .any(|w| w.contains("--network-args for a network start.sh does not join")),
+            "{:?}",
+            m.messages
+        );
+    }
 }

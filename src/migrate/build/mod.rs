@@ -124,7 +124,12 @@ fn passed_through(m: &mut Model, read: &Read) {
     if let Some(s) = &read.sh {
         m.env = s.env.clone();
         m.binary = s.binary.clone();
+        // After start.sh's own extra arguments come the ones an earlier step kept there
+        // (`--network-args` for a network start.sh does not join): assigning over them
+        // lost them without a word.
+        let kept = std::mem::take(&mut m.extra_args);
         m.extra_args = s.extra_args.clone();
+        m.extra_args.extend(kept);
         m.notes.extend(s.notes.iter().cloned());
     }
     if let Some(h) = &read.hv {
