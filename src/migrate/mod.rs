@@ -472,6 +472,33 @@ mod tests {
     }
 
     #[test]
+    fn an_image_url_in_start_sh_becomes_image_url() {
+        let i = Inputs {
+            start_sh: Some(input(
+                "start.sh",
+                "apptainer instance start --boot docker://foo/bar:1 s\n",
+            )),
+            service_dir: Some("/srv/s".into()),
+            ..Default::default()
+        };
+        let m = migrate(&i).unwrap();
+        let s = config::parse(&m.toml, Path::new("s.toml"), None).unwrap();
+        assert_eq!(
+            s.image_url.as_deref(),
+            Some("docker://foo/bar:1"),
+            "{}",
+            m.toml
+        );
+        assert!(
+            m.messages
+                .iter()
+                .any(|w| w.contains("start.sh ran the image straight from docker://foo/bar:1")),
+            "{:?}",
+            m.messages
+        );
+    }
+
+    #[test]
     fn network_args_for_a_network_not_joined_stay_in_extra_args() {
         let i = Inputs {
             start_sh: Some(input(

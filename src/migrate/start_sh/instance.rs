@@ -231,11 +231,24 @@ impl Reader<'_> {
         self.out.overlay = Some(s);
     }
 
-    /// IMAGE, as a path: `${name}` where a variable holding the instance name was used.
+    /// IMAGE: a URI as written, or a path with `${name}` where a variable holding the
+    /// instance name was used.
     fn image(&mut self, w: &Word) {
         match self.value_t(w, true) {
             Ok(v) => {
-                let mut s = Setting::new(finish(&v.text), self.at(w.line));
+                // A `transport://ref` is a URI to Apptainer whatever the transport
+                // (internal/pkg/util/uri/uri.go Split, v1.3.6:111 and v1.4.5:111), not a
+                // path: path clean-up would fold its `//` and hide it from the merge.
+                let is_uri = v
+                    .text
+                    .split_once(':')
+                    .is_some_and(|(_, rest)| rest.starts_with("//"));
+                let text = if is_uri {
+                    v.text.clone()
+                } else {
+                    finish(&v.text)
+                };
+                let mut s = Setting::new(text, self.at(w.line));
                 if !v.unquoted.is_empty() {
                     s.notes.push(self.split_note(w.line, &v));
                 }
