@@ -83,11 +83,7 @@ impl Reader<'_> {
         let mut i = 0;
         while i < flags.len() {
             let w = &flags[i];
-            let lit = w.literal().unwrap_or_default();
-            let (flag, inline) = match lit.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-                _ => (lit.clone(), None),
-            };
+            let (flag, inline) = split_inline(w);
             let takes_value = matches!(
                 flag.as_str(),
                 "-B" | "--bind"
@@ -109,13 +105,7 @@ impl Reader<'_> {
             }
             // The value: inline (--bind=x) or the next word.
             let (vword, consumed) = match inline {
-                Some(v) => (
-                    Word {
-                        parts: vec![Part::Lit(v)],
-                        line: w.line,
-                    },
-                    1,
-                ),
+                Some(v) => (v, 1),
                 None => match flags.get(i + 1) {
                     Some(n) => (n.clone(), 2),
                     None => {
@@ -296,6 +286,30 @@ impl Reader<'_> {
                 self.out.notes.push(n);
             }
         }
+    }
+}
+
+/// A flag word split at its first `=` when it is written `--flag=value`: the flag's name
+/// is the plain text before the `=`, the value the rest of the word, which may still
+/// expand (`--hostname=$N` names `--hostname` as surely as `--hostname $N` does).
+fn split_inline(w: &Word) -> (String, Option<Word>) {
+    let lead = match w.parts.first() {
+        Some(Part::Lit(l)) => l,
+        _ => return (w.literal().unwrap_or_default(), None),
+    };
+    match lead.split_once('=') {
+        Some((f, v)) if f.starts_with("--") => {
+            let mut parts = vec![Part::Lit(v.to_owned())];
+            parts.extend(w.parts[1..].iter().cloned());
+            (
+                f.to_owned(),
+                Some(Word {
+                    parts,
+                    line: w.line,
+                }),
+            )
+        }
+        _ => (w.literal().unwrap_or_default(), None),
     }
 }
 

@@ -386,6 +386,19 @@ apptainer instance start \
     }
 
     #[test]
+    fn a_flag_written_with_equals_and_a_variable_keeps_its_name() {
+        let s = read(
+            "N=ood001\napptainer instance start --boot --hostname=$N --bind=$DIRNAME/root:/root $DIRNAME/c.sif ood001\n",
+            "start.sh",
+            "/srv/ood001",
+        )
+        .unwrap();
+        assert_eq!(s.hostname.unwrap().value, "ood001");
+        assert_eq!(values(&s.binds), ["${service_dir}/root:/root"]);
+        assert!(s.extra_args.is_empty(), "{:?}", values(&s.extra_args));
+    }
+
+    #[test]
     fn relative_overlay_is_resolved_and_reported() {
         let s = read(
             "apptainer instance start --overlay overlay.img $DIRNAME/c.sif ww001\n",
