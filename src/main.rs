@@ -82,10 +82,10 @@ fn real_main(cli: Cli) -> i32 {
             };
             // As `run` does: resolved first, then checked and planned.
             let s = host::canonicalize(&s);
-            let mut env_file = None;
+            let mut checked = None;
             if *host_check {
                 match host::check(&s, &cli.config_dir) {
-                    Ok(env) => env_file = Some(env),
+                    Ok(c) => checked = Some(c),
                     Err(e) => {
                         eprintln!("error: {e}");
                         return exit::CONFIG;
@@ -110,7 +110,7 @@ fn real_main(cli: Cli) -> i32 {
                 &s,
                 &run::default_run_dir(),
                 &InstancePaths::for_current(&s.name),
-                env_file.as_deref(),
+                checked.as_ref(),
             );
             let text = if *json {
                 match serde_json::to_string_pretty(&plan) {

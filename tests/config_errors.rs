@@ -416,10 +416,181 @@ fn service_file_not_owned_by_root_is_refused() {
     assert_eq!(
         err,
         format!(
-            "error: {f}: service file is owned by uid 65534, not root: it decides what runs as root\n  hint: chown root {f}\n",
+            "error: {f}: service file is owned by uid 65534, not root: it decides what runs as root\n  hint: chown root {f}, or list 65534 in [security] trusted_owners if the file server shows root's files as 65534\n",
             f = file.display()
         )
     );
+    // The documented way for root_squash NFS: trust that uid, never switch the check off.
+    std::fs::write(
+        &file,
+        text.replace(
+            "[apptainer]",
+            "[security]\ntrusted_owners = [65534]\n[apptainer]",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(d.path())
+        .args(["check", "--host", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// sshd's StrictModes for what decides what root runs, up to `/`: a world-writable directory
+/// above the env file (even sticky, as /tmp is) or the overlay is refused, each offender
+/// listed at once with its fix.
+#[test]
+fn world_writable_directories_above_are_all_refused_with_their_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(d.path(), "");
+    let svc = d.path().join("svc");
+    std::fs::create_dir(svc.join("bin")).unwrap();
+    std::fs::write(svc.join("bin/.service_env"), "A=1\n").unwrap();
+    chmod(&svc.join("bin"), 0o1777);
+    chmod(&svc.join("overlay"), 0o777);
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    for (dir, what) in [("bin", "env file"), ("overlay", "overlay")] {
+        let p = svc.join(dir);
+        assert!(
+            err.contains(&format!(
+                "{p}: directory above the {what} is writable by others (mode {mode}): whoever can write it can change what runs as root\n  hint: chmod o-w {p}\n",
+                p = p.display(),
+                mode = if dir == "bin" { "1777" } else { "0777" },
+            )),
+            "{err}"
+        );
+    }
+}
+
+/// What is newly checked and only group-writable or owned by an untrusted uid is a warning
+/// (`check --host` text and JSON) for now, refused with `[security] strict_paths = true`;
+/// a uid in `trusted_owners` is no offender.
+#[test]
+fn group_writable_or_foreign_owned_above_warns_now_and_strict_paths_refuses() {
+    if !support::require_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(d.path(), "");
+    let svc = d.path().join("svc");
+    chmod(&svc, 0o775);
+    std::os::unix::fs::chown(svc.join("containers"), Some(65534), None).unwrap();
+    let group = format!(
+        "{p}: directory above the env file, the image and the overlay is writable by its group (mode 0775): whoever can write it can change what runs as root\n  hint: chmod g-w {p}",
+        p = svc.display()
+    );
+    let owner = format!(
+        "{p}: directory above the image is owned by uid 65534, neither root nor a trusted owner: whoever can write it can change what runs as root\n  hint: chown root {p}",
+        p = svc.join("containers").display()
+    );
+    let file = d.path().join("svc.toml");
+    let run = |text: &str, json: bool| {
+        std::fs::write(&file, text).unwrap();
+        let mut c = Command::new(BIN);
+        c.arg("--config-dir")
+            .arg(d.path())
+            .args(["check", "--host", "--config"])
+            .arg(&file);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let out = run(&text, false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("warning: {group}")), "{stdout}");
+    assert!(stdout.contains(&format!("warning: {owner}")), "{stdout}");
+    assert!(
+        stdout.contains("refused with [security] strict_paths = true"),
+        "{stdout}"
+    );
+    let out = run(&text, true);
+    assert_eq!(out.status.code(), Some(0));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings: Vec<&str> = plan["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].starts_with(&group), "{warnings:?}");
+    assert!(warnings[1].starts_with(&owner), "{warnings:?}");
+
+    let strict = text.replace(
+        "[apptainer]",
+        "[security]\nstrict_paths = true\n[apptainer]",
+    );
+    let out = run(&strict, false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains(&group) && err.contains(&owner), "{err}");
+
+    let trusted = text.replace(
+        "[apptainer]",
+        "[security]\ntrusted_owners = [65534]\n[apptainer]",
+    );
+    let out = run(&trusted, false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout.contains(&group) && !stdout.contains("uid 65534"),
+        "{stdout}"
+    );
+}
+
+/// An env file that is itself a symbolic link (here to another root-owned file) is refused;
+/// one reached through a symlinked directory is read where it really is.
+#[test]
+fn symlinked_env_file_is_refused_and_a_symlinked_directory_is_not() {
+    let d = tempfile::tempdir().unwrap();
+    let real = d.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::write(real.join("env"), "A=1\n").unwrap();
+    std::os::unix::fs::symlink(real.join("env"), real.join("link")).unwrap();
+    std::os::unix::fs::symlink(&real, d.path().join("dirlink")).unwrap();
+    let text = host_ready(
+        d.path(),
+        &format!("env_file = \"{}\"\n", real.join("link").display()),
+    );
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&format!(
+            "env file: {} is a symbolic link: a file that decides what root runs is read only where it is, never through a link",
+            real.join("link").display()
+        )),
+        "{err}"
+    );
+    let text = host_ready(
+        d.path(),
+        &format!(
+            "env_file = \"{}\"\n",
+            d.path().join("dirlink/env").display()
+        ),
+    );
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 0, "{err}");
 }
 
 /// HOME or APPTAINER_CONFIGDIR in the env file or `[env]` would reach the Apptainer CLI only
