@@ -281,6 +281,41 @@ fn bad_env_file_line_is_named() {
     );
 }
 
+/// A NUL (or another control character but TAB) in the env file is a config error naming
+/// file:line, for `check --host` and for `run` alike (exit 78; `run` used to fail later,
+/// with 71, when the value could not reach Apptainer's environment).
+#[test]
+fn control_characters_in_the_env_file_are_refused_with_file_and_line() {
+    if !support::require_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let env = d.path().join("svc.env");
+    std::fs::write(&env, "SITE=prod\nTOKEN=ab\0cd\n").unwrap();
+    let text = host_ready(d.path(), &format!("env_file = \"{}\"\n", env.display()));
+    let want = format!(
+        "{}:2: contains the control character U+0000; the env file holds text only (TAB is the one allowed)",
+        env.display()
+    );
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains(&want), "{err}");
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(d.path())
+        .args(["run", "svc", "--run-dir"])
+        .arg(d.path().join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains(&want), "{err}");
+    assert!(
+        !d.path().join("run").exists(),
+        "nothing made for a bad env file"
+    );
+}
+
 #[test]
 fn run_refuses_bad_config_with_78_before_doing_anything() {
     let d = tempfile::tempdir().unwrap();
