@@ -232,10 +232,10 @@ fn strict_modes(
         (&s.overlay.path, "overlay"),
     ] {
         let reads = matches!(what, "service file" | "env file");
-        let walked = if what == "env file" {
-            paths::walk_no_final_link(path, &trusted)
-        } else {
-            paths::walk(path, &trusted)
+        let walked = match what {
+            "env file" => paths::walk_no_final_link(path, &trusted),
+            "service file" => paths::walk(path, &trusted),
+            _ => paths::walk_judge_only(path, &trusted),
         };
         let w = match walked {
             Ok(w) => w,
@@ -261,7 +261,7 @@ fn strict_modes(
                     .push(what);
             }
         }
-        let text = w.file.map(|mut f| {
+        let text = w.file.filter(|_| reads).map(|mut f| {
             let mut t = String::new();
             f.read_to_string(&mut t).map(|_| t)
         });

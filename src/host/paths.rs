@@ -105,19 +105,26 @@ pub(crate) fn trusted(sec: &Security) -> Vec<u32> {
     t
 }
 
-/// Walks `p` (resolved first) from `/`, judging each component; see the module doc.
+/// Walks `p` (resolved first) from `/`, judging each component; see the module doc. The
+/// target is opened to be read.
 pub(crate) fn walk(p: &Path, trusted: &[u32]) -> Result<Walk, WalkError> {
-    walk_resolved(super::canonical_path(p), trusted)
+    walk_resolved(super::canonical_path(p), trusted, true)
+}
+
+/// [`walk`] for a target that is only judged, never read (the image, which may be a
+/// directory, and the overlay): it is opened `O_PATH`, so no device or FIFO is opened.
+pub(crate) fn walk_judge_only(p: &Path, trusted: &[u32]) -> Result<Walk, WalkError> {
+    walk_resolved(super::canonical_path(p), trusted, false)
 }
 
 /// [`walk`] with only the directories resolved: a symlink as the last component is refused
 /// ([`WalkError::Symlink`]), not followed.
 pub(crate) fn walk_no_final_link(p: &Path, trusted: &[u32]) -> Result<Walk, WalkError> {
-    walk_resolved(super::canonical_dir_of(p), trusted)
+    walk_resolved(super::canonical_dir_of(p), trusted, true)
 }
 
 /// [`walk`] of a path already resolved: a symlink met on the way is a swap.
-fn walk_resolved(path: PathBuf, trusted: &[u32]) -> Result<Walk, WalkError> {
+fn walk_resolved(path: PathBuf, trusted: &[u32], read: bool) -> Result<Walk, WalkError> {
     let open_err = |at: &Path, source| WalkError::Open {
         path: at.to_owned(),
         source,
@@ -145,14 +152,23 @@ fn walk_resolved(path: PathBuf, trusted: &[u32]) -> Result<Walk, WalkError> {
     for (i, name) in names.iter().enumerate() {
         let last = i + 1 == names.len();
         let child = at.join(name);
-        let flags = if last {
+        let flags = if last && read {
             OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
+        } else if last {
+            // O_PATH with O_NOFOLLOW opens a link itself: caught by its type below.
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
         } else {
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
         };
         match openat(dir.as_fd(), name.as_os_str(), flags, Mode::empty()) {
             Ok(fd) => {
                 let st = fstat(fd.as_fd()).map_err(|e| open_err(&child, e))?;
+                if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                    return Err(WalkError::Swapped {
+                        path: path.clone(),
+                        component: child,
+                    });
+                }
                 if let Some(parent) = pending.take() {
                     let child_dir =
                         (st.st_mode & libc::S_IFMT == libc::S_IFDIR && !last).then_some(st.st_uid);
@@ -336,7 +352,7 @@ mod tests {
         // `real` replaced by a symlink between the resolution and the walk.
         std::fs::rename(top.join("real"), top.join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(top.join("elsewhere"), top.join("real")).unwrap();
-        let err = walk_resolved(resolved, &[0]);
+        let err = walk_resolved(resolved, &[0], true);
         assert!(matches!(err, Err(WalkError::Swapped { .. })), "{err:?}");
     }
 
