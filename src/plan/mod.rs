@@ -33,7 +33,8 @@ pub struct Plan {
     #[serde(serialize_with = "lossy")]
     pub argv: Vec<OsString>,
     /// argv of `apptainer overlay create`, run only when the overlay is missing (`run` builds
-    /// the image at a temporary name beside this path and moves it into place).
+    /// the image under the same name in a private temporary directory beside this path and
+    /// moves it into place).
     #[serde(serialize_with = "lossy")]
     pub overlay_create: Vec<OsString>,
     pub files: Vec<PlannedFile>,
