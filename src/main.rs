@@ -106,12 +106,16 @@ fn real_main(cli: Cli) -> i32 {
                     return exit::CONFIG;
                 }
             }
-            let plan = Plan::build(
+            let mut plan = Plan::build(
                 &s,
                 &run::default_run_dir(),
                 &InstancePaths::for_current(&s.name),
                 checked.as_ref(),
             );
+            if checked.is_none() {
+                // Static, like the claims: `--host` has them among its warnings already.
+                plan.warnings.extend(host::exposures(&s, &cli.config_dir));
+            }
             let text = if *json {
                 match serde_json::to_string_pretty(&plan) {
                     Ok(j) => j + "\n",

@@ -371,6 +371,77 @@ fn shipped_examples_pass_the_static_check() {
     }
 }
 
+/// Every shipped example binds all of /shared, which holds every service's directory, env
+/// file and overlay: `check` (static, and --json) warns, naming the bind with its line, each
+/// service whose files it exposes, and the narrower bind.
+#[test]
+fn shipped_examples_warn_that_binding_all_of_shared_exposes_service_files() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let names = ["ood001", "login005", "login007", "ood-ha001", "ww001"];
+    for name in names {
+        let out = Command::new(BIN)
+            .arg("--config-dir")
+            .arg(&examples)
+            .args(["check", name])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = examples.join(format!("{name}.toml"));
+        let line = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .position(|l| l.trim() == "\"/shared\",")
+            .unwrap()
+            + 1;
+        let warning = text
+            .lines()
+            .find(|l| l.starts_with("warning: ") && l.contains("binds: bind"))
+            .unwrap_or_else(|| panic!("{name}: no bind warning in\n{text}"));
+        assert!(
+            warning.starts_with(&format!(
+                "warning: {}:{line}:3: binds: bind \"/shared\" exposes service files to the container: this service ({name}): service directory /shared/services/",
+                file.display()
+            )),
+            "{warning}"
+        );
+        for other in names.iter().filter(|o| **o != name) {
+            assert!(
+                warning.contains(&format!(
+                    "; service {other}: service directory /shared/services/"
+                )),
+                "{name} names {other}: {warning}"
+            );
+        }
+        assert!(
+            warning.ends_with("root inside it could rewrite an env file that the next start of that service reads as host root, or its overlay"),
+            "{warning}"
+        );
+        assert!(
+            text.contains("\n  hint: bind only what the container needs below /shared, leaving out /shared/services\n"),
+            "{text}"
+        );
+        let out = Command::new(BIN)
+            .arg("--config-dir")
+            .arg(&examples)
+            .args(["check", name, "--json"])
+            .output()
+            .unwrap();
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            plan["warnings"].as_array().unwrap().iter().any(|w| w
+                .as_str()
+                .unwrap()
+                .contains("binds: bind \"/shared\" exposes service files")),
+            "{plan}"
+        );
+    }
+}
+
 #[test]
 fn service_file_writable_by_others_is_refused() {
     use std::os::unix::fs::PermissionsExt;

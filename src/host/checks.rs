@@ -147,6 +147,7 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<Checked, HostError> {
         push(at_network(&e), e.to_string());
     }
     issues.extend(claims(s, config_dir));
+    warnings.extend(exposures(s, config_dir));
     if issues.is_empty() {
         Ok(Checked { env, warnings })
     } else {
@@ -323,6 +324,14 @@ fn file_fault(what: &str, o: &paths::Offender) -> String {
             "{what} is owned by uid {uid}, not root: it decides what runs as root\n  hint: chown root {p}, or list {uid} in [security] trusted_owners if the file server shows root's files as {uid}"
         ),
     }
+}
+
+/// The binds of `s` that expose its own or another service's files (service directory, env
+/// file, overlay) to the container, as warnings. A static fact, like [`claims`]: plain
+/// `check` prints them too.
+pub fn exposures(s: &Service, config_dir: &Path) -> Vec<String> {
+    let others = other_services(config_dir, &s.name);
+    super::exposure::bind_exposures(s, others.iter().map(|(o, _)| o))
 }
 
 /// Why the service file read through the checked fd is not the one `s` was loaded from, if
