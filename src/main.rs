@@ -102,7 +102,13 @@ fn real_main(cli: Cli) -> i32 {
                 // Claims shared with other services in --config-dir are static facts too.
                 let issues = host::claims(&s, &cli.config_dir);
                 if !issues.is_empty() {
-                    eprintln!("error: {}", host::HostError { issues });
+                    eprintln!(
+                        "error: {}",
+                        host::HostError {
+                            issues,
+                            warnings: Vec::new()
+                        }
+                    );
                     return exit::CONFIG;
                 }
             }

@@ -488,7 +488,9 @@ fn missing_bind_source_is_its_own_error_with_file_line_column_and_key() {
         d.path(),
         "binds = [\n  \"/shared\",\n  \"/nonexistent/src:/dst:ro\",\n]\n",
     );
-    let text = text.replace("/shared", d.path().to_str().unwrap());
+    // A bind that exists and holds no service file: only the missing one is reported.
+    std::fs::create_dir(d.path().join("data")).unwrap();
+    let text = text.replace("/shared", d.path().join("data").to_str().unwrap());
     let (code, err) = check(d.path(), &text, &["--host"]);
     assert_eq!(code, 78, "{err}");
     assert_eq!(
@@ -567,8 +569,17 @@ fn world_writable_directories_above_are_all_refused_with_their_fix() {
     std::fs::write(svc.join("bin/.service_env"), "A=1\n").unwrap();
     chmod(&svc.join("bin"), 0o1777);
     chmod(&svc.join("overlay"), 0o777);
+    chmod(&svc.join("containers"), 0o775);
     let (code, err) = check(d.path(), &text, &["--host"]);
     assert_eq!(code, 78, "{err}");
+    // What would only be warned about is listed with them, so one run shows every offender.
+    assert!(
+        err.contains(&format!(
+            "\nwarning: {p}: directory above the image is writable by its group (mode 0775)",
+            p = svc.join("containers").display()
+        )),
+        "{err}"
+    );
     for (dir, what) in [("bin", "env file"), ("overlay", "overlay")] {
         let p = svc.join(dir);
         assert!(

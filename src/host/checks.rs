@@ -18,10 +18,13 @@ pub struct HostIssue {
     pub reason: String,
 }
 
+/// The host problems, and what would only have been warned about, so that one run of
+/// `check --host` lists every offender.
 #[derive(Debug, thiserror::Error)]
-#[error("{}", .issues.iter().map(|i| format!("{}: {}", i.at, i.reason)).collect::<Vec<_>>().join("\n"))]
+#[error("{}{}", .issues.iter().map(|i| format!("{}: {}", i.at, i.reason)).collect::<Vec<_>>().join("\n"), .warnings.iter().map(|w| format!("\nwarning: {w}")).collect::<String>())]
 pub struct HostError {
     pub issues: Vec<HostIssue>,
+    pub warnings: Vec<String>,
 }
 
 /// What the env file yields, when it is read.
@@ -151,7 +154,7 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<Checked, HostError> {
     if issues.is_empty() {
         Ok(Checked { env, warnings })
     } else {
-        Err(HostError { issues })
+        Err(HostError { issues, warnings })
     }
 }
 
@@ -390,4 +393,26 @@ fn other_services(dir: &Path, me: &str) -> Vec<(Service, PathBuf)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What runs must be what was checked: a service file that says something else when
+    /// read again through the checked fd is refused.
+    #[test]
+    fn a_service_file_changed_since_loading_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("svc.toml");
+        let text = "service_dir = \"/srv/svc\"\n";
+        let s = config::parse(text, &file, None).unwrap();
+        let s = super::super::canonicalize(&s);
+        assert_eq!(same_service(&s, text), None);
+        let reason = same_service(&s, "service_dir = \"/srv/elsewhere\"\n").unwrap();
+        assert!(
+            reason.starts_with("service file changed while it was checked"),
+            "{reason}"
+        );
+    }
 }

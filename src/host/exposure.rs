@@ -100,11 +100,12 @@ fn narrower(src: &Path, leave_out: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(" and ");
-    // On this host, the entries of the source that hold no service file.
+    // On this host, the directories of the source that hold no service file.
     let keep: Vec<String> = std::fs::read_dir(src)
         .map(|rd| {
             let mut v: Vec<String> = rd
                 .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                 .map(|e| e.path())
                 .filter(|p| !leave_out.contains(p))
                 .map(|p| format!("{:?}", p.display().to_string()))
