@@ -9,6 +9,7 @@ pub(crate) mod cni_dir;
 mod exposure;
 pub(crate) mod lock;
 pub(crate) mod overlay;
+mod overlay_creation;
 mod paths;
 pub mod privilege;
 pub mod unit_names;
