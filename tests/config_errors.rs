@@ -676,6 +676,25 @@ fn group_writable_or_foreign_owned_above_warns_now_and_strict_paths_refuses() {
     );
 }
 
+/// A missing overlay is never created in a directory others may write (Apptainer's creation
+/// follows links): `check --host` says so before `run` meets it.
+#[test]
+fn a_missing_overlay_in_a_group_writable_directory_is_refused_by_check() {
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(d.path(), "");
+    let dir = d.path().join("svc/overlay");
+    chmod(&dir, 0o775);
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&format!(
+            "overlay.path (default): the overlay is missing and cannot be created: the overlay's directory {p} is writable by group or others (mode 0775): whoever can write it could redirect Apptainer's creation (it follows links)\n  hint: chmod go-w {p}, or create the overlay by hand",
+            p = dir.display()
+        )),
+        "{err}"
+    );
+}
+
 /// An env file that is itself a symbolic link (here to another root-owned file) is refused;
 /// one reached through a symlinked directory is read where it really is.
 #[test]

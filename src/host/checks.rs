@@ -93,6 +93,16 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<Checked, HostError> {
                         dir.display()
                     ),
                 );
+            } else if let Some(e) = crate::host::overlay::Creation::refused_in(&dir) {
+                // `run` would refuse to create it there; world-writable is refused above
+                // already, by the path rule.
+                if !matches!(e, crate::host::overlay::CreationError::SharedDir { mode, .. } if mode & 0o002 != 0)
+                {
+                    push(
+                        s.locate(keys::OVERLAY_PATH),
+                        format!("the overlay is missing and cannot be created: {e}"),
+                    );
+                }
             }
         }
         Ok(crate::host::overlay::Found::Image { .. }) => {}

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-pub use super::overlay_creation::{remove_stale_temps, Creation};
+pub use super::overlay_creation::{remove_stale_temps, Creation, CreationError};
 
 /// What is at the overlay path now.
 #[derive(Debug, Clone, PartialEq, Eq)]

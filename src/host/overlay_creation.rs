@@ -57,6 +57,16 @@ pub enum CreationError {
     },
 }
 
+/// Others who may write the overlay's directory could replace our private directory by a
+/// link while Apptainer works in it (the path rule only warns about a group-writable one).
+fn shared_dir(dir: &Path, st_mode: u32) -> Option<CreationError> {
+    let mode = st_mode & 0o7777;
+    (mode & 0o022 != 0).then(|| CreationError::SharedDir {
+        dir: dir.to_owned(),
+        mode,
+    })
+}
+
 fn nix_io(e: nix::errno::Errno) -> io::Error {
     io::Error::from(e)
 }
@@ -81,17 +91,11 @@ impl Creation {
             Mode::empty(),
         )
         .map_err(|e| make_err(nix_io(e)))?;
-        // Others who may write the directory could replace our private directory by a link
-        // while Apptainer works in it (the path rule only warns about a group-writable one).
         let mode = fstat(std::os::fd::AsFd::as_fd(&parent))
             .map_err(|e| make_err(nix_io(e)))?
-            .st_mode
-            & 0o7777;
-        if mode & 0o022 != 0 {
-            return Err(CreationError::SharedDir {
-                dir: parent_path,
-                mode,
-            });
+            .st_mode;
+        if let Some(e) = shared_dir(&parent_path, mode) {
+            return Err(e);
         }
         let mut template = std::ffi::OsString::from(".");
         template.push(&name);
@@ -118,6 +122,14 @@ impl Creation {
             dir_fd,
             dir_id: (st.st_dev, st.st_ino),
         })
+    }
+
+    /// Why no creation may happen in `dir` as it is now, if none may (for `check --host`,
+    /// which says so before `run` meets it).
+    pub fn refused_in(dir: &Path) -> Option<CreationError> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(dir).ok()?;
+        shared_dir(dir, m.mode())
     }
 
     /// The path `apptainer overlay create` is given: the image's name in the private
