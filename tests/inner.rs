@@ -367,3 +367,134 @@ fn no_cgroup_namespace_the_inner_systemd_lives_below_the_containers_cgroup() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Every connection waiting on `listener`: (the connecting process's pid, the bytes it
+/// sent before it closed), read without blocking.
+fn connections(listener: &std::os::unix::net::UnixListener) -> Vec<(i32, Vec<u8>)> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut got = Vec::new();
+    while let Ok((mut s, _)) = listener.accept() {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes of a ucred; the fd is open.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "SO_PEERCRED");
+        s.set_nonblocking(true).unwrap();
+        let mut bytes = Vec::new();
+        let _ = s.read_to_end(&mut bytes);
+        got.push((cred.pid, bytes));
+    }
+    got
+}
+
+/// The bus socket is looked up in the container's root, never the host's, and must be served
+/// from inside. The test image's `dbus.socket` gets a drop-in (written inside, kept in the
+/// overlay) that listens on `/run/dbus/real_socket` instead and puts at
+/// `/run/dbus/system_bus_socket` a symlink to whatever the host file `bus-link` (bound at
+/// `/srv/root`) says:
+/// 1. an absolute link to a link inside (`/run/dbus/link` → `real_socket`): READY, as
+///    through the plain socket (the kernel would have resolved `/run/dbus/link` on the host);
+/// 2. the host's absolute path of a socket the test listens on: nothing there inside, so
+///    the supervisor never connects (the listener sees no connection) and says why;
+/// 3. the same socket, visible inside through the bind: connected, but its peer is a host
+///    process, so the supervisor sends not one byte and stops at once with a clear error.
+#[test]
+fn bus_socket_is_resolved_in_the_containers_root_and_a_host_socket_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-bus", REQUIRED);
+    let bound = w.service_dir.join("root");
+    let listener_path = bound.join("host-bus.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&listener_path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    // The real socket is never at the bus path: no attempt can reach it there first.
+    std::fs::write(
+        bound.join("asv-bus.conf"),
+        "[Socket]\nListenStream=\nListenStream=/run/dbus/real_socket\n\
+         ExecStartPre=/bin/sh -c 'mkdir -p /run/dbus && \
+         ln -sfn real_socket /run/dbus/link && \
+         ln -sfn \"$$(cat /srv/root/bus-link)\" /run/dbus/system_bus_socket'\n",
+    )
+    .unwrap();
+    w.spawn_run();
+    w.wait_ready();
+    let out = w.inside(&[
+        "sh",
+        "-c",
+        "mkdir -p /etc/systemd/system/dbus.socket.d && \
+         cp /srv/root/asv-bus.conf /etc/systemd/system/dbus.socket.d/",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    w.stop_ok(0);
+
+    // 1. Links inside, one absolute, one relative.
+    std::fs::write(bound.join("bus-link"), "/run/dbus/link").unwrap();
+    w.spawn_run();
+    w.wait_ready();
+    let link = w.inside(&["readlink", "/run/dbus/system_bus_socket"]);
+    assert_eq!(
+        String::from_utf8_lossy(&link.stdout).trim(),
+        "/run/dbus/link"
+    );
+    w.stop_ok(1);
+
+    // 2. An absolute link to the host's path of a host socket.
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("start_sec = 30", "start_sec = 8"),
+    )
+    .unwrap();
+    let host_path = listener_path.display().to_string();
+    std::fs::write(bound.join("bus-link"), &host_path).unwrap();
+    w.spawn_run();
+    let out = w.wait(2, 60 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains(" s; last attempt: resolving the container's system bus inside its root: /run/dbus/system_bus_socket inside the container (through the symbolic links → ")
+            && err.contains(&format!("→ {host_path}): ")),
+        "{err}"
+    );
+    // The supervisor has exited: whatever it would have connected is queued by now.
+    assert_eq!(connections(&listener), [], "nobody reached the host socket");
+
+    // 3. The same socket through the bind: found inside, served from the host.
+    std::fs::write(bound.join("bus-link"), "/srv/root/host-bus.sock").unwrap();
+    let sup = w.spawn_run() as i32;
+    let out = w.wait(3, 60 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("the container's system bus /run/dbus/system_bus_socket in the root of pid ")
+            && err.contains(&format!(
+                "is served by pid {}, which is not in the container's PID namespace",
+                std::process::id()
+            ))
+            && err.contains("refusing to talk to it"),
+        "{err}"
+    );
+    let from_us: Vec<_> = connections(&listener)
+        .into_iter()
+        .filter(|(pid, _)| *pid == sup)
+        .collect();
+    assert_eq!(
+        from_us,
+        [(sup, Vec::new())],
+        "connected, and not one byte sent"
+    );
+}
