@@ -278,6 +278,17 @@ impl From<zbus::Error> for InnerError {
 }
 
 impl InnerError {
+    /// The bus at the path is not the container's own: served from outside its PID
+    /// namespace, not a socket, or behind a symlink loop.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            InnerError::PeerOutsideContainer { .. }
+                | InnerError::NotASocket { .. }
+                | InnerError::ResolveInnerBus(InRootError::TooManyLinks { .. })
+        )
+    }
+
     /// Worth another attempt while the container boots: nothing at the path yet, nobody
     /// accepting, or a bus that does not answer yet. A socket that is not the container's or
     /// a path that is not a socket is refused at once.
