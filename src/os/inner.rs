@@ -39,6 +39,8 @@ use super::in_root::{open_in_root, InRootError};
 use super::sanitize::{enum_value, one_line, unit_name};
 
 mod events;
+#[cfg(test)]
+mod flood_tests;
 pub use events::{events, InnerEvents, InnerSender};
 
 #[zbus::proxy(
@@ -519,30 +521,34 @@ fn parse_signal(msg: &zbus::Message, paths: &BTreeMap<String, Vec<String>>) -> O
 /// (`readiness.accept_degraded`), so the end of the boot needs no D-Bus read before it is
 /// reported.
 pub async fn watch(inner: Inner, required: Vec<String>, booted_is_enough: bool, tx: InnerSender) {
-    if let Err(e) = watch_inner(&inner, &required, booted_is_enough, &tx).await {
+    let followed = async {
+        let signals = connection(inner.init_pid).await?;
+        follow(&inner.manager, &signals, &required, booted_is_enough, &tx).await
+    };
+    if let Err(e) = followed.await {
         tx.send(InnerEvent::Lost(e.to_string()));
     }
 }
 
-async fn watch_inner(
-    inner: &Inner,
+/// The watch itself: calls through `m` (a connection without signal streams), signals from
+/// `signals` (a connection of their own).
+async fn follow(
+    m: &ManagerProxy<'static>,
+    signals: &zbus::Connection,
     required: &[String],
     booted_is_enough: bool,
     tx: &InnerSender,
 ) -> Result<(), InnerError> {
-    let m = &inner.manager;
     let conn = m.inner().connection().clone();
-    // The signals' own connection and its one stream first (its match rule is added before
-    // anything is read), then Subscribe, then read the state: no change can slip between
-    // the read and the first signal.
-    let signals = connection(inner.init_pid).await?;
+    // The signals' one stream first (its match rule is added before anything is read),
+    // then Subscribe, then read the state: no change can slip between the read and the
+    // first signal.
     let rule = zbus::MatchRule::builder()
         .msg_type(zbus::message::Type::Signal)
         .sender("org.freedesktop.systemd1")
         .path_namespace("/org/freedesktop/systemd1")
         .build()?;
-    let mut stream =
-        zbus::MessageStream::for_match_rule(rule, &signals, Some(SIGNAL_QUEUE)).await?;
+    let mut stream = zbus::MessageStream::for_match_rule(rule, signals, Some(SIGNAL_QUEUE)).await?;
     // The object path of each required unit → our names for it (the container chooses the
     // paths; two names may share one).
     let mut paths: BTreeMap<String, Vec<String>> = BTreeMap::new();
