@@ -12,8 +12,19 @@ use tokio::time::Instant;
 use super::{InnerEvent, InnerState, UnitState};
 
 /// How often a change of the inner job count alone reaches the event loop (and so
-/// `STATUS=`): a boot or a stop queues hundreds of jobs in a few milliseconds.
-pub(crate) const JOBS_INTERVAL: Duration = Duration::from_millis(250);
+/// `STATUS=`): a boot or a stop queues hundreds of jobs in a few milliseconds, and a person
+/// reads a count a few times a second.
+pub(crate) const JOBS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Other changes (SystemState, a required unit's states) go at once while this many are in
+/// hand: a boot, a failure and a restart take a handful, so READY=1 never waits for the
+/// limit …
+const STATE_BURST: f64 = 16.0;
+
+/// … which then refills at this rate per second: a unit flapping as fast as the container
+/// can make it reaches the loop, with the job count, at most 2 + 3 = 5 times a second (the
+/// issue's bound on `STATUS=`).
+const STATE_RATE: f64 = 3.0;
 
 /// A required unit's changes queued at most before the oldest are dropped: enough for a
 /// failure and a recovery the loop has not seen yet.
@@ -30,11 +41,14 @@ pub struct InnerSender {
 /// connecting, a shutdown job (the latest), each required unit's last changes
 /// (`UNIT_CHANGES_KEPT`, failure and recovery alternating), the loss of the bus. A change of
 /// the job count alone is handed out at most every [`JOBS_INTERVAL`]; any other change at
-/// once.
+/// once, up to `STATE_BURST` of them, then `STATE_RATE` a second.
 pub struct InnerEvents {
     shared: Arc<Shared>,
     /// The state last handed out, and when.
     delivered: Option<(InnerState, Instant)>,
+    /// The token bucket of state changes, as of `refilled`.
+    tokens: f64,
+    refilled: Instant,
 }
 
 struct Shared {
@@ -66,6 +80,8 @@ pub fn events() -> (InnerSender, InnerEvents) {
         InnerEvents {
             shared,
             delivered: None,
+            tokens: STATE_BURST,
+            refilled: Instant::now(),
         },
     )
 }
@@ -166,14 +182,25 @@ impl InnerEvents {
                 }
                 let mut due = None;
                 if let Some(s) = q.latest.take() {
+                    let now = Instant::now();
+                    self.tokens = (self.tokens
+                        + now.duration_since(self.refilled).as_secs_f64() * STATE_RATE)
+                        .min(STATE_BURST);
+                    self.refilled = now;
+                    let jobs_only =
+                        matches!(&self.delivered, Some((d, _)) if only_jobs_differ(d, &s));
                     let at = match &self.delivered {
-                        Some((d, at)) if only_jobs_differ(d, &s) && q.lost.is_none() => {
-                            *at + JOBS_INTERVAL
-                        }
-                        _ => Instant::now(),
+                        // The bus is gone: what it said last goes out now.
+                        _ if q.lost.is_some() => now,
+                        Some((_, at)) if jobs_only => *at + JOBS_INTERVAL,
+                        _ if self.tokens >= 1.0 => now,
+                        _ => now + Duration::from_secs_f64((1.0 - self.tokens) / STATE_RATE),
                     };
-                    if at <= Instant::now() {
-                        self.delivered = Some((s.clone(), Instant::now()));
+                    if at <= now {
+                        if !jobs_only {
+                            self.tokens = (self.tokens - 1.0).max(0.0);
+                        }
+                        self.delivered = Some((s.clone(), now));
                         return Some(InnerEvent::Changed(s));
                     }
                     q.latest = Some(s);
@@ -315,6 +342,47 @@ mod tests {
             );
             assert_eq!(flips.last(), Some(&"failed"));
             assert_eq!(got.last(), Some(&InnerEvent::Lost("bus closed".into())));
+        });
+    }
+
+    #[test]
+    fn a_flapping_unit_reaches_the_loop_a_few_times_a_second() {
+        let (tx, mut rx) = events();
+        tx.send(InnerEvent::Connected(state("running", 0, &[])));
+        rt().block_on(async {
+            assert!(matches!(rx.recv().await, Some(InnerEvent::Connected(_))));
+            let start = std::time::Instant::now();
+            let mut at_once = 0;
+            for i in 0..2000 {
+                let sub = if i % 2 == 0 { "start" } else { "running" };
+                tx.send(InnerEvent::Changed(state(
+                    "running",
+                    0,
+                    &[("httpd.service", unit("activating", sub, ""))],
+                )));
+                // Only what is due now: nothing waits here.
+                if let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, rx.recv()).await {
+                    at_once += 1;
+                }
+            }
+            // The burst, and what the bucket refilled meanwhile; nothing else went at once.
+            let refilled = (start.elapsed().as_secs_f64() * STATE_RATE).ceil() as usize;
+            assert!(
+                at_once <= STATE_BURST as usize + refilled + 1,
+                "{at_once} at once in {:?}",
+                start.elapsed()
+            );
+            assert!(at_once >= STATE_BURST as usize, "{at_once}");
+            // The newest state still comes, once due.
+            let last = rx.recv().await;
+            assert_eq!(
+                last,
+                Some(InnerEvent::Changed(state(
+                    "running",
+                    0,
+                    &[("httpd.service", unit("activating", "running", ""))],
+                )))
+            );
         });
     }
 }
