@@ -233,6 +233,8 @@ pub enum InnerError {
         /// Why the last attempt failed, if one was made.
         last: Option<String>,
     },
+    #[error("the container's system bus {path} did not complete the handshake within {ms} ms")]
+    Handshake { path: PathBuf, ms: u128 },
     #[error("resolving the container's system bus inside its root: {0}")]
     ResolveInnerBus(#[source] InRootError),
     #[error("the container's system bus {path} is not a socket")]
@@ -308,7 +310,7 @@ impl InnerError {
             }
             InnerError::ConnectSocket { .. }
             | InnerError::ConnectInnerBus { .. }
-            | InnerError::BusTimeout { .. }
+            | InnerError::Handshake { .. }
             | InnerError::PeerUnknown { .. } => true,
             _ => false,
         }
@@ -340,10 +342,9 @@ impl Inner {
                 .min(Duration::from_secs(5));
             let res = match tokio::time::timeout(attempt, connect_once(init_pid)).await {
                 Ok(r) => r,
-                Err(_) => Err(InnerError::BusTimeout {
+                Err(_) => Err(InnerError::Handshake {
                     path: bus_socket(init_pid),
-                    secs: attempt.as_secs(),
-                    last: None,
+                    ms: attempt.as_millis(),
                 }),
             };
             match res {
