@@ -368,38 +368,6 @@ fn no_cgroup_namespace_the_inner_systemd_lives_below_the_containers_cgroup() {
     );
 }
 
-/// Every connection waiting on `listener`: (the connecting process's pid, the bytes it
-/// sent before it closed), read without blocking.
-fn connections(listener: &std::os::unix::net::UnixListener) -> Vec<(i32, Vec<u8>)> {
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-    let mut got = Vec::new();
-    while let Ok((mut s, _)) = listener.accept() {
-        let mut cred = libc::ucred {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-        };
-        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-        // SAFETY: `cred` and `len` are valid for writes of a ucred; the fd is open.
-        let r = unsafe {
-            libc::getsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0, "SO_PEERCRED");
-        s.set_nonblocking(true).unwrap();
-        let mut bytes = Vec::new();
-        let _ = s.read_to_end(&mut bytes);
-        got.push((cred.pid, bytes));
-    }
-    got
-}
-
 /// The bus socket is looked up in the container's root, never the host's, and must be served
 /// from inside. The test image's `dbus.socket` gets a drop-in (written inside, kept in the
 /// overlay) that listens on `/run/dbus/real_socket` instead and puts at
@@ -471,7 +439,7 @@ fn bus_socket_is_resolved_in_the_containers_root_and_a_host_socket_is_refused() 
         "{err}"
     );
     // The supervisor has exited: whatever it would have connected is queued by now.
-    assert_eq!(connections(&listener), [], "nobody reached the host socket");
+    assert_eq!(accepted(&listener), [], "nobody reached the host socket");
 
     // 3. The same socket through the bind: found inside, served from the host.
     std::fs::write(bound.join("bus-link"), "/srv/root/host-bus.sock").unwrap();
@@ -488,7 +456,7 @@ fn bus_socket_is_resolved_in_the_containers_root_and_a_host_socket_is_refused() 
             && err.contains("refusing to talk to it"),
         "{err}"
     );
-    let from_us: Vec<_> = connections(&listener)
+    let from_us: Vec<_> = accepted(&listener)
         .into_iter()
         .filter(|(pid, _)| *pid == sup)
         .collect();
