@@ -466,3 +466,95 @@ fn bus_socket_is_resolved_in_the_containers_root_and_a_host_socket_is_refused() 
         "connected, and not one byte sent"
     );
 }
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A boot storm from the container's own systemd: a unit of the image starts 2 000 oneshot
+/// units at boot (one StartUnit each), so the boot ends only after ~4 000 JobNew/JobRemoved
+/// and their property changes, while the watchdog pings. READY=1 comes; `STATUS=` follows the job count a
+/// few times a second, not once per job (it was one per job); WATCHDOG=1 goes on. The
+/// figures (STATUS= count and rate, pings, the supervisor's peak RSS) are printed.
+#[test]
+fn a_boot_storm_inside_reaches_status_a_few_times_a_second() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-storm", REQUIRED);
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("start_sec = 30", "start_sec = 240"),
+    )
+    .unwrap();
+    let bound = w.service_dir.join("root");
+    std::fs::write(
+        bound.join("asv-noop@.service"),
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        bound.join("asv-storm.service"),
+        "[Service]\nType=oneshot\nExecStart=/usr/local/bin/asv-storm\n\
+         [Install]\nWantedBy=multi-user.target\n",
+    )
+    .unwrap();
+    std::fs::write(
+        bound.join("asv-storm"),
+        "#!/bin/sh\nsystemctl start --no-block $(seq -f 'asv-noop@%g.service' 1 2000) && \
+         touch /run/asv-storm-done\n",
+    )
+    .unwrap();
+    w.spawn_run();
+    w.wait_ready();
+    let out = w.inside(&[
+        "sh",
+        "-c",
+        "cp /srv/root/asv-noop@.service /srv/root/asv-storm.service /etc/systemd/system/ && \
+         install -m 0755 /srv/root/asv-storm /usr/local/bin/asv-storm && \
+         systemctl enable asv-storm.service",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    w.stop_ok(0);
+    w.notify_drain();
+
+    w.env.push(("WATCHDOG_USEC".into(), "1000000".into()));
+    let t = Instant::now();
+    let sup = w.spawn_run();
+    let msgs = w.wait_ready_within(240 * SEC);
+    let secs = t.elapsed().as_secs_f64();
+    let hwm = status_kib(sup, "VmHWM:");
+    let statuses = msgs.iter().filter(|m| m.contains("STATUS=")).count();
+    let pings = msgs.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    let most_jobs = msgs
+        .iter()
+        .filter_map(|m| m.split("STATUS=booting: ").nth(1))
+        .filter_map(|s| s.split(' ').next()?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "boot storm: READY after {secs:.1} s, {statuses} STATUS= ({:.1}/s), most jobs shown \
+         {most_jobs}, {pings} WATCHDOG=1, supervisor VmHWM {hwm} KiB",
+        statuses as f64 / secs
+    );
+    // systemctl made its 2 000 StartUnit calls (one JobNew each) before the boot ended.
+    let done = w.inside(&["test", "-e", "/run/asv-storm-done"]);
+    assert!(done.status.success(), "the storm ran inside");
+    // The rate limit (src/os/inner/events.rs): a burst of 16 state changes, then 3 a second,
+    // and the job count twice a second; a few more for the steps before the bus.
+    let limit = 16 + 8 + (5.0 * secs).ceil() as usize;
+    assert!(
+        statuses <= limit,
+        "{statuses} STATUS= in {secs:.1} s (limit {limit})"
+    );
+    let jobs_left = w.inside(&["systemctl", "list-jobs", "--no-legend"]);
+    assert!(jobs_left.stdout.is_empty(), "booted: no job left");
+    w.stop_ok(1);
+}
