@@ -525,7 +525,13 @@ fn parse_signal(msg: &zbus::Message, paths: &BTreeMap<String, Vec<String>>) -> O
 /// reported.
 pub async fn watch(inner: Inner, required: Vec<String>, booted_is_enough: bool, tx: InnerSender) {
     let followed = async {
-        let signals = connection(inner.init_pid).await?;
+        // The handshake is not a call: bound it the same.
+        let signals = tokio::time::timeout(CALL_TIMEOUT, connection(inner.init_pid))
+            .await
+            .map_err(|_| InnerError::Handshake {
+                path: bus_socket(inner.init_pid),
+                ms: CALL_TIMEOUT.as_millis(),
+            })??;
         follow(&inner.manager, &signals, &required, booted_is_enough, &tx).await
     };
     if let Err(e) = followed.await {
