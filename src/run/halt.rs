@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tracing::{info, warn};
 
 use super::report::Notice;
 use super::watch::recv_opt_ref;
 use super::{show_exit, Supervisor};
-use crate::os::inner::InnerEvent;
+use crate::os::inner::{InnerEvent, InnerEvents};
 use crate::os::instance::{self, ExitWatch, ProcId};
 use crate::os::live::Phase;
 use crate::plan::argv;
@@ -24,7 +23,7 @@ impl Supervisor<'_> {
         container_fd: &ExitWatch,
         master: Option<&ProcId>,
         master_fd: Option<&ExitWatch>,
-        mut events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+        mut events: Option<&mut InnerEvents>,
     ) {
         let to = self.s.timeouts;
         let stop = Duration::from_secs(to.stop_sec);

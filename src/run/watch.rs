@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -18,7 +18,7 @@ use crate::config::{OnFailure, ReadinessMode};
 use crate::exit::RunError;
 use crate::host::cni_del;
 use crate::os::apptainer;
-use crate::os::inner::{self, Inner, InnerEvent, Shutdown};
+use crate::os::inner::{self, Inner, InnerEvent, InnerEvents, Shutdown};
 use crate::os::instance::{self, Exit};
 use crate::os::live::{self, InnerSummary, Phase};
 
@@ -54,7 +54,7 @@ impl Supervisor<'_> {
         let r = &self.s.readiness;
         let mut policy = Policy::new(r.clone(), r.mode == ReadinessMode::Instance);
         let mut inner: Option<Inner> = None;
-        let mut events: Option<mpsc::UnboundedReceiver<InnerEvent>> = None;
+        let mut events: Option<InnerEvents> = None;
         let mut ping: Option<oneshot::Receiver<bool>> = None;
         let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         // Our own start timeout decides; keep systemd's TimeoutStartSec= behind it even
@@ -122,7 +122,7 @@ impl Supervisor<'_> {
                         }
                     }
                     Ok(Ok(i)) => {
-                        let (tx, rx) = mpsc::unbounded_channel();
+                        let (tx, rx) = inner::events();
                         tokio::spawn(inner::watch(
                             i.clone(),
                             r.required_units.clone(),
@@ -311,7 +311,7 @@ impl Supervisor<'_> {
         actions: Vec<Action>,
         t: &Tracked,
         inner: &Option<Inner>,
-        events: &mut Option<mpsc::UnboundedReceiver<InnerEvent>>,
+        events: &mut Option<InnerEvents>,
     ) -> Option<Result<(), RunError>> {
         let pid = t.container.pid;
         for a in actions {
@@ -427,7 +427,7 @@ impl Supervisor<'_> {
         &mut self,
         end: End,
         t: &Tracked,
-        events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+        events: Option<&mut InnerEvents>,
     ) -> Result<(), RunError> {
         let pid = t.container.pid;
         match end {
@@ -545,7 +545,7 @@ impl Supervisor<'_> {
         &mut self,
         t: &Tracked,
         why: &str,
-        events: Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
+        events: Option<&mut InnerEvents>,
     ) {
         info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", status = %why, "stopping");
         self.report(Notice::Stopping, Some(Phase::Stopping), why);
@@ -636,18 +636,14 @@ enum Source {
     Output,
 }
 
-pub(super) async fn recv_opt(
-    rx: &mut Option<mpsc::UnboundedReceiver<InnerEvent>>,
-) -> Option<InnerEvent> {
+pub(super) async fn recv_opt(rx: &mut Option<InnerEvents>) -> Option<InnerEvent> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }
 
-pub(super) async fn recv_opt_ref(
-    rx: &mut Option<&mut mpsc::UnboundedReceiver<InnerEvent>>,
-) -> Option<InnerEvent> {
+pub(super) async fn recv_opt_ref(rx: &mut Option<&mut InnerEvents>) -> Option<InnerEvent> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,
