@@ -4,13 +4,15 @@
 //! Manager's, Unit's and Service's properties) as an inner systemd would — except that what
 //! it says is an attacker's.
 //!
-//! Built by `cargo test` as an example (`[[example]]` in Cargo.toml), so no release build
-//! and no package ever contains it. The test starts it inside the container's PID
+//! A module of `tests/hostile.rs` only, so no release build and no package ever contains
+//! it. That test's own executable is the program: run with [`ENV`] set to the arguments
+//! (separated by `\x1f`) and `--exact hostile_peer_main --ignored`, its ignored test
+//! `hostile_peer_main` calls [`main`]. The test starts it inside the container's PID
 //! namespace (`nsenter --pid`), so the bus daemon the supervisor connects to is a process
 //! of the container, as the real one is: a peer check on the socket passes, and what is
 //! tested is what lies behind it.
 //!
-//! `hostile-peer MODE SOCKET DIR [MAINPID]`
+//! Arguments: `MODE SOCKET DIR [MAINPID]`
 //! - SOCKET: the container's `/run/dbus/system_bus_socket` reached from here
 //!   (`/proc/<init>/root/run/dbus/system_bus_socket`). The daemon binds a temporary name in
 //!   the same directory and the socket is renamed into place only once this program owns
@@ -406,8 +408,9 @@ impl Peer {
 }
 
 /// Starts `dbus-daemon` listening at `listen` with a configuration that lets any root
-/// client own any name; returns once it accepts connections.
-fn start_daemon(dir: &Path, listen: &Path) -> std::process::Child {
+/// client own any name; returns once it accepts connections. A thread waits for it and
+/// notes its end in `peer.log` (it ends with the container's PID namespace).
+fn start_daemon(dir: &Path, listen: &Path) {
     let conf = dir.join("bus.conf");
     std::fs::write(
         &conf,
@@ -446,7 +449,11 @@ fn start_daemon(dir: &Path, listen: &Path) -> std::process::Child {
         .read_line(&mut line)
         .expect("dbus-daemon's address");
     assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
-    child
+    let dir = dir.to_owned();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        log(&dir, &format!("dbus-daemon exited: {status:?}"));
+    });
 }
 
 /// `write-logs TARGET STATS`: a runaway logger. Appends 200-byte lines to TARGET (the
@@ -473,9 +480,18 @@ fn write_logs(target: &Path, stats: &Path) -> ! {
     unreachable!("the loop has no end")
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let args: Vec<String> = std::env::args().collect();
+/// Where the test puts the peer's arguments, separated by `\x1f`.
+pub const ENV: &str = "ASV_HOSTILE_PEER";
+
+/// The peer's program: its arguments from [`ENV`]; never returns while it has work.
+/// Without [`ENV`] (an `--include-ignored` run) there is nothing to do.
+pub fn main() {
+    let Some(line) = std::env::var_os(ENV) else {
+        eprintln!("{ENV} is not set: this is the hostile peer's entry point, not a test");
+        return;
+    };
+    let mut args: Vec<String> = vec!["hostile-peer".into()];
+    args.extend(line.to_string_lossy().split('\x1f').map(str::to_owned));
     if args.get(1).map(String::as_str) == Some("write-logs") {
         let usage = "usage: hostile-peer write-logs TARGET STATS";
         write_logs(
@@ -483,6 +499,14 @@ async fn main() {
             Path::new(args.get(3).expect(usage)),
         );
     }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(serve(args));
+}
+
+async fn serve(args: Vec<String>) {
     let usage = "usage: hostile-peer plain|hostile|flood SOCKET DIR [MAINPID]";
     let mode = match args.get(1).map(String::as_str) {
         Some("plain") => Mode::Plain,
@@ -494,7 +518,7 @@ async fn main() {
     let dir = PathBuf::from(args.get(3).expect(usage));
     let mainpid = args.get(4).cloned().unwrap_or_else(|| "1".into());
     let temp = socket.with_file_name(".hostile-peer-socket");
-    let _daemon = start_daemon(&dir, &temp);
+    start_daemon(&dir, &temp);
     let conn = zbus::connection::Builder::address(format!("unix:path={}", temp.display()).as_str())
         .name("org.freedesktop.systemd1")
         .build()
