@@ -18,7 +18,8 @@
 //!   the same directory and the socket is renamed into place only once this program owns
 //!   `org.freedesktop.systemd1`, so the supervisor never finds a bus without its systemd.
 //! - DIR: the test's directory: `bus.conf` is written there, progress lines go to
-//!   `DIR/peer.log` (`bus-up`, `subscribed`, `hostile-done`, `burst-done`,
+//!   `DIR/peer.log` (`bus-up`, `subscribed`, `hostile-done`, `system-state-read` (the
+//!   hostile SystemState was asked for), `burst-done`,
 //!   `ready-sent <CLOCK_MONOTONIC ns>`), and the file `DIR/go` releases readiness.
 //! - `write-logs TARGET STATS`: a runaway logger instead (see [`write_logs`]).
 //! - MODE:
@@ -379,6 +380,9 @@ impl Peer {
             }
             (PROPS, "Get") => {
                 let (i, p): (String, String) = body.deserialize()?;
+                if p == "SystemState" && self.state.lock().unwrap().system.starts_with("hostile-") {
+                    log(&self.dir, "system-state-read");
+                }
                 match self.property(&path, &i, &p) {
                     Some(v) => self.conn.reply(&hdr, &v).await?,
                     None => {
