@@ -745,6 +745,31 @@ mod tests {
         assert_eq!(b.report(ms(1002)), Some(1));
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_backlog_is_read_one_mib_at_a_time_and_the_rest_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x.out");
+        let err = dir.path().join("x.err");
+        std::fs::write(&out, "").unwrap();
+        std::fs::write(&err, "").unwrap();
+        let mut f = Forwarder::new("x", 1, &out, &err, Start::now(&out, &err));
+        // 3 MiB of 100-byte lines in one write, before the forwarder looks.
+        let line = format!("{}\n", "z".repeat(99));
+        let backlog = line.repeat(3 * 1024 * 1024 / 100);
+        let mut w = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+        use std::io::Write;
+        w.write_all(backlog.as_bytes()).unwrap();
+        f.pump();
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), 0, "emptied");
+        assert_eq!(
+            f.skipped,
+            backlog.len() as u64 - MAX_READ,
+            "one pump reads MAX_READ bytes, the rest is skipped and counted"
+        );
+        assert_eq!(f.logs[0].offset, 0);
+        assert!(f.logs[0].split.carry.is_empty(), "the cut line is dropped");
+    }
+
     #[test]
     fn big_files_are_truncated_read_or_not() {
         assert!(!should_truncate(MAX_FILE));
