@@ -241,6 +241,10 @@ fn hostile_states_and_names_never_reach_pid1_the_journal_or_a_terminal_raw() {
     );
     let after = s.show(BYSTANDER, &["ActiveState", "MainPID", "NRestarts"]);
     assert_eq!(after, bystander, "the unrelated host service is untouched");
+    let problems = s.host.teardown();
+    c.check(problems.is_empty(), || {
+        format!("nothing left behind: {problems:?}")
+    });
     c.finish();
 }
 
@@ -252,7 +256,7 @@ fn bus_socket_symlinked_to_a_host_socket_is_never_connected() {
     if !require_root() {
         return;
     }
-    let s = Hostile::new(Opts {
+    let mut s = Hostile::new(Opts {
         start_sec: 8,
         stop_sec: 5,
         watchdog_sec: 10,
@@ -305,6 +309,10 @@ fn bus_socket_symlinked_to_a_host_socket_is_never_connected() {
         errors.iter().any(|m| m.contains("system_bus_socket")),
         || format!("a clear error naming the bus socket in the journal: {errors:?}"),
     );
+    let problems = s.host.teardown();
+    c.check(problems.is_empty(), || {
+        format!("nothing left behind: {problems:?}")
+    });
     c.finish();
 }
 
@@ -457,6 +465,10 @@ fn signal_flood_keeps_the_supervisor_small_quiet_and_responsive() {
     });
     c.check(peak <= 16 * 1024, || {
         format!("the supervisor's peak RSS stays within 16 MiB: {peak} KiB")
+    });
+    let problems = s.host.teardown();
+    c.check(problems.is_empty(), || {
+        format!("nothing left behind: {problems:?}")
     });
     c.finish();
 }
@@ -660,5 +672,9 @@ fn log_flood_never_fills_the_log_file_system_nor_delays_ready_or_stop() {
             )
         },
     );
+    let problems = s.host.teardown();
+    c.check(problems.is_empty(), || {
+        format!("nothing left behind: {problems:?}")
+    });
     c.finish();
 }
