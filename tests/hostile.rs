@@ -118,11 +118,22 @@ fn hostile_states_and_names_never_reach_pid1_the_journal_or_a_terminal_raw() {
     // `status` now: the live connection lists the container's failed units (its names).
     let out = s.status();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Shown escaped: raw, a hostile status would act on this terminal too.
+    let shown: Vec<String> = text
+        .lines()
+        .map(|l| {
+            l.chars()
+                .take(300)
+                .collect::<String>()
+                .escape_debug()
+                .to_string()
+        })
+        .collect();
     eprintln!(
         "status ({} bytes, exit {}):\n{}",
         out.stdout.len(),
         out.status,
-        text.chars().take(3000).collect::<String>()
+        shown.join("\n")
     );
     // Each line on its own: a newline of the container's would be a line status did not
     // write (checked below), anything else would act on the terminal.
