@@ -238,8 +238,15 @@ impl Peer {
             match (i % 3, paths.first()) {
                 (1, _) => self.job_removed(&format!("{tag}-{i}.service")).await,
                 (2, Some(p)) => {
-                    let sub = if i % 2 == 0 { "start" } else { "start-pre" };
-                    self.set_unit(p, "activating", sub, "success").await;
+                    // A new SubState each time, the ActiveState and Result kept: the flood
+                    // changes what the supervisor must follow, never whether it is ready.
+                    let (active, result) = {
+                        let s = self.state.lock().unwrap();
+                        let u = &s.units[p];
+                        (u.active.clone(), u.result.clone())
+                    };
+                    let sub = if i % 2 == 0 { "flood-a" } else { "flood-b" };
+                    self.set_unit(p, &active, sub, &result).await;
                 }
                 _ => self.job_new(&format!("{tag}-{i}.service")).await,
             }
