@@ -203,9 +203,16 @@ fn hostile_states_and_names_never_reach_pid1_the_journal_or_a_terminal_raw() {
         .map(String::len)
         .max()
         .unwrap_or(0);
+    let quoting = got
+        .iter()
+        .flatten()
+        .find(|f| f.starts_with("STATUS=") && f.contains("MAINPID"))
+        .map(|f| f.chars().take(160).collect::<String>());
     eprintln!(
-        "{} notify messages accepted by PID 1; the longest STATUS= {status_max} bytes",
-        got.len()
+        "{} notify messages accepted by PID 1; the longest STATUS= {status_max} bytes; \
+         the first quoting the container, as PID 1 logged it: {:?}",
+        got.len(),
+        quoting
     );
 
     // The bystander is untouched.
