@@ -195,7 +195,7 @@ pub fn render(service: &Service, config_dir: &Path) -> Result<Generated, Generat
         };
         out.push_str(key);
         out.push('=');
-        out.push_str(&value);
+        out.push_str(&unit_line_end(&value));
         out.push('\n');
     }
     match seen {
@@ -255,10 +255,25 @@ fn unit_additions(out: &mut String, service: &Service, source: &str) -> Result<(
     ] {
         if !values.is_empty() {
             // Validated by config.rs: unit names and URIs have no spaces or specifiers.
-            out.push_str(&format!("{key}={}\n", values.join(" ")));
+            out.push_str(&format!("{key}={}\n", unit_line_end(&values.join(" "))));
         }
     }
     Ok(())
+}
+
+/// A value as the end of a unit file line. systemd reads a line that ends in an unescaped
+/// backslash (an odd run of them) as continued by the next line (systemd.syntax(7);
+/// `config_parse()` in src/shared/conf-parser.c counts the run, in 239 as in 252), so a
+/// description ending in `\` would swallow the line after it. A space after such a value
+/// ends the run, and systemd strips it from the value again (`parse_line()`: `strstrip`),
+/// so the value reads back exactly as written.
+fn unit_line_end(value: &str) -> String {
+    let run = value.chars().rev().take_while(|&c| c == '\\').count();
+    if run % 2 == 1 {
+        format!("{value} ")
+    } else {
+        value.to_owned()
+    }
 }
 
 /// `%` → `%%`: systemd expands specifiers in most settings (systemd.unit(5)

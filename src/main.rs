@@ -82,10 +82,10 @@ fn real_main(cli: Cli) -> i32 {
             };
             // As `run` does: resolved first, then checked and planned.
             let s = host::canonicalize(&s);
-            let mut env_file = None;
+            let mut checked = None;
             if *host_check {
                 match host::check(&s, &cli.config_dir) {
-                    Ok(env) => env_file = Some(env),
+                    Ok(c) => checked = Some(c),
                     Err(e) => {
                         eprintln!("error: {e}");
                         return exit::CONFIG;
@@ -102,16 +102,26 @@ fn real_main(cli: Cli) -> i32 {
                 // Claims shared with other services in --config-dir are static facts too.
                 let issues = host::claims(&s, &cli.config_dir);
                 if !issues.is_empty() {
-                    eprintln!("error: {}", host::HostError { issues });
+                    eprintln!(
+                        "error: {}",
+                        host::HostError {
+                            issues,
+                            warnings: Vec::new()
+                        }
+                    );
                     return exit::CONFIG;
                 }
             }
-            let plan = Plan::build(
+            let mut plan = Plan::build(
                 &s,
                 &run::default_run_dir(),
                 &InstancePaths::for_current(&s.name),
-                env_file.as_deref(),
+                checked.as_ref(),
             );
+            if checked.is_none() {
+                // Static, like the claims: `--host` has them among its warnings already.
+                plan.warnings.extend(host::exposures(&s, &cli.config_dir));
+            }
             let text = if *json {
                 match serde_json::to_string_pretty(&plan) {
                     Ok(j) => j + "\n",

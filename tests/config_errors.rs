@@ -281,6 +281,41 @@ fn bad_env_file_line_is_named() {
     );
 }
 
+/// A NUL (or another control character but TAB) in the env file is a config error naming
+/// file:line, for `check --host` and for `run` alike (exit 78; `run` used to fail later,
+/// with 71, when the value could not reach Apptainer's environment).
+#[test]
+fn control_characters_in_the_env_file_are_refused_with_file_and_line() {
+    if !support::require_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let env = d.path().join("svc.env");
+    std::fs::write(&env, "SITE=prod\nTOKEN=ab\0cd\n").unwrap();
+    let text = host_ready(d.path(), &format!("env_file = \"{}\"\n", env.display()));
+    let want = format!(
+        "{}:2: contains the control character U+0000; the env file holds text only (TAB is the one allowed)",
+        env.display()
+    );
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains(&want), "{err}");
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(d.path())
+        .args(["run", "svc", "--run-dir"])
+        .arg(d.path().join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains(&want), "{err}");
+    assert!(
+        !d.path().join("run").exists(),
+        "nothing made for a bad env file"
+    );
+}
+
 #[test]
 fn run_refuses_bad_config_with_78_before_doing_anything() {
     let d = tempfile::tempdir().unwrap();
@@ -336,6 +371,77 @@ fn shipped_examples_pass_the_static_check() {
     }
 }
 
+/// Every shipped example binds all of /shared, which holds every service's directory, env
+/// file and overlay: `check` (static, and --json) warns, naming the bind with its line, each
+/// service whose files it exposes, and the narrower bind.
+#[test]
+fn shipped_examples_warn_that_binding_all_of_shared_exposes_service_files() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let names = ["ood001", "login005", "login007", "ood-ha001", "ww001"];
+    for name in names {
+        let out = Command::new(BIN)
+            .arg("--config-dir")
+            .arg(&examples)
+            .args(["check", name])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = examples.join(format!("{name}.toml"));
+        let line = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .position(|l| l.trim() == "\"/shared\",")
+            .unwrap()
+            + 1;
+        let warning = text
+            .lines()
+            .find(|l| l.starts_with("warning: ") && l.contains("binds: bind"))
+            .unwrap_or_else(|| panic!("{name}: no bind warning in\n{text}"));
+        assert!(
+            warning.starts_with(&format!(
+                "warning: {}:{line}:3: binds: bind \"/shared\" exposes service files to the container: this service ({name}): service directory /shared/services/",
+                file.display()
+            )),
+            "{warning}"
+        );
+        for other in names.iter().filter(|o| **o != name) {
+            assert!(
+                warning.contains(&format!(
+                    "; service {other}: service directory /shared/services/"
+                )),
+                "{name} names {other}: {warning}"
+            );
+        }
+        assert!(
+            warning.ends_with("root inside it could rewrite an env file that the next start of that service reads as host root, or its overlay"),
+            "{warning}"
+        );
+        assert!(
+            text.contains("\n  hint: bind only what the container needs below /shared, leaving out /shared/services\n"),
+            "{text}"
+        );
+        let out = Command::new(BIN)
+            .arg("--config-dir")
+            .arg(&examples)
+            .args(["check", name, "--json"])
+            .output()
+            .unwrap();
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            plan["warnings"].as_array().unwrap().iter().any(|w| w
+                .as_str()
+                .unwrap()
+                .contains("binds: bind \"/shared\" exposes service files")),
+            "{plan}"
+        );
+    }
+}
+
 #[test]
 fn service_file_writable_by_others_is_refused() {
     use std::os::unix::fs::PermissionsExt;
@@ -382,7 +488,9 @@ fn missing_bind_source_is_its_own_error_with_file_line_column_and_key() {
         d.path(),
         "binds = [\n  \"/shared\",\n  \"/nonexistent/src:/dst:ro\",\n]\n",
     );
-    let text = text.replace("/shared", d.path().to_str().unwrap());
+    // A bind that exists and holds no service file: only the missing one is reported.
+    std::fs::create_dir(d.path().join("data")).unwrap();
+    let text = text.replace("/shared", d.path().join("data").to_str().unwrap());
     let (code, err) = check(d.path(), &text, &["--host"]);
     assert_eq!(code, 78, "{err}");
     assert_eq!(
@@ -416,10 +524,209 @@ fn service_file_not_owned_by_root_is_refused() {
     assert_eq!(
         err,
         format!(
-            "error: {f}: service file is owned by uid 65534, not root: it decides what runs as root\n  hint: chown root {f}\n",
+            "error: {f}: service file is owned by uid 65534, not root: it decides what runs as root\n  hint: chown root {f}, or list 65534 in [security] trusted_owners if the file server shows root's files as 65534\n",
             f = file.display()
         )
     );
+    // The documented way for root_squash NFS: trust that uid, never switch the check off.
+    std::fs::write(
+        &file,
+        text.replace(
+            "[apptainer]",
+            "[security]\ntrusted_owners = [65534]\n[apptainer]",
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config-dir")
+        .arg(d.path())
+        .args(["check", "--host", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// sshd's StrictModes for what decides what root runs, up to `/`: a world-writable directory
+/// above the env file (even sticky, as /tmp is) or the overlay is refused, each offender
+/// listed at once with its fix.
+#[test]
+fn world_writable_directories_above_are_all_refused_with_their_fix() {
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(d.path(), "");
+    let svc = d.path().join("svc");
+    std::fs::create_dir(svc.join("bin")).unwrap();
+    std::fs::write(svc.join("bin/.service_env"), "A=1\n").unwrap();
+    chmod(&svc.join("bin"), 0o1777);
+    chmod(&svc.join("overlay"), 0o777);
+    chmod(&svc.join("containers"), 0o775);
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    // What would only be warned about is listed with them, so one run shows every offender.
+    assert!(
+        err.contains(&format!(
+            "\nwarning: {p}: directory above the image is writable by its group (mode 0775)",
+            p = svc.join("containers").display()
+        )),
+        "{err}"
+    );
+    for (dir, what) in [("bin", "env file"), ("overlay", "overlay")] {
+        let p = svc.join(dir);
+        assert!(
+            err.contains(&format!(
+                "{p}: directory above the {what} is writable by others (mode {mode}): whoever can write it can change what runs as root\n  hint: chmod o-w {p}\n",
+                p = p.display(),
+                mode = if dir == "bin" { "1777" } else { "0777" },
+            )),
+            "{err}"
+        );
+    }
+}
+
+/// What is newly checked and only group-writable or owned by an untrusted uid is a warning
+/// (`check --host` text and JSON) for now, refused with `[security] strict_paths = true`;
+/// a uid in `trusted_owners` is no offender.
+#[test]
+fn group_writable_or_foreign_owned_above_warns_now_and_strict_paths_refuses() {
+    if !support::require_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(d.path(), "");
+    let svc = d.path().join("svc");
+    chmod(&svc, 0o775);
+    std::os::unix::fs::chown(svc.join("containers"), Some(65534), None).unwrap();
+    let group = format!(
+        "{p}: directory above the env file, the image and the overlay is writable by its group (mode 0775): whoever can write it can change what runs as root\n  hint: chmod g-w {p}",
+        p = svc.display()
+    );
+    let owner = format!(
+        "{p}: directory above the image is owned by uid 65534, neither root nor a trusted owner: whoever can write it can change what runs as root\n  hint: chown root {p}",
+        p = svc.join("containers").display()
+    );
+    let file = d.path().join("svc.toml");
+    let run = |text: &str, json: bool| {
+        std::fs::write(&file, text).unwrap();
+        let mut c = Command::new(BIN);
+        c.arg("--config-dir")
+            .arg(d.path())
+            .args(["check", "--host", "--config"])
+            .arg(&file);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let out = run(&text, false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("warning: {group}")), "{stdout}");
+    assert!(stdout.contains(&format!("warning: {owner}")), "{stdout}");
+    assert!(
+        stdout.contains("refused with [security] strict_paths = true"),
+        "{stdout}"
+    );
+    let out = run(&text, true);
+    assert_eq!(out.status.code(), Some(0));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let warnings: Vec<&str> = plan["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].starts_with(&group), "{warnings:?}");
+    assert!(warnings[1].starts_with(&owner), "{warnings:?}");
+
+    let strict = text.replace(
+        "[apptainer]",
+        "[security]\nstrict_paths = true\n[apptainer]",
+    );
+    let out = run(&strict, false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains(&group) && err.contains(&owner), "{err}");
+
+    let trusted = text.replace(
+        "[apptainer]",
+        "[security]\ntrusted_owners = [65534]\n[apptainer]",
+    );
+    let out = run(&trusted, false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout.contains(&group) && !stdout.contains("uid 65534"),
+        "{stdout}"
+    );
+}
+
+/// A missing overlay is never created in a directory others may write (Apptainer's creation
+/// follows links): `check --host` says so before `run` meets it.
+#[test]
+fn a_missing_overlay_in_a_group_writable_directory_is_refused_by_check() {
+    let d = tempfile::tempdir().unwrap();
+    let text = host_ready(d.path(), "");
+    let dir = d.path().join("svc/overlay");
+    chmod(&dir, 0o775);
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&format!(
+            "overlay.path (default): the overlay is missing and cannot be created: the overlay's directory {p} is writable by group or others (mode 0775): whoever can write it could redirect Apptainer's creation (it follows links)\n  hint: chmod go-w {p}, or create the overlay by hand",
+            p = dir.display()
+        )),
+        "{err}"
+    );
+}
+
+/// An env file that is itself a symbolic link (here to another root-owned file) is refused;
+/// one reached through a symlinked directory is read where it really is.
+#[test]
+fn symlinked_env_file_is_refused_and_a_symlinked_directory_is_not() {
+    let d = tempfile::tempdir().unwrap();
+    let real = d.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::write(real.join("env"), "A=1\n").unwrap();
+    std::os::unix::fs::symlink(real.join("env"), real.join("link")).unwrap();
+    std::os::unix::fs::symlink(&real, d.path().join("dirlink")).unwrap();
+    let text = host_ready(
+        d.path(),
+        &format!("env_file = \"{}\"\n", real.join("link").display()),
+    );
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&format!(
+            "env file: {} is a symbolic link: a file that decides what root runs is read only where it is, never through a link",
+            real.join("link").display()
+        )),
+        "{err}"
+    );
+    let text = host_ready(
+        d.path(),
+        &format!(
+            "env_file = \"{}\"\n",
+            d.path().join("dirlink/env").display()
+        ),
+    );
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 0, "{err}");
 }
 
 /// HOME or APPTAINER_CONFIGDIR in the env file or `[env]` would reach the Apptainer CLI only

@@ -7,6 +7,7 @@
 mod support;
 
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -435,27 +436,78 @@ fn temporaries_of_an_interrupted_creation_are_removed_on_the_next_start() {
     }
     let mut w = World::new("f-temps");
     let dir = w.overlay().parent().unwrap().to_owned();
-    // What a SIGKILL during `overlay create` leaves: Apptainer's `<path>.ext3` and ours.
-    for n in [
-        ".overlay.img.creating-4242",
-        ".overlay.img.creating-4242.ext3",
-    ] {
-        std::fs::write(dir.join(n), vec![0u8; 8192]).unwrap();
+    // What a SIGKILL during `overlay create` leaves: our private 0700 directory with the
+    // half-made image and Apptainer's `<path>.ext3` in it.
+    let ours = dir.join(".overlay.img.creating-Xy12Zq");
+    std::fs::create_dir(&ours).unwrap();
+    std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(0o700)).unwrap();
+    for n in ["overlay.img", "overlay.img.ext3"] {
+        std::fs::write(ours.join(n), vec![0u8; 8192]).unwrap();
     }
-    std::fs::write(dir.join(".overlay.img.keep"), b"not ours").unwrap();
+    // Judged by what it is, not by its name: a link of that pattern is not ours, and
+    // what it points to is never entered.
+    let keep = w.root().join("keep");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("data"), b"not ours").unwrap();
+    std::os::unix::fs::symlink(&keep, dir.join(".overlay.img.creating-link")).unwrap();
     w.spawn_run();
     w.wait_ready();
-    assert_eq!(creation_temps(&w), Vec::<String>::new());
-    assert_eq!(
-        std::fs::read(dir.join(".overlay.img.keep")).unwrap(),
-        b"not ours"
-    );
+    assert_eq!(creation_temps(&w), [".overlay.img.creating-link"]);
+    assert_eq!(std::fs::read(keep.join("data")).unwrap(), b"not ours");
     let out = w.stop_ok(0);
     assert!(
         stderr(&out).contains("removed the temporary of an interrupted overlay creation"),
         "{}",
         stderr(&out)
     );
+}
+
+/// Apptainer's `overlay create` follows links (truncate/dd, chmod, rename): a link planted
+/// at any name a creation could be predicted to use — our old `.overlay.img.creating-<pid>`
+/// for the next few thousand pids, Apptainer's own `overlay.img.ext3` — must never lead it
+/// to a host file. The overlay is made in a private directory; the host file keeps its
+/// content and mode, and the links are left as they were.
+#[test]
+fn links_planted_at_guessable_temporary_names_touch_no_host_file() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("f-plant");
+    let dir = w.overlay().parent().unwrap().to_owned();
+    let victim = w.root().join("victim.conf");
+    std::fs::write(&victim, b"host file\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let last: u32 = std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut planted = vec!["overlay.img.ext3".to_owned()];
+    for pid in last + 1..last + 3000 {
+        planted.push(format!(".overlay.img.creating-{pid}"));
+        planted.push(format!(".overlay.img.creating-{pid}.ext3"));
+    }
+    for n in &planted {
+        std::os::unix::fs::symlink(&victim, dir.join(n)).unwrap();
+    }
+    w.spawn_run();
+    w.wait_ready();
+    assert!(
+        w.child(0).id() > last && w.child(0).id() < last + 3000,
+        "the supervisor's pid {} is among the planted names",
+        w.child(0).id()
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"host file\n");
+    assert_eq!(
+        std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777,
+        0o644
+    );
+    let m = std::fs::symlink_metadata(w.overlay()).unwrap();
+    assert!(m.file_type().is_file() && m.len() == 64 << 20, "{m:?}");
+    for n in &planted {
+        assert_eq!(std::fs::read_link(dir.join(n)).unwrap(), victim, "{n}");
+    }
+    w.stop_ok(0);
 }
 
 #[test]

@@ -630,3 +630,84 @@ fn every_key_of_our_units_is_known_to_systemd_239() {
         );
     }
 }
+
+/// A description ending in `\` would make systemd read the next line as part of it
+/// (systemd.syntax(7) line continuation) and lose `Documentation=`: the generated unit is
+/// loaded by a real systemd, which reads both back exactly.
+#[test]
+fn a_description_ending_in_a_backslash_swallows_no_line() {
+    if !require_root() {
+        return;
+    }
+    let r = Run::new(&[]);
+    for (name, description) in [("odd", "ends in one \\"), ("even", "ends in two \\\\")] {
+        std::fs::write(
+            r.etc().join(format!("{name}.toml")),
+            format!(
+                "service_dir = \"/shared/services/{name}\"\n[unit]\ndescription = {}\ndocumentation = [\"https://example.org/{name}\"]\n",
+                toml_string(description)
+            ),
+        )
+        .unwrap();
+    }
+    let o = r.generate();
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
+    let mut units = vec![(
+        "asv-host.target".to_owned(),
+        "[Unit]\nDescription=test stand-in for asv-host.target\n".to_owned(),
+    )];
+    for name in ["odd", "even"] {
+        let unit = format!("{name}.service");
+        units.push((
+            unit.clone(),
+            std::fs::read_to_string(r.out().join(&unit)).unwrap(),
+        ));
+    }
+    let mut host = support::host::HostSystemd::boot(r.dir.path(), &units);
+    for (name, description) in [("odd", "ends in one \\"), ("even", "ends in two \\\\")] {
+        let p = host.show(
+            &format!("{name}.service"),
+            &["Description", "Documentation", "LoadState"],
+        );
+        assert_eq!(p["LoadState"], "loaded", "{p:?}");
+        assert_eq!(p["Description"], description, "{p:?}");
+        for doc in [
+            format!("https://example.org/{name}"),
+            "\"man:apptainer-supervisor-generator(8)\"".to_owned(),
+        ] {
+            assert!(p["Documentation"].contains(&doc), "{doc}: {p:?}");
+        }
+    }
+    let problems = host.teardown();
+    assert!(problems.is_empty(), "{problems:?}");
+}
+
+/// A TOML basic string of `s`.
+fn toml_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// The generator runs before remote file systems are mounted: it reads the service files
+/// under /etc only and never looks at the service's own paths (which may live on /shared):
+/// a service whose paths are missing, or world-writable (which `run` refuses), still gets
+/// its unit, without a word.
+#[test]
+fn the_generator_never_looks_at_the_services_own_paths() {
+    use std::os::unix::fs::PermissionsExt;
+    let r = Run::new(&["minimal"]);
+    let shared = r.dir.path().join("shared");
+    std::fs::create_dir_all(shared.join("svc/bin")).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", shared.join("svc/bin/.service_env")).unwrap();
+    std::fs::write(
+        r.etc().join("open.toml"),
+        format!("service_dir = \"{}\"\n", shared.join("svc").display()),
+    )
+    .unwrap();
+    let o = r.generate();
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", stderr(&o));
+    assert_eq!(
+        r.tree(),
+        BTreeSet::from(["minimal.service".to_owned(), "open.service".to_owned()])
+    );
+}

@@ -368,3 +368,194 @@ fn no_cgroup_namespace_the_inner_systemd_lives_below_the_containers_cgroup() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The bus socket is looked up in the container's root, never the host's, and must be served
+/// from inside. The test image's `dbus.socket` gets a drop-in (written inside, kept in the
+/// overlay) that listens on `/run/dbus/real_socket` instead and puts at
+/// `/run/dbus/system_bus_socket` a symlink to whatever the host file `bus-link` (bound at
+/// `/srv/root`) says:
+/// 1. an absolute link to a link inside (`/run/dbus/link` → `real_socket`): READY, as
+///    through the plain socket (the kernel would have resolved `/run/dbus/link` on the host);
+/// 2. the host's absolute path of a socket the test listens on: nothing there inside, so
+///    the supervisor never connects (the listener sees no connection) and says why;
+/// 3. the same socket, visible inside through the bind: connected, but its peer is a host
+///    process, so the supervisor sends not one byte and stops at once with a clear error.
+#[test]
+fn bus_socket_is_resolved_in_the_containers_root_and_a_host_socket_is_refused() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-bus", REQUIRED);
+    let bound = w.service_dir.join("root");
+    let listener_path = bound.join("host-bus.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&listener_path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    // The real socket is never at the bus path: no attempt can reach it there first.
+    std::fs::write(
+        bound.join("asv-bus.conf"),
+        "[Socket]\nListenStream=\nListenStream=/run/dbus/real_socket\n\
+         ExecStartPre=/bin/sh -c 'mkdir -p /run/dbus && \
+         ln -sfn real_socket /run/dbus/link && \
+         ln -sfn \"$$(cat /srv/root/bus-link)\" /run/dbus/system_bus_socket'\n",
+    )
+    .unwrap();
+    w.spawn_run();
+    w.wait_ready();
+    let out = w.inside(&[
+        "sh",
+        "-c",
+        "mkdir -p /etc/systemd/system/dbus.socket.d && \
+         cp /srv/root/asv-bus.conf /etc/systemd/system/dbus.socket.d/",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    w.stop_ok(0);
+
+    // 1. Links inside, one absolute, one relative.
+    std::fs::write(bound.join("bus-link"), "/run/dbus/link").unwrap();
+    w.spawn_run();
+    w.wait_ready();
+    let link = w.inside(&["readlink", "/run/dbus/system_bus_socket"]);
+    assert_eq!(
+        String::from_utf8_lossy(&link.stdout).trim(),
+        "/run/dbus/link"
+    );
+    w.stop_ok(1);
+
+    // 2. An absolute link to the host's path of a host socket.
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("start_sec = 30", "start_sec = 8"),
+    )
+    .unwrap();
+    let host_path = listener_path.display().to_string();
+    std::fs::write(bound.join("bus-link"), &host_path).unwrap();
+    w.spawn_run();
+    let out = w.wait(2, 60 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains(" s; last attempt: resolving the container's system bus inside its root: /run/dbus/system_bus_socket inside the container (through the symbolic links → ")
+            && err.contains(&format!("→ {host_path}): ")),
+        "{err}"
+    );
+    // The supervisor has exited: whatever it would have connected is queued by now.
+    assert_eq!(accepted(&listener), [], "nobody reached the host socket");
+
+    // 3. The same socket through the bind: found inside, served from the host.
+    std::fs::write(bound.join("bus-link"), "/srv/root/host-bus.sock").unwrap();
+    let sup = w.spawn_run() as i32;
+    let out = w.wait(3, 60 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("the container's system bus /run/dbus/system_bus_socket in the root of pid ")
+            && err.contains(&format!(
+                "is served by pid {}, which is not in the container's PID namespace",
+                std::process::id()
+            ))
+            && err.contains("refusing to talk to it"),
+        "{err}"
+    );
+    let from_us: Vec<_> = accepted(&listener)
+        .into_iter()
+        .filter(|(pid, _)| *pid == sup)
+        .collect();
+    assert_eq!(
+        from_us,
+        [(sup, Vec::new())],
+        "connected, and not one byte sent"
+    );
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A boot storm from the container's own systemd: a unit of the image starts 2 000 oneshot
+/// units at boot (one StartUnit each), so the boot ends only after ~4 000 JobNew/JobRemoved
+/// and their property changes, while the watchdog pings. READY=1 comes; `STATUS=` follows the job count a
+/// few times a second, not once per job (it was one per job); WATCHDOG=1 goes on. The
+/// figures (STATUS= count and rate, pings, the supervisor's peak RSS) are printed.
+#[test]
+fn a_boot_storm_inside_reaches_status_a_few_times_a_second() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("i-storm", REQUIRED);
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("start_sec = 30", "start_sec = 240"),
+    )
+    .unwrap();
+    let bound = w.service_dir.join("root");
+    std::fs::write(
+        bound.join("asv-noop@.service"),
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    std::fs::write(
+        bound.join("asv-storm.service"),
+        "[Service]\nType=oneshot\nExecStart=/usr/local/bin/asv-storm\n\
+         [Install]\nWantedBy=multi-user.target\n",
+    )
+    .unwrap();
+    std::fs::write(
+        bound.join("asv-storm"),
+        "#!/bin/sh\nsystemctl start --no-block $(seq -f 'asv-noop@%g.service' 1 2000) && \
+         touch /run/asv-storm-done\n",
+    )
+    .unwrap();
+    w.spawn_run();
+    w.wait_ready();
+    let out = w.inside(&[
+        "sh",
+        "-c",
+        "cp /srv/root/asv-noop@.service /srv/root/asv-storm.service /etc/systemd/system/ && \
+         install -m 0755 /srv/root/asv-storm /usr/local/bin/asv-storm && \
+         systemctl enable asv-storm.service",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    w.stop_ok(0);
+    w.notify_drain();
+
+    w.env.push(("WATCHDOG_USEC".into(), "1000000".into()));
+    let t = Instant::now();
+    let sup = w.spawn_run();
+    let msgs = w.wait_ready_within(240 * SEC);
+    let secs = t.elapsed().as_secs_f64();
+    let hwm = status_kib(sup, "VmHWM:");
+    let statuses = msgs.iter().filter(|m| m.contains("STATUS=")).count();
+    let pings = msgs.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    let most_jobs = msgs
+        .iter()
+        .filter_map(|m| m.split("STATUS=booting: ").nth(1))
+        .filter_map(|s| s.split(' ').next()?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0);
+    eprintln!(
+        "boot storm: READY after {secs:.1} s, {statuses} STATUS= ({:.1}/s), most jobs shown \
+         {most_jobs}, {pings} WATCHDOG=1, supervisor VmHWM {hwm} KiB",
+        statuses as f64 / secs
+    );
+    // systemctl made its 2 000 StartUnit calls (one JobNew each) before the boot ended.
+    let done = w.inside(&["test", "-e", "/run/asv-storm-done"]);
+    assert!(done.status.success(), "the storm ran inside");
+    // The rate limit (src/os/inner/events.rs): a burst of 16 state changes, then 3 a second,
+    // and the job count twice a second; a few more for the steps before the bus.
+    let limit = 16 + 8 + (5.0 * secs).ceil() as usize;
+    assert!(
+        statuses <= limit,
+        "{statuses} STATUS= in {secs:.1} s (limit {limit})"
+    );
+    let jobs_left = w.inside(&["systemctl", "list-jobs", "--no-legend"]);
+    assert!(jobs_left.stdout.is_empty(), "booted: no job left");
+    w.stop_ok(1);
+}

@@ -19,9 +19,12 @@ fi
 # systemd-container: systemd-nspawn, the peer the readiness benchmark compares with;
 # python3: the Apptainer CLI double (tests/support/apptainer); debootstrap: the test
 # rootfs; containernetworking-plugins, iproute2, iputils-ping: the real CNI plugins in
-# test network namespaces; zsh: `zsh -n` on the zsh completion script.
+# test network namespaces; zsh: `zsh -n` on the zsh completion script; dbus-daemon: a
+# private bus for the inner-bus unit tests (a signal flood while calls wait); dbus: the
+# hostile container's bus (tests/hostile.rs) and the dbus.service its image is checked
+# for (until its init has chrooted, the container's root is this machine's).
 pkgs=(e2fsprogs util-linux mandoc man-db systemd systemd-container python3 debootstrap
-      containernetworking-plugins iproute2 iputils-ping zsh)
+      containernetworking-plugins iproute2 iputils-ping zsh dbus-daemon dbus)
 missing=()
 for p in "${pkgs[@]}"; do
   # `dpkg -s` also lists removed-but-not-purged packages: ask for the installed state.

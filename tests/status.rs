@@ -359,3 +359,54 @@ fn the_examples_in_one_status_table() {
         assert!(w.wait(i, 60 * SEC).status.success());
     }
 }
+
+/// `status` asks the container's systemd through the same checks as the supervisor: once the
+/// bus socket inside is swapped for a link to a host socket (visible inside through a bind),
+/// `status` connects but sends not one byte, says why in a warning, and shows the failed
+/// units the supervisor last saw.
+#[test]
+fn status_refuses_a_container_bus_served_from_the_host() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::booted("s-bus", "required_units = [\"asv-simple.service\"]");
+    let listener =
+        std::os::unix::net::UnixListener::bind(w.service_dir.join("root/host-bus.sock")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    w.spawn_run();
+    w.wait_ready();
+    live_ready(&w);
+    let (pid, _) = w.instance_pids();
+    assert_eq!(status_json(&w)["inner_failed_live"], true);
+
+    let out = w.inside(&[
+        "sh",
+        "-c",
+        "mv /run/dbus/system_bus_socket /run/dbus/real && \
+         ln -s /srv/root/host-bus.sock /run/dbus/system_bus_socket",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row = status_json(&w);
+    assert_eq!(row["inner_failed_live"], false, "{row:#}");
+    let want = format!(
+        "the container's systemd was not asked: the container's system bus \
+         /run/dbus/system_bus_socket in the root of pid {pid} is served by pid {}, which is \
+         not in the container's PID namespace",
+        std::process::id()
+    );
+    assert!(
+        row["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().starts_with(&want)),
+        "{row:#}"
+    );
+    let text = String::from_utf8_lossy(&status(&w, &[]).stdout).into_owned();
+    assert!(text.contains(&format!("warning: s-bus: {want}")), "{text}");
+    // Two `status` runs connected; neither sent a byte.
+    let conns = accepted(&listener);
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    assert!(conns.iter().all(|(_, bytes)| bytes.is_empty()), "{conns:?}");
+    w.stop_ok(0);
+}

@@ -5,7 +5,10 @@ use super::*;
 
 /// Parses `KEY=VALUE` lines as start.sh's `source` would have set them, without a shell:
 /// `#` comments and blank lines are skipped, an `export ` prefix is allowed, a value in
-/// matching single or double quotes loses them. Nothing is expanded. Errors name the line.
+/// matching single or double quotes loses them. Nothing is expanded. A control character
+/// other than TAB (a NUL, an escape, a carriage return inside a line) is refused: no value
+/// can carry it to Apptainer's environment, and a terminal would be told to act on it.
+/// Errors name the line.
 pub fn parse_env_file(text: &str) -> Result<Vec<(String, String)>, (usize, String)> {
     Ok(parse_env_file_lines(text)?
         .into_iter()
@@ -21,6 +24,15 @@ pub fn parse_env_file_lines(text: &str) -> Result<Vec<EnvLine>, (usize, String)>
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let lineno = i + 1;
+        if let Some(c) = raw.chars().find(|&c| c.is_control() && c != '\t') {
+            return Err((
+                lineno,
+                format!(
+                    "contains the control character U+{:04X}; the env file holds text only (TAB is the one allowed)",
+                    c as u32
+                ),
+            ));
+        }
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;

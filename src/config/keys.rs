@@ -71,6 +71,8 @@ pub const INSTALL_WANTED_BY: &str = "install.wanted_by";
 pub const INSTALL_REQUIRED_BY: &str = "install.required_by";
 pub const SECURITY: &str = "security";
 pub const SECURITY_KEEP_CAPABILITIES: &str = "security.keep_capabilities";
+pub const SECURITY_TRUSTED_OWNERS: &str = "security.trusted_owners";
+pub const SECURITY_STRICT_PATHS: &str = "security.strict_paths";
 
 /// Every key a service file may set, in the order the man page documents them.
 /// `tests/docs.rs` fails when one of them is missing from
@@ -128,4 +130,6 @@ pub const ALL: &[&str] = &[
     INSTALL_WANTED_BY,
     INSTALL_REQUIRED_BY,
     SECURITY_KEEP_CAPABILITIES,
+    SECURITY_TRUSTED_OWNERS,
+    SECURITY_STRICT_PATHS,
 ];

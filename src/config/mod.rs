@@ -327,13 +327,21 @@ impl ReadinessMode {
     }
 }
 
-/// `[security]`. Its one key, `keep_capabilities`, kept capabilities back from a bounding-set
-/// drop the supervisor no longer makes (see [`crate::host::privilege`]): still read, so that a
-/// deployed file keeps parsing, and warned about.
+/// `[security]`. `keep_capabilities` kept capabilities back from a bounding-set drop the
+/// supervisor no longer makes (see [`crate::host::privilege`]): still read, so that a deployed
+/// file keeps parsing, and warned about. `trusted_owners` and `strict_paths` tune the
+/// ownership and permission rule for the files that decide what root runs (see
+/// [`crate::host`]'s path checks).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Security {
     /// The names listed; no effect (see [`crate::host::privilege::keep_capabilities_notice`]).
     pub keep_capabilities: Vec<caps::Capability>,
+    /// Uids trusted besides root to own those files and the directories above them (a
+    /// root_squash NFS export shows root's files as 65534).
+    pub trusted_owners: Vec<u32>,
+    /// Refuse (instead of warning about) a group-writable or untrusted-owner directory above
+    /// them, image or overlay.
+    pub strict_paths: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -144,6 +144,9 @@ pub(super) struct RawInstall {
 pub(super) struct RawSecurity {
     #[serde(default)]
     pub(super) keep_capabilities: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) trusted_owners: Vec<Spanned<i64>>,
+    pub(super) strict_paths: Option<bool>,
 }
 
 // ---------------------------------------------------------------------------------------

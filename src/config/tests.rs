@@ -297,6 +297,21 @@ fn env_file_parses_without_a_shell() {
     assert_eq!(parse_env_file("X=$(rm -rf /)\n").unwrap_err().0, 1);
     assert_eq!(parse_env_file("1X=a\n").unwrap_err().0, 1);
     assert_eq!(parse_env_file("X=\"a\n").unwrap_err().0, 1);
+    // Control characters: only TAB; CRLF line ends are fine, a NUL or ESC is not.
+    assert_eq!(
+        parse_env_file("A=\ta b\r\nB=2\r\n").unwrap(),
+        vec![("A".into(), "a b".into()), ("B".into(), "2".into())]
+    );
+    let (line, reason) = parse_env_file("A=1\nB=x\0y\n").unwrap_err();
+    assert_eq!(
+        (line, reason.as_str()),
+        (
+            2,
+            "contains the control character U+0000; the env file holds text only (TAB is the one allowed)"
+        )
+    );
+    assert_eq!(parse_env_file("A=\u{1b}[2J\n").unwrap_err().0, 1);
+    assert_eq!(parse_env_file("A=a\rb\n").unwrap_err().0, 1);
 }
 
 #[test]

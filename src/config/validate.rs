@@ -230,6 +230,25 @@ impl Validator<'_> {
                     }
                 })
                 .collect(),
+            trusted_owners: raw
+                .security
+                .trusted_owners
+                .iter()
+                .filter_map(|u| match u32::try_from(*u.get_ref()) {
+                    // (uid_t)-1 means "no change" to chown(2): it owns nothing.
+                    Ok(uid) if uid != u32::MAX => Some(uid),
+                    _ => {
+                        self.push(
+                            u.span().start,
+                            keys::SECURITY_TRUSTED_OWNERS,
+                            format!("{} is not a uid", u.get_ref()),
+                            Some("numeric uids, e.g. trusted_owners = [65534] for root_squash NFS"),
+                        );
+                        None
+                    }
+                })
+                .collect(),
+            strict_paths: raw.security.strict_paths.unwrap_or(false),
         };
         let readiness = self.readiness(&raw.readiness, raw.boot);
         let unit = self.unit_deps(&raw.unit, &name);

@@ -33,6 +33,15 @@ pub fn canonical_path(p: &Path) -> PathBuf {
     }
 }
 
+/// `p` with its directory resolved and its last component as written: for a file that
+/// must not itself be a symbolic link (the env file), so that the check sees the link.
+pub(crate) fn canonical_dir_of(p: &Path) -> PathBuf {
+    match (p.parent(), p.file_name()) {
+        (Some(parent), Some(name)) => canonical_path(parent).join(name),
+        _ => canonical_path(p),
+    }
+}
+
 /// The service with its host paths resolved (image, overlay, bind sources, service
 /// directory, env file), for the argv and every check after [`check`]: what Apptainer is
 /// given is what the kernel will report back (loop `backing_file`, mountinfo), and a
@@ -43,7 +52,8 @@ pub fn canonicalize(s: &Service) -> Canonical {
     c.service_dir = canonical_path(&s.service_dir);
     c.image = canonical_path(&s.image);
     c.overlay.path = canonical_path(&s.overlay.path);
-    c.env_file.path = canonical_path(&s.env_file.path);
+    // Its directory only: a symlink as the env file itself is refused by the host check.
+    c.env_file.path = canonical_dir_of(&s.env_file.path);
     for b in &mut c.binds {
         b.src = canonical_path(&b.src);
     }

@@ -3,9 +3,11 @@
 //! the same overlay. `check --host` and `run` both use them; plain `check` does not, so it
 //! passes on any machine.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::canonical::canonical_path;
+use super::paths;
 use crate::config::keys;
 use crate::config::{self, Service};
 
@@ -16,27 +18,33 @@ pub struct HostIssue {
     pub reason: String,
 }
 
+/// The host problems, and what would only have been warned about, so that one run of
+/// `check --host` lists every offender.
 #[derive(Debug, thiserror::Error)]
-#[error("{}", .issues.iter().map(|i| format!("{}: {}", i.at, i.reason)).collect::<Vec<_>>().join("\n"))]
+#[error("{}{}", .issues.iter().map(|i| format!("{}: {}", i.at, i.reason)).collect::<Vec<_>>().join("\n"), .warnings.iter().map(|w| format!("\nwarning: {w}")).collect::<String>())]
 pub struct HostError {
     pub issues: Vec<HostIssue>,
+    pub warnings: Vec<String>,
 }
 
 /// What the env file yields, when it is read.
 pub type EnvPairs = Vec<(String, String)>;
 
-/// Runs every host check; returns the env file's variables when all pass.
-pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
+/// What a host check that passed found: the env file's variables, and what is allowed for
+/// now but should be fixed (printed by `check --host`, logged at warning level by `run`).
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub env: EnvPairs,
+    pub warnings: Vec<String>,
+}
+
+/// Runs every host check; returns the env file's variables and the warnings when all pass.
+pub fn check(s: &Service, config_dir: &Path) -> Result<Checked, HostError> {
     let mut issues = Vec::new();
+    let mut warnings = Vec::new();
     let mut push = |at: String, reason: String| issues.push(HostIssue { at, reason });
 
-    // The service file and its env file decide what runs as root: they must not be
-    // writable by anyone else (nor owned by another user, when we are root).
-    for (path, what) in [(&s.file, "service file"), (&s.env_file.path, "env file")] {
-        if let Some(reason) = unsafe_file(path) {
-            push(format!("{}", path.display()), format!("{what} {reason}"));
-        }
-    }
+    let env_text = strict_modes(s, &mut push, &mut warnings);
     if !s.image.exists() {
         push(
             s.locate(keys::IMAGE),
@@ -85,6 +93,16 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
                         dir.display()
                     ),
                 );
+            } else if let Some(e) = crate::host::overlay::Creation::refused_in(&dir) {
+                // `run` would refuse to create it there; world-writable is refused above
+                // already, by the path rule.
+                if !matches!(e, crate::host::overlay::CreationError::SharedDir { mode, .. } if mode & 0o002 != 0)
+                {
+                    push(
+                        s.locate(keys::OVERLAY_PATH),
+                        format!("the overlay is missing and cannot be created: {e}"),
+                    );
+                }
             }
         }
         Ok(crate::host::overlay::Found::Image { .. }) => {}
@@ -96,7 +114,7 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
     if let Some(reason) = read_only_overlay_fs(&s.overlay.path) {
         push(s.locate(keys::OVERLAY_PATH), reason);
     }
-    let env = match std::fs::read_to_string(&s.env_file.path) {
+    let env = match env_text {
         Ok(text) => match config::parse_env_file_lines(&text) {
             Ok(env) => env
                 .into_iter()
@@ -142,10 +160,11 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<EnvPairs, HostError> {
         push(at_network(&e), e.to_string());
     }
     issues.extend(claims(s, config_dir));
+    warnings.extend(exposures(s, config_dir));
     if issues.is_empty() {
-        Ok(env)
+        Ok(Checked { env, warnings })
     } else {
-        Err(HostError { issues })
+        Err(HostError { issues, warnings })
     }
 }
 
@@ -202,26 +221,141 @@ pub fn claims(s: &Service, config_dir: &Path) -> Vec<HostIssue> {
     issues
 }
 
-/// Why a file that configures a root process is unsafe, if it is: writable by group or
-/// others, or (when we run as root) owned by another user. A missing file is not unsafe.
-fn unsafe_file(p: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(p).ok()?;
-    let mode = m.mode() & 0o7777;
-    if mode & 0o022 != 0 {
-        return Some(format!(
-            "is writable by group or others (mode {mode:04o}): it decides what runs as root\n  hint: chmod go-w {}",
-            p.display()
-        ));
+/// The StrictModes rule ([`super::paths`]) for the service file, the env file, the image and
+/// the overlay and every directory above them. The service file and the env file themselves
+/// are refused when writable by group or others or owned by an untrusted uid, as ever; of
+/// what is newly checked (the directories above, the image, the overlay) a world-writable one
+/// is refused and a group-writable or untrusted-owner one only warned about, unless
+/// `[security] strict_paths`. Returns the env file's text, read from the fd that was checked
+/// (a missing default env file reads as empty), after checking that the service file read
+/// the same way still says what `s` says.
+fn strict_modes(
+    s: &Service,
+    push: &mut impl FnMut(String, String),
+    warnings: &mut Vec<String>,
+) -> std::io::Result<String> {
+    use std::io::Read;
+    let trusted = paths::trusted(&s.security);
+    // A directory above several of the files is listed once, naming them all.
+    let mut above: BTreeMap<(PathBuf, u8), (paths::Offender, bool, Vec<&str>)> = BTreeMap::new();
+    let mut env_text = Ok(String::new());
+    for (path, what) in [
+        (&s.file, "service file"),
+        (&s.env_file.path, "env file"),
+        (&s.image, "image"),
+        (&s.overlay.path, "overlay"),
+    ] {
+        let reads = matches!(what, "service file" | "env file");
+        let walked = match what {
+            "env file" => paths::walk_no_final_link(path, &trusted),
+            "service file" => paths::walk(path, &trusted),
+            _ => paths::walk_judge_only(path, &trusted),
+        };
+        let w = match walked {
+            Ok(w) => w,
+            Err(e) => {
+                push(format!("{}", path.display()), format!("{what}: {e}"));
+                continue;
+            }
+        };
+        for o in w.offenders {
+            if reads && w.file.is_some() && o.path == w.path {
+                push(format!("{}", o.path.display()), file_fault(what, &o));
+            } else {
+                let rank = match o.fault {
+                    paths::Fault::WorldWritable => 0,
+                    paths::Fault::GroupWritable => 1,
+                    paths::Fault::Owner(_) => 2,
+                };
+                let itself = o.path == w.path;
+                above
+                    .entry((o.path.clone(), rank))
+                    .or_insert_with(|| (o, itself, Vec::new()))
+                    .2
+                    .push(what);
+            }
+        }
+        let text = w.file.filter(|_| reads).map(|mut f| {
+            let mut t = String::new();
+            f.read_to_string(&mut t).map(|_| t)
+        });
+        match (what, text) {
+            ("service file", Some(Ok(t))) => {
+                if let Some(reason) = same_service(s, &t) {
+                    push(format!("{}", s.file.display()), reason);
+                }
+            }
+            ("service file", None) => push(
+                format!("{}", s.file.display()),
+                "service file vanished while it was checked".to_owned(),
+            ),
+            ("env file", Some(t)) => env_text = t,
+            ("env file", None) => {
+                env_text = Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+            }
+            (_, Some(Err(e))) => push(format!("{}", path.display()), format!("{what}: {e}")),
+            _ => {}
+        }
     }
-    if nix::unistd::geteuid().is_root() && m.uid() != 0 {
-        return Some(format!(
-            "is owned by uid {}, not root: it decides what runs as root\n  hint: chown root {}",
-            m.uid(),
-            p.display()
-        ));
+    for (o, itself, whats) in above.into_values() {
+        let whats = match whats.split_last() {
+            Some((last, [])) => format!("the {last}"),
+            Some((last, rest)) => format!("the {} and the {last}", rest.join(", the ")),
+            None => continue,
+        };
+        let kind = if itself {
+            whats
+        } else {
+            format!("directory above {whats}")
+        };
+        let reason = format!(
+            "{kind} {}: whoever can write it can change what runs as root\n  hint: {}",
+            o.what(),
+            o.fix()
+        );
+        let at = format!("{}", o.path.display());
+        if o.fault == paths::Fault::WorldWritable || s.security.strict_paths {
+            push(at, reason);
+        } else {
+            warnings.push(format!(
+                "{at}: {reason}\n  (a warning for now: refused with [security] strict_paths = true, which will become the default)"
+            ));
+        }
     }
-    None
+    env_text
+}
+
+/// The rule the service file and the env file themselves have always followed.
+fn file_fault(what: &str, o: &paths::Offender) -> String {
+    let p = o.path.display();
+    match o.fault {
+        paths::Fault::WorldWritable | paths::Fault::GroupWritable => format!(
+            "{what} is writable by group or others (mode {:04o}): it decides what runs as root\n  hint: chmod go-w {p}",
+            o.mode
+        ),
+        paths::Fault::Owner(uid) => format!(
+            "{what} is owned by uid {uid}, not root: it decides what runs as root\n  hint: chown root {p}, or list {uid} in [security] trusted_owners if the file server shows root's files as {uid}"
+        ),
+    }
+}
+
+/// The binds of `s` that expose its own or another service's files (service directory, env
+/// file, overlay) to the container, as warnings. A static fact, like [`claims`]: plain
+/// `check` prints them too.
+pub fn exposures(s: &Service, config_dir: &Path) -> Vec<String> {
+    let others = other_services(config_dir, &s.name);
+    super::exposure::bind_exposures(s, others.iter().map(|(o, _)| o))
+}
+
+/// Why the service file read through the checked fd is not the one `s` was loaded from, if
+/// it is not: what runs must be what was checked.
+fn same_service(s: &Service, text: &str) -> Option<String> {
+    match config::parse(text, &s.file, Some(&s.name)) {
+        Ok(again) if *super::canonicalize(&again) == *s => None,
+        _ => Some(
+            "service file changed while it was checked (read again through the checked file, it says something else): nothing is started\n  hint: run the command again once the file is in place".to_owned(),
+        ),
+    }
 }
 
 /// Apptainer does not fail on a writable overlay it cannot write: it mounts it read-only
@@ -269,4 +403,26 @@ fn other_services(dir: &Path, me: &str) -> Vec<(Service, PathBuf)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What runs must be what was checked: a service file that says something else when
+    /// read again through the checked fd is refused.
+    #[test]
+    fn a_service_file_changed_since_loading_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("svc.toml");
+        let text = "service_dir = \"/srv/svc\"\n";
+        let s = config::parse(text, &file, None).unwrap();
+        let s = super::super::canonicalize(&s);
+        assert_eq!(same_service(&s, text), None);
+        let reason = same_service(&s, "service_dir = \"/srv/elsewhere\"\n").unwrap();
+        assert!(
+            reason.starts_with("service file changed while it was checked"),
+            "{reason}"
+        );
+    }
 }

@@ -6,11 +6,15 @@ mod canonical;
 mod checks;
 pub(crate) mod cni_del;
 pub(crate) mod cni_dir;
+mod exposure;
 pub(crate) mod lock;
 pub(crate) mod overlay;
+mod overlay_creation;
+mod paths;
 pub mod privilege;
 pub mod unit_names;
 
+use canonical::canonical_dir_of;
 pub use canonical::{canonical_path, canonicalize, Canonical};
-pub use checks::{check, claims, EnvPairs, HostError, HostIssue};
+pub use checks::{check, claims, exposures, Checked, EnvPairs, HostError, HostIssue};
 pub use overlay::{read_superblock, Superblock, SuperblockError};

@@ -6,17 +6,20 @@
 //! or recreates one, and refuses a path that exists but is not a regular file, or whose
 //! ext2/3/4 superblock is not one the kernel would mount cleanly ([`read_superblock`]).
 //!
-//! Creation is atomic: `apptainer overlay create` builds the image at a temporary name in
-//! the same directory ([`temp_path`]), and only a finished image is moved into place with
-//! `renameat2(RENAME_NOREPLACE)` (or `link(2)`, which never replaces either), so a stop
-//! request, a crash or a full disk during mkfs never leaves a truncated `overlay.img`.
-//! Temporaries of an interrupted creation are removed on the next start
-//! ([`remove_stale_temps`]; only names of our own pattern).
+//! Creation is atomic and private ([`Creation`]): `apptainer overlay create` builds the
+//! image in a fresh 0700 directory beside the target, and only a finished regular file
+//! that we made is moved into place with `renameat2(RENAME_NOREPLACE)` (or `link(2)`,
+//! which never replaces either), so a stop request, a crash or a full disk during mkfs
+//! never leaves a truncated `overlay.img`, and a symbolic link planted beside it is never
+//! followed. The private directories of an interrupted creation are removed on the next
+//! start ([`remove_stale_temps`]; judged by what they are, not by name). Both live in
+//! [`super::overlay_creation`].
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+pub use super::overlay_creation::{remove_stale_temps, Creation, CreationError};
 
 /// What is at the overlay path now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -340,91 +343,6 @@ pub fn unclean_without_journal(path: &Path) -> bool {
         && le16(&b, S_STATE) & STATE_VALID == 0
 }
 
-// --- atomic creation --------------------------------------------------------------------
-
-/// Marker between the image's file name and our pid in a temporary's name.
-const CREATING: &str = ".creating-";
-
-/// Where `apptainer overlay create` builds the image for `path`: `.<file>.creating-<pid>`
-/// in the same directory, so that the final rename stays within one file system.
-pub fn temp_path(path: &Path, pid: u32) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    parent_dir(path).join(format!(".{name}{CREATING}{pid}"))
-}
-
-/// Whether `file` is a temporary of ours for the image named `image`: `.<image>.creating-<digits>`,
-/// or that plus `.ext3`, the name Apptainer's own `overlay create` builds at first
-/// (internal/app/apptainer/overlay_create.go: `tmpFile := imgPath + ".ext3"`).
-fn is_our_temp(file: &[u8], image: &[u8]) -> bool {
-    let Some(rest) = file.strip_prefix(b".").and_then(|r| r.strip_prefix(image)) else {
-        return false;
-    };
-    let Some(rest) = rest.strip_prefix(CREATING.as_bytes()) else {
-        return false;
-    };
-    let digits = rest.strip_suffix(b".ext3").unwrap_or(rest);
-    !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
-}
-
-/// Removes the temporaries an interrupted creation of `path` left behind (regular files
-/// of our naming pattern only) and returns them. Called under the service lock, so no
-/// other supervisor of this service is creating the image now.
-pub fn remove_stale_temps(path: &Path) -> io::Result<Vec<PathBuf>> {
-    let Some(image) = path.file_name() else {
-        return Ok(Vec::new());
-    };
-    let dir = parent_dir(path);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut removed = Vec::new();
-    for e in entries {
-        let e = e?;
-        if !is_our_temp(e.file_name().as_bytes(), image.as_bytes()) {
-            continue;
-        }
-        // file_type does not follow links: a link or directory of that name is not ours.
-        if !e.file_type()?.is_file() {
-            continue;
-        }
-        match std::fs::remove_file(e.path()) {
-            Ok(()) => removed.push(e.path()),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(removed)
-}
-
-/// Moves the finished image `tmp` to `path`, never over an existing file:
-/// `renameat2(RENAME_NOREPLACE)`, or `link(2)` + `unlink(2)` where the file system does not
-/// support the flag (NFS before Linux 6.x answers EINVAL). Either fails with EEXIST when
-/// `path` exists.
-pub fn publish(tmp: &Path, path: &Path) -> io::Result<()> {
-    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
-    let r = renameat2(AT_FDCWD, tmp, AT_FDCWD, path, RenameFlags::RENAME_NOREPLACE);
-    let err = match r {
-        Ok(()) => return sync_dir(path),
-        Err(e) => io::Error::from(e),
-    };
-    if !matches!(err.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
-        return Err(err);
-    }
-    std::fs::hard_link(tmp, path)?;
-    std::fs::remove_file(tmp)?;
-    sync_dir(path)
-}
-
-/// The new directory entry must survive a crash right after we report success.
-fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(parent_dir(path))?.sync_all()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,65 +490,5 @@ mod tests {
                 f.display()
             )
         );
-    }
-
-    #[test]
-    fn temps_of_our_pattern_only_are_removed() {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("overlay.img");
-        assert_eq!(
-            temp_path(&img, 42),
-            d.path().join(".overlay.img.creating-42")
-        );
-        for n in [
-            ".overlay.img.creating-42",
-            ".overlay.img.creating-7.ext3",
-            ".overlay.img.creating-x",
-            ".overlay.img.creating-",
-            ".other.img.creating-1",
-            "overlay.img",
-        ] {
-            std::fs::write(d.path().join(n), b"").unwrap();
-        }
-        std::fs::create_dir(d.path().join(".overlay.img.creating-9")).unwrap();
-        let mut got = remove_stale_temps(&img).unwrap();
-        got.sort();
-        assert_eq!(
-            got,
-            [
-                d.path().join(".overlay.img.creating-42"),
-                d.path().join(".overlay.img.creating-7.ext3")
-            ]
-        );
-        let mut left: Vec<String> = std::fs::read_dir(d.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            [
-                ".other.img.creating-1",
-                ".overlay.img.creating-",
-                ".overlay.img.creating-9",
-                ".overlay.img.creating-x",
-                "overlay.img"
-            ]
-        );
-    }
-
-    #[test]
-    fn publish_never_replaces_an_existing_image() {
-        let d = tempfile::tempdir().unwrap();
-        let img = d.path().join("overlay.img");
-        let tmp = temp_path(&img, 1);
-        std::fs::write(&tmp, b"new").unwrap();
-        publish(&tmp, &img).unwrap();
-        assert_eq!(std::fs::read(&img).unwrap(), b"new");
-        assert!(!tmp.exists());
-        std::fs::write(&tmp, b"newer").unwrap();
-        let e = publish(&tmp, &img).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
-        assert_eq!(std::fs::read(&img).unwrap(), b"new", "kept");
     }
 }

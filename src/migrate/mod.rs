@@ -1,13 +1,15 @@
 //! `migrate`: today's `start.sh` and/or Ansible host_vars in, an equivalent service file out.
 //!
-//! The inputs are read, never run: `shell.rs` tokenizes start.sh, `start_sh.rs` gives its
-//! words their meaning, `yaml.rs` reads host_vars, this module merges the two into one
-//! [`Model`] (start.sh wins where both speak: it is what actually ran; disagreements are
-//! reported), and `emit.rs` writes the TOML with a `# migrate:` comment next to every
-//! setting that needs a person's decision. The result is validated with the same parser
-//! `check` uses; an entry that parser refuses is commented out with its reason rather
-//! than written, so the file always passes `check --config`.
+//! The inputs are read, never run: `shell.rs` tokenizes start.sh, `start_sh/` gives its
+//! words their meaning, `yaml.rs` reads host_vars, `build/` merges the two into one
+//! [`Model`], one step per part of the service file (start.sh wins where both speak: it
+//! is what actually ran; disagreements are reported), and `emit.rs` writes the TOML with
+//! a `# migrate:` comment next to every setting that needs a person's decision. This
+//! module holds the model's types and [`migrate`], which validates the result with the
+//! same parser `check` uses; an entry that parser refuses is commented out with its
+//! reason rather than written, so the file always passes `check --config`.
 
+mod build;
 mod emit;
 pub mod shell;
 pub mod start_sh;
@@ -17,7 +19,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::config::{self, DEFAULT_ENV_FILE, DEFAULT_OVERLAY, DEFAULT_OVERLAY_MIB};
+use crate::config;
 
 /// How much a note matters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +213,7 @@ pub fn service_dir_of(start_sh: &Path) -> Option<PathBuf> {
 
 /// Merges the inputs into a service file. Pure: the caller reads and writes files.
 pub fn migrate(inputs: &Inputs) -> Result<Migration, MigrateError> {
-    let mut model = build(inputs)?;
+    let mut model = build::build(inputs)?;
     // Validate with the real parser; comment out what it refuses, until it passes.
     for _ in 0..64 {
         let (text, refs) = emit::render(&model);
@@ -381,568 +383,6 @@ fn finish(model: Model, toml: String, inputs: &Inputs) -> Migration {
     }
 }
 
-fn parse_err(input: &Input, line: usize, reason: String) -> MigrateError {
-    MigrateError::Parse {
-        path: input.path.clone(),
-        line,
-        reason,
-    }
-}
-
-fn build(inputs: &Inputs) -> Result<Model, MigrateError> {
-    if inputs.start_sh.is_none() && inputs.host_vars.is_none() {
-        return Err(MigrateError::Usage(
-            "nothing to migrate".into(),
-            "pass --start-sh PATH and/or --host-vars PATH",
-        ));
-    }
-    let hv = match &inputs.host_vars {
-        Some(i) => {
-            Some(yaml::read(&i.text, &i.label()).map_err(|e| parse_err(i, e.line, e.reason))?)
-        }
-        None => None,
-    };
-    let hv_label = inputs
-        .host_vars
-        .as_ref()
-        .map(Input::label)
-        .unwrap_or_default();
-
-    // The service directory: asked for, else where start.sh lies, else Ansible's.
-    let service_dir: Setting<String> = match (&inputs.service_dir, &inputs.start_sh) {
-        (Some(d), _) => Setting::bare(d.trim_end_matches('/').to_owned()),
-        (None, Some(s)) => match service_dir_of(&s.path) {
-            Some(d) => Setting::bare(d.display().to_string()),
-            None => {
-                return Err(MigrateError::Usage(
-                    format!("{}: cannot resolve its directory", s.path.display()),
-                    "pass --service-dir DIR (the directory above start.sh's bin/)",
-                ))
-            }
-        },
-        (None, None) => match hv
-            .as_ref()
-            .and_then(|h| Some((h.install_path.as_ref()?, h.servicename.as_ref()?)))
-        {
-            Some((ip, sn)) => Setting {
-                value: format!("{}/{}", ip.value.trim_end_matches('/'), sn.value),
-                from: vec![ip.from[0].clone(), sn.from[0].clone()],
-                notes: Vec::new(),
-            },
-            None => return Err(MigrateError::Usage(
-                "the service directory is not known from host_vars alone".into(),
-                "pass --service-dir DIR (start.sh's $DIRNAME, e.g. /shared/services/ood/ood001)",
-            )),
-        },
-    };
-
-    let sh = match &inputs.start_sh {
-        Some(i) => Some(
-            start_sh::read(&i.text, &i.label(), &service_dir.value)
-                .map_err(|e| parse_err(i, e.line, e.reason))?,
-        ),
-        None => None,
-    };
-    let sh_label = inputs
-        .start_sh
-        .as_ref()
-        .map(Input::label)
-        .unwrap_or_default();
-    let mut notes: Vec<Note> = Vec::new();
-    let header = |label: &str, text: String| Note {
-        level: Level::Warning,
-        at: Origin {
-            file: label.to_owned(),
-            line: 0,
-        },
-        text,
-    };
-    if let Some(i) = &inputs.start_sh {
-        let dir = i.path.parent().and_then(Path::file_name);
-        if inputs.service_dir.is_none() && dir.is_some_and(|d| d != "bin") {
-            notes.push(header(
-                &sh_label,
-                "start.sh is not in a bin/ directory as in today's start.sh layout; service_dir is \
-                 still the directory above it, as $(dirname \"$SCRIPT\")/../ computes"
-                    .into(),
-            ));
-        }
-    }
-
-    // The name.
-    let from_sh = sh.as_ref().and_then(|s| s.instance.clone());
-    let from_hv = hv.as_ref().and_then(|h| h.servicename.clone());
-    let mut name = match (&inputs.name, &from_sh, &from_hv) {
-        (Some(n), _, _) => Setting::bare(n.clone()),
-        (None, Some(s), _) => s.clone(),
-        (None, None, Some(h)) => h.clone(),
-        (None, None, None) => {
-            return Err(MigrateError::Usage(
-                "the service name is not known from the inputs".into(),
-                "pass --name NAME",
-            ))
-        }
-    };
-    if let (Some(s), Some(h)) = (&from_sh, &from_hv) {
-        if s.value != h.value {
-            name.notes.push(Note {
-                level: Level::Warning,
-                at: h.from[0].clone(),
-                text: format!(
-                    "host_vars servicename {:?} differs from start.sh's instance name {:?}",
-                    h.value, s.value
-                ),
-            });
-        } else if inputs.name.is_none() {
-            name.from.extend(h.from.iter().cloned());
-        }
-    }
-    if let (Some(n), Some(s)) = (&inputs.name, &from_sh) {
-        if *n != s.value {
-            name.notes.push(Note {
-                level: Level::Warning,
-                at: s.from[0].clone(),
-                text: format!(
-                    "start.sh started the instance as {:?}; the service file names it {n:?}, \
-                     so `apptainer instance list` and stop.sh's name change with it",
-                    s.value
-                ),
-            });
-        }
-    }
-
-    let mut m = Model {
-        inputs: [&inputs.start_sh, &inputs.host_vars]
-            .into_iter()
-            .flatten()
-            .map(Input::label)
-            .collect(),
-        notes,
-        name,
-        service_dir,
-        image: None,
-        image_url: hv.as_ref().and_then(|h| h.container_url.clone()),
-        boot: Setting::bare(true),
-        hostname: None,
-        binds: Vec::new(),
-        env_file: None,
-        env_file_note: None,
-        env: Vec::new(),
-        networks: Vec::new(),
-        overlay_path: Setting::bare(DEFAULT_OVERLAY.to_owned()),
-        overlay_size: Setting::bare(DEFAULT_OVERLAY_MIB),
-        binary: None,
-        extra_args: Vec::new(),
-        readiness: None,
-        dropped: Vec::new(),
-    };
-
-    // Image.
-    if let Some(img) = sh.as_ref().and_then(|s| s.image.clone()) {
-        if img.value.contains("://") {
-            let mut url = img.clone();
-            url.notes.push(Note {
-                level: Level::Warning,
-                at: img.from[0].clone(),
-                text: format!(
-                    "start.sh ran the image straight from {}; the service file starts a local \
-                     image: pull it to {} (apptainer pull) before the first start",
-                    img.value,
-                    config::DEFAULT_IMAGE
-                ),
-            });
-            if let Some(hvurl) = &m.image_url {
-                if hvurl.value != img.value {
-                    url.notes.push(Note {
-                        level: Level::Warning,
-                        at: hvurl.from[0].clone(),
-                        text: format!("host_vars container_url is {:?}", hvurl.value),
-                    });
-                }
-            }
-            m.image_url = Some(url);
-        } else {
-            m.image = Some(img);
-        }
-    }
-    if let Some(u) = &mut m.image_url {
-        if u.from.iter().all(|o| o.file == hv_label) {
-            u.notes.push(Note {
-                level: Level::Note,
-                at: u.from[0].clone(),
-                text: "container_url: kept as image_url for image updates; the supervisor starts \
-                       the local image and never pulls"
-                    .into(),
-            });
-        }
-    }
-
-    // Boot.
-    let hv_boot = hv.as_ref().and_then(|h| h.boot.clone());
-    m.boot = match (&sh, &hv_boot) {
-        (Some(s), _) => {
-            let mut b = s.boot.clone().unwrap_or_else(|| {
-                let mut b = Setting::new(
-                    false,
-                    Origin {
-                        file: sh_label.clone(),
-                        line: s.instance.as_ref().map_or(0, |i| i.from[0].line),
-                    },
-                );
-                b.notes.push(Note {
-                    level: Level::Warning,
-                    at: b.from[0].clone(),
-                    text: "start.sh passes no --boot: the image's startscript runs instead of \
-                           systemd, so readiness can only be `instance`"
-                        .into(),
-                });
-                b
-            });
-            if let Some(h) = &hv_boot {
-                if h.value == b.value {
-                    b.from.extend(h.from.iter().cloned());
-                } else {
-                    b.notes.push(Note {
-                        level: Level::Warning,
-                        at: h.from[0].clone(),
-                        text: format!(
-                            "host_vars says boot: {}, start.sh {}: start.sh is what ran, so it wins",
-                            h.value,
-                            if b.value { "passes --boot" } else { "does not pass --boot" }
-                        ),
-                    });
-                }
-            }
-            b
-        }
-        (None, Some(h)) => h.clone(),
-        (None, None) => Setting::bare(true),
-    };
-    m.hostname = sh.as_ref().and_then(|s| s.hostname.clone());
-
-    // Binds and networks: start.sh's, compared with host_vars'.
-    let hv_mounts = hv.as_ref().and_then(|h| h.mounts.clone());
-    m.binds = merge_lists(
-        sh.as_ref().map(|s| s.binds.clone()),
-        hv_mounts,
-        "-B",
-        "mounts",
-    );
-    let hv_nets = hv.as_ref().and_then(|h| h.networks.clone());
-    let nets = merge_lists(
-        sh.as_ref().map(|s| s.networks.clone()),
-        hv_nets,
-        "--network",
-        "network",
-    );
-    m.networks = nets
-        .into_iter()
-        .map(|name| Net {
-            name,
-            args: Vec::new(),
-        })
-        .collect();
-    if let Some(s) = &sh {
-        for a in &s.network_args {
-            network_args(&mut m, a);
-        }
-    }
-    if !m.networks.is_empty() {
-        let all: Vec<String> = m.networks.iter().map(|n| n.name.value.clone()).collect();
-        let first = &mut m.networks[0].name;
-        let at = first.from.first().cloned().unwrap_or_default();
-        first.notes.push(Note {
-            level: Level::Note,
-            at,
-            text: format!(
-                "the conflists of {} are Ansible's, and neither start.sh nor host_vars says what is \
-                 in them: each network is left external (the supervisor only checks that \
-                 a conflist in /etc/apptainer/network has that name). To let the \
-                 supervisor write it, replace external = true with type, master, \
-                 [network.ipam] … and manage = true (apptainer-supervisor.toml(5), NETWORKS; \
-                 examples/*.toml)",
-                all.join(", ")
-            ),
-        });
-    }
-    // `--boot` without `--network`: Apptainer gave the container its default `bridge`
-    // network (launcher_linux.go: `--boot` sets Namespaces.Net, v1.4.5:365-367, and
-    // setNamespaces then Network = "bridge", v1.4.5:959-962). The supervisor passes
-    // `--network none` unless the service names that network, so it is written out.
-    if m.networks.is_empty() && m.boot.value {
-        let at = m.boot.from.first().cloned().unwrap_or_default();
-        let mut name = Setting::new(crate::config::APPTAINER_BRIDGE.to_owned(), at.clone());
-        name.from = m.boot.from.clone();
-        name.notes.push(Note {
-            level: Level::Note,
-            at,
-            text: "--boot without --network: Apptainer gave the container its default \
-                   network, \"bridge\" (its 00_bridge.conflist: bridge sbr0, NAT, 10.22.0.0/16), \
-                   so it is named here. Without a [[network]] the supervisor starts the \
-                   container with --network none (no network); remove this table if the \
-                   service needs none"
-                .into(),
-        });
-        m.networks.push(Net {
-            name,
-            args: Vec::new(),
-        });
-    }
-
-    // Overlay.
-    let sh_overlay = sh.as_ref().and_then(|s| s.overlay.clone());
-    match (&sh, sh_overlay) {
-        (_, Some(o)) => m.overlay_path = o,
-        (Some(s), None) => {
-            let mut o = Setting::bare(DEFAULT_OVERLAY.to_owned());
-            o.notes.push(Note {
-                level: Level::Warning,
-                at: Origin {
-                    file: sh_label.clone(),
-                    line: s.instance.as_ref().map_or(0, |i| i.from[0].line),
-                },
-                text: "start.sh attaches no --overlay; the supervisor always does, and creates \
-                       this one if it is missing"
-                    .into(),
-            });
-            m.overlay_path = o;
-        }
-        (None, None) => {}
-    }
-    match hv.as_ref().and_then(|h| h.overlay_size.clone()) {
-        Some(s) => m.overlay_size = s,
-        None => {
-            let mut s = Setting::bare(DEFAULT_OVERLAY_MIB);
-            s.notes.push(Note {
-                level: Level::Note,
-                at: Origin::default(),
-                text: if inputs.host_vars.is_some() {
-                    "host_vars set no overlay_size: Ansible's default (overlay_size | default(1024))".into()
-                } else {
-                    "no host_vars given: Ansible's default (overlay_size | default(1024)); used \
-                     only if the image has to be created"
-                        .into()
-                },
-            });
-            m.overlay_size = s;
-        }
-    }
-
-    // The env file.
-    if let Some(src) = sh.as_ref().and_then(|s| s.env_source.clone()) {
-        let mut note = Setting::new((), src.at.clone());
-        note.notes.extend(src.notes.iter().cloned());
-        if src.path == DEFAULT_ENV_FILE && src.guarded {
-            note.notes.push(Note {
-                level: Level::Note,
-                at: src.at.clone(),
-                text: format!(
-                    "start.sh sources {} when it exists: that is env_file's default, read as \
-                     KEY=VALUE lines, never run by a shell",
-                    src.path
-                ),
-            });
-            m.env_file_note = Some(note);
-        } else {
-            let mut s = Setting::new(src.path.clone(), src.at.clone());
-            s.notes.extend(src.notes.iter().cloned());
-            if src.guarded {
-                s.notes.push(Note {
-                    level: Level::Warning,
-                    at: src.at.clone(),
-                    text: "start.sh sourced it only when it existed; a set env_file must exist"
-                        .into(),
-                });
-            }
-            m.env_file = Some(s);
-        }
-        if let Some(env) = &inputs.service_env {
-            let target = m.env_file.as_mut().map_or_else(
-                || &mut m.env_file_note.as_mut().expect("set above").notes,
-                |s| &mut s.notes,
-            );
-            let allexport = sh.as_ref().is_some_and(|s| s.allexport);
-            target.extend(service_env_notes(env, allexport));
-        }
-    }
-    if let Some(s) = &sh {
-        m.env = s.env.clone();
-        m.binary = s.binary.clone();
-        m.extra_args = s.extra_args.clone();
-        m.notes.extend(s.notes.iter().cloned());
-    }
-    if let Some(h) = &hv {
-        m.notes.extend(h.notes.iter().cloned());
-    }
-    if let Some(b) = &mut m.binary {
-        if !b.value.starts_with('/') {
-            b.notes.push(Note {
-                level: Level::Warning,
-                at: b.from[0].clone(),
-                text: format!(
-                    "{}: not an absolute path; apptainer.binary must be",
-                    b.value
-                ),
-            });
-        }
-    }
-    m.readiness = Some(Note {
-        level: Level::Note,
-        at: Origin::default(),
-        text: "start.sh had no notion of readiness: READY=1 now waits for the container's systemd \
-               to boot; list the units that must be active too in [readiness] required_units \
-               (e.g. \"httpd.service\")"
-            .into(),
-    });
-    Ok(m)
-}
-
-/// `--network-args "[net:]K=V;K2=V2"` → the args of that network, or of all of them
-/// (Apptainer's pkg/network SetArgs: no prefix means every network).
-fn network_args(m: &mut Model, a: &Setting<String>) {
-    let (net, rest) = match a.value.split_once(':') {
-        Some((n, r)) if !n.contains('=') => (Some(n.to_owned()), r.to_owned()),
-        _ => (None, a.value.clone()),
-    };
-    let kvs: Vec<String> = rest
-        .split(';')
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let mut matched = false;
-    for n in &mut m.networks {
-        if net.as_deref().is_none_or(|x| x == n.name.value) {
-            n.args.extend(kvs.iter().cloned());
-            n.name.from.extend(a.from.iter().cloned());
-            n.name.notes.extend(a.notes.iter().cloned());
-            matched = true;
-        }
-    }
-    if !matched {
-        let mut s = a.clone();
-        s.value = format!("--network-args={}", a.value);
-        s.notes.push(Note {
-            level: Level::Warning,
-            at: a.from.first().cloned().unwrap_or_default(),
-            text:
-                "--network-args for a network start.sh does not join; kept in apptainer.extra_args"
-                    .into(),
-        });
-        m.extra_args.push(s);
-    }
-}
-
-/// start.sh's list, checked against host_vars'; host_vars' alone when there is no start.sh.
-fn merge_lists(
-    sh: Option<Vec<Setting<String>>>,
-    hv: Option<Vec<Setting<String>>>,
-    flag: &str,
-    key: &str,
-) -> Vec<Setting<String>> {
-    match (sh, hv) {
-        (Some(mut s), Some(h)) => {
-            let sv: Vec<&str> = s.iter().map(|x| x.value.as_str()).collect();
-            let hvv: Vec<&str> = h.iter().map(|x| x.value.as_str()).collect();
-            if sv == hvv {
-                for (a, b) in s.iter_mut().zip(&h) {
-                    a.from.extend(b.from.iter().cloned());
-                }
-            } else {
-                let only_sh: Vec<&str> = sv.iter().filter(|v| !hvv.contains(v)).copied().collect();
-                let only_hv: Vec<&str> = hvv.iter().filter(|v| !sv.contains(v)).copied().collect();
-                let text = format!(
-                    "start.sh's {flag} and host_vars' {key} differ (only in start.sh: {only_sh:?}; \
-                     only in host_vars: {only_hv:?}{}): start.sh is what ran, so its list is used",
-                    if only_sh.is_empty() && only_hv.is_empty() {
-                        "; the order differs"
-                    } else {
-                        ""
-                    }
-                );
-                let at = h
-                    .first()
-                    .and_then(|x| x.from.first().cloned())
-                    .unwrap_or_default();
-                if let Some(f) = s.first_mut() {
-                    f.notes.push(Note {
-                        level: Level::Warning,
-                        at,
-                        text,
-                    });
-                }
-            }
-            s
-        }
-        (Some(s), None) => s,
-        (None, Some(h)) => h,
-        (None, None) => Vec::new(),
-    }
-}
-
-/// What becomes of each variable of `.service_env` (read, never sourced).
-fn service_env_notes(env: &Input, allexport: bool) -> Vec<Note> {
-    let label = env.label();
-    let vars = match config::parse_env_file(&env.text) {
-        Ok(v) => v,
-        Err((line, reason)) => {
-            return vec![Note {
-                level: Level::Warning,
-                at: Origin { file: label, line },
-                text: format!(
-                    "{reason}: the supervisor reads this file as KEY=VALUE lines and will refuse it as it is"
-                ),
-            }]
-        }
-    };
-    let mut out = Vec::new();
-    for (key, _) in vars {
-        let line = env
-            .text
-            .lines()
-            .position(|l| {
-                let t = l.trim_start();
-                let t = t.strip_prefix("export ").map_or(t, str::trim_start);
-                t.starts_with(&format!("{key}="))
-            })
-            .map_or(0, |i| i + 1);
-        let exported = line > 0
-            && env
-                .text
-                .lines()
-                .nth(line - 1)
-                .is_some_and(|l| l.trim_start().starts_with("export "));
-        let at = Origin {
-            file: label.clone(),
-            line,
-        };
-        if !exported && !allexport {
-            out.push(Note {
-                level: Level::Warning,
-                at: at.clone(),
-                text: format!(
-                    "{key}: start.sh's `source` made it a shell variable only (no export), so \
-                     apptainer never saw it; the supervisor puts it into apptainer's environment"
-                ),
-            });
-        }
-        // Apptainer reads APPTAINER_*/SINGULARITY_* itself and turns APPTAINERENV_X into
-        // X inside; everything else only reaches the --boot init's environment.
-        if !key.starts_with("APPTAINER") && !key.starts_with("SINGULARITY") {
-            out.push(Note {
-                level: Level::Warning,
-                at,
-                text: format!(
-                    "{key}: reaches the container's init, but with --boot that is systemd, which \
-                     starts its units with a clean environment (systemd src/core/manager.c, \
-                     manager_default_environment), so no service inside sees it; set it in the \
-                     image (a unit's Environment=) instead"
-                ),
-            });
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1029,5 +469,60 @@ mod tests {
         let s = config::parse(&m.toml, Path::new("s.toml"), None).unwrap();
         assert!(s.networks[0].args.is_empty());
         assert_eq!(s.networks[1].args, ["IP=10.0.0.2/24"]);
+    }
+
+    #[test]
+    fn an_image_url_in_start_sh_becomes_image_url() {
+        let i = Inputs {
+            start_sh: Some(input(
+                "start.sh",
+                "apptainer instance start --boot docker://foo/bar:1 s\n",
+            )),
+            service_dir: Some("/srv/s".into()),
+            ..Default::default()
+        };
+        let m = migrate(&i).unwrap();
+        let s = config::parse(&m.toml, Path::new("s.toml"), None).unwrap();
+        assert_eq!(
+            s.image_url.as_deref(),
+            Some("docker://foo/bar:1"),
+            "{}",
+            m.toml
+        );
+        assert!(
+            m.messages
+                .iter()
+                .any(|w| w.contains("start.sh ran the image straight from docker://foo/bar:1")),
+            "{:?}",
+            m.messages
+        );
+    }
+
+    #[test]
+    fn network_args_for_a_network_not_joined_stay_in_extra_args() {
+        let i = Inputs {
+            start_sh: Some(input(
+                "start.sh",
+                "apptainer instance start --network a --network-args \"c:IP=1\" --writable-tmpfs /c.sif s\n",
+            )),
+            service_dir: Some("/srv/s".into()),
+            ..Default::default()
+        };
+        let m = migrate(&i).unwrap();
+        let s = config::parse(&m.toml, Path::new("s.toml"), None).unwrap();
+        assert!(s.networks[0].args.is_empty());
+        assert_eq!(
+            s.apptainer.extra_args,
+            ["--writable-tmpfs", "--network-args=c:IP=1"],
+            "{}",
+            m.toml
+        );
+        assert!(
+            m.messages
+                .iter()
+                .any(|w| w.contains("--network-args for a network start.sh does not join")),
+            "{:?}",
+            m.messages
+        );
     }
 }

@@ -19,15 +19,23 @@
 //! `RateLimitIntervalSec=30s` (`journald.conf(5)`; the burst is scaled by free disk space), and
 //! what it drops would include the supervisor's own messages. Our own token bucket
 //! ([`LIMITS`]) lets through at most `burst + 30 s × per_sec` = 4 000 lines per 30 s, well
-//! below, and then logs one "N lines suppressed" entry.
+//! below, and then logs one "N lines suppressed" entry (at most one a second,
+//! [`REPORT_GAP`], while the flood goes on). Lines may be 16 KiB each, so a second
+//! bucket bounds the bytes too ([`BYTE_LIMITS`]); a line either refuses is a suppressed line.
 //!
-//! Size: after forwarding, a file past [`MAX_FILE`] bytes is truncated to zero in place.
-//! That is safe only because every writer has `O_APPEND` (see above): its next write lands
-//! at the new end of file, so no hole of NULs appears; a writer without `O_APPEND` would keep
-//! its offset and leave a sparse file, and would need copy-truncate instead. The content is
-//! not lost: it has been forwarded to the journal, which is the archive. Bytes written
-//! between the last `fstat` and the `ftruncate` (microseconds) are lost; logrotate's
-//! `copytruncate` has the same window.
+//! Reading: at most [`MAX_READ`] bytes of each file per wake-up. A container writes faster
+//! than we can read and forward; reading its backlog to the end in one go kept the loop
+//! (READY=1, SIGTERM) waiting for seconds.
+//!
+//! Size: after reading, a file past [`MAX_FILE`] bytes is truncated to zero in place, also
+//! when part of it is still unread: a writer faster than [`MAX_READ`] per wake-up would
+//! otherwise fill the file system between two quiet moments. What is skipped unread is
+//! counted and said in the next suppression report. Truncating is safe only because every
+//! writer has `O_APPEND` (see above): its next write lands at the new end of file, so no hole
+//! of NULs appears; a writer without `O_APPEND` would keep its offset and leave a sparse
+//! file, and would need copy-truncate instead. What was read is not lost: it has been
+//! forwarded to the journal, which is the archive. Bytes written between the last `fstat` and
+//! the `ftruncate` (microseconds) are lost; logrotate's `copytruncate` has the same window.
 
 use std::fs::File;
 use std::io;
@@ -45,8 +53,11 @@ use crate::os::journal::Journal;
 /// below the datagram size limit, so no memfd is ever needed.
 pub const MAX_LINE: usize = 16 * 1024;
 
-/// A log file larger than this after forwarding is truncated (see the module docs).
+/// A log file larger than this after reading is truncated (see the module docs).
 pub const MAX_FILE: u64 = 1024 * 1024;
+
+/// The most read of one log per wake-up (see the module docs).
+pub const MAX_READ: u64 = 1024 * 1024;
 
 /// How much of a file is read in one go.
 const CHUNK: usize = 64 * 1024;
@@ -62,6 +73,16 @@ pub struct Limits {
 pub const LIMITS: Limits = Limits {
     burst: 1000,
     per_sec: 100,
+};
+
+/// The least time between two "N lines suppressed" entries.
+pub const REPORT_GAP: Duration = Duration::from_secs(1);
+
+/// Our bound on forwarded bytes (the lines' text): 100 lines of [`MAX_LINE`] a second would
+/// be 48 MiB per 30 s.
+pub const BYTE_LIMITS: Limits = Limits {
+    burst: 1024 * 1024,
+    per_sec: 128 * 1024,
 };
 
 /// Which of the instance's streams a line came from.
@@ -157,6 +178,9 @@ pub struct Bucket {
     last: Instant,
     /// Lines refused since the last report.
     pub suppressed: u64,
+    /// The least time between two reports ([`Self::with_report_gap`]).
+    report_gap: Duration,
+    last_report: Option<Instant>,
 }
 
 impl Bucket {
@@ -166,7 +190,16 @@ impl Bucket {
             tokens: f64::from(limits.burst),
             last: now,
             suppressed: 0,
+            report_gap: Duration::ZERO,
+            last_report: None,
         }
+    }
+
+    /// At most one report per `gap`: a flood that goes on is counted in one entry a
+    /// second, not in one per wake-up that finds a token.
+    pub fn with_report_gap(mut self, gap: Duration) -> Bucket {
+        self.report_gap = gap;
+        self
     }
 
     fn refill(&mut self, now: Instant) {
@@ -177,13 +210,25 @@ impl Bucket {
     }
 
     fn take(&mut self, now: Instant) -> bool {
+        self.take_n(now, 1)
+    }
+
+    /// Takes `n` tokens if there are that many.
+    fn take_n(&mut self, now: Instant, n: usize) -> bool {
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = n as f64;
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
         }
+    }
+
+    /// Whether `n` tokens are there, taking none.
+    fn has(&mut self, now: Instant, n: usize) -> bool {
+        self.refill(now);
+        self.tokens >= n as f64
     }
 
     /// Whether the next line may pass; a refused line is counted. Reports are not made
@@ -200,7 +245,9 @@ impl Bucket {
     /// The count of suppressed lines, when there are some and a token allows the report
     /// (which uses that token).
     pub fn report(&mut self, now: Instant) -> Option<u64> {
-        if self.suppressed > 0 && self.take(now) {
+        let gap_over = self.last_report.is_none_or(|t| now >= t + self.report_gap);
+        if self.suppressed > 0 && gap_over && self.take(now) {
+            self.last_report = Some(now);
             Some(std::mem::take(&mut self.suppressed))
         } else {
             None
@@ -217,13 +264,33 @@ impl Bucket {
         let per_sec = f64::from(self.limits.per_sec.max(1));
         // A millisecond late, so that float rounding never leaves the token at 0.999… when
         // the timer fires (which would fire it again at once).
-        Some(self.last + Duration::from_secs_f64(missing / per_sec) + Duration::from_millis(1))
+        let token =
+            self.last + Duration::from_secs_f64(missing / per_sec) + Duration::from_millis(1);
+        Some(match self.last_report {
+            Some(t) => token.max(t + self.report_gap),
+            None => token,
+        })
     }
 }
 
-/// Whether a file of `size` bytes, all of them forwarded, is to be truncated.
-pub fn should_truncate(size: u64, forwarded: u64) -> bool {
-    size > MAX_FILE && size == forwarded
+/// Whether a line of `len` bytes may pass: both budgets must allow it. The byte budget is
+/// asked first, so that a line it refuses takes no line token; refused by either, it is one
+/// suppressed line (counted in `lines`).
+pub fn admit_line(lines: &mut Bucket, bytes: &mut Bucket, now: Instant, len: usize) -> bool {
+    if !bytes.has(now, len) {
+        lines.suppressed += 1;
+        false
+    } else if lines.admit(now) {
+        bytes.take_n(now, len);
+        true
+    } else {
+        false
+    }
+}
+
+/// Whether a file of `size` bytes, read as far as the wake-up allowed, is to be truncated.
+pub fn should_truncate(size: u64) -> bool {
+    size > MAX_FILE
 }
 
 /// The sizes of the two logs before `instance start`: forwarding starts there, so lines of
@@ -276,6 +343,10 @@ pub struct Forwarder {
     sink: Sink,
     logs: Vec<Log>,
     bucket: Bucket,
+    /// The bytes of forwarded lines ([`BYTE_LIMITS`]).
+    bytes: Bucket,
+    /// Bytes truncated away unread since the last report.
+    skipped: u64,
     inotify: Option<AsyncFd<Watch>>,
 }
 
@@ -348,7 +419,9 @@ impl Forwarder {
             pid: pid.to_string(),
             sink,
             logs,
-            bucket: Bucket::new(LIMITS, Instant::now()),
+            bucket: Bucket::new(LIMITS, Instant::now()).with_report_gap(REPORT_GAP),
+            bytes: Bucket::new(BYTE_LIMITS, Instant::now()),
+            skipped: 0,
             inotify,
         };
         // What was written before the watches existed (during the start) would otherwise
@@ -400,18 +473,24 @@ impl Forwarder {
         }
     }
 
-    /// Forwards every complete new line, reports suppressed lines when the rate allows, and
-    /// truncates a log past [`MAX_FILE`].
+    /// Forwards the complete new lines of at most [`MAX_READ`] bytes of each log, reports
+    /// suppressed lines when the rate allows, and truncates a log past [`MAX_FILE`].
     pub fn pump(&mut self) {
         let mut logs = std::mem::take(&mut self.logs);
         for log in &mut logs {
             self.read_new(log);
             match log.file.metadata() {
-                Ok(m) if should_truncate(m.len(), log.offset) => {
+                Ok(m) if should_truncate(m.len()) => {
                     if let Err(e) = log.file.set_len(0) {
                         tracing::warn!(log = %log.path.display(), error = %e, "cannot truncate the instance's log");
                     } else {
-                        tracing::debug!(log = %log.path.display(), size = m.len(), "instance log forwarded and truncated");
+                        let unread = m.len().saturating_sub(log.offset);
+                        tracing::debug!(log = %log.path.display(), size = m.len(), "instance log truncated");
+                        if unread > 0 {
+                            // The unfinished line's end is among what is skipped.
+                            self.skipped += unread;
+                            log.split.reset();
+                        }
                         log.offset = 0;
                     }
                 }
@@ -426,7 +505,8 @@ impl Forwarder {
 
     fn read_new(&mut self, log: &mut Log) {
         let mut buf = vec![0u8; CHUNK];
-        loop {
+        let mut budget = MAX_READ;
+        while budget > 0 {
             let size = match log.file.metadata() {
                 Ok(m) => m.len(),
                 Err(_) => return,
@@ -439,12 +519,14 @@ impl Forwarder {
             if size == log.offset {
                 return;
             }
-            let want = usize::try_from(size - log.offset).map_or(CHUNK, |n| n.min(CHUNK));
+            let want =
+                usize::try_from((size - log.offset).min(budget)).map_or(CHUNK, |n| n.min(CHUNK));
             let n = match log.file.read_at(&mut buf[..want], log.offset) {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
             log.offset += n as u64;
+            budget = budget.saturating_sub(n as u64);
             let stream = log.stream;
             let mut lines = Vec::new();
             log.split.push(&buf[..n], |l| lines.push(l.to_vec()));
@@ -455,17 +537,32 @@ impl Forwarder {
     }
 
     fn line(&mut self, stream: Stream, line: &[u8]) {
-        if self.bucket.admit(Instant::now()) {
-            let (prio, text) = priority_of(stream, line);
+        let now = Instant::now();
+        let (prio, text) = priority_of(stream, line);
+        if admit_line(&mut self.bucket, &mut self.bytes, now, text.len()) {
             self.send(stream, prio, text);
         }
     }
 
-    fn send_suppressed(&self, n: u64) {
-        let msg = format!(
-            "{n} lines of the instance's output suppressed (more than {} at once or {} per second)",
-            LIMITS.burst, LIMITS.per_sec
-        );
+    fn send_suppressed(&mut self, n: u64) {
+        let mut parts = Vec::new();
+        if n > 0 {
+            parts.push(format!(
+                "{n} lines of the instance's output suppressed (more than {} lines or {} KiB at once, or {} lines or {} KiB per second)",
+                LIMITS.burst,
+                BYTE_LIMITS.burst / 1024,
+                LIMITS.per_sec,
+                BYTE_LIMITS.per_sec / 1024
+            ));
+        }
+        let skipped = std::mem::take(&mut self.skipped);
+        if skipped > 0 {
+            parts.push(format!(
+                "{skipped} bytes of the instance's output skipped unread (a log past {} KiB is emptied)",
+                MAX_FILE / 1024
+            ));
+        }
+        let msg = parts.join("; ");
         self.send_fields(4, msg.as_bytes(), None, Some(n));
     }
 
@@ -522,7 +619,7 @@ impl Drop for Forwarder {
                 self.line(log.stream, &l);
             }
         }
-        if self.bucket.suppressed > 0 {
+        if self.bucket.suppressed > 0 || self.skipped > 0 {
             let n = std::mem::take(&mut self.bucket.suppressed);
             self.send_suppressed(n);
         }
@@ -624,10 +721,78 @@ mod tests {
     }
 
     #[test]
-    fn only_fully_forwarded_big_files_are_truncated() {
-        assert!(!should_truncate(MAX_FILE, MAX_FILE));
-        assert!(should_truncate(MAX_FILE + 1, MAX_FILE + 1));
-        assert!(!should_truncate(MAX_FILE + 10, MAX_FILE + 1));
+    fn reports_of_a_flood_that_goes_on_come_once_per_gap() {
+        let t0 = Instant::now();
+        let limits = Limits {
+            burst: 1,
+            per_sec: 1000,
+        };
+        let mut b = Bucket::new(limits, t0).with_report_gap(Duration::from_secs(1));
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert!(b.admit(t0));
+        assert!(!b.admit(t0));
+        assert_eq!(b.report(ms(2)), Some(1));
+        assert!(!b.admit(ms(2)));
+        // A token is back after 1 ms, but the next report waits for the gap.
+        assert_eq!(b.report(ms(500)), None);
+        assert_eq!(b.deadline(), Some(ms(1002)));
+        assert_eq!(b.report(ms(1002)), Some(1));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_backlog_is_read_one_mib_at_a_time_and_the_rest_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("x.out");
+        let err = dir.path().join("x.err");
+        std::fs::write(&out, "").unwrap();
+        std::fs::write(&err, "").unwrap();
+        let mut f = Forwarder::new("x", 1, &out, &err, Start::now(&out, &err));
+        // 3 MiB of 100-byte lines in one write, before the forwarder looks.
+        let line = format!("{}\n", "z".repeat(99));
+        let backlog = line.repeat(3 * 1024 * 1024 / 100);
+        let mut w = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+        use std::io::Write;
+        w.write_all(backlog.as_bytes()).unwrap();
+        f.pump();
+        assert_eq!(std::fs::metadata(&out).unwrap().len(), 0, "emptied");
+        assert_eq!(
+            f.skipped,
+            backlog.len() as u64 - MAX_READ,
+            "one pump reads MAX_READ bytes, the rest is skipped and counted"
+        );
+        assert_eq!(f.logs[0].offset, 0);
+        assert!(f.logs[0].split.carry.is_empty(), "the cut line is dropped");
+    }
+
+    #[test]
+    fn big_files_are_truncated_read_or_not() {
+        assert!(!should_truncate(MAX_FILE));
+        assert!(should_truncate(MAX_FILE + 1));
+    }
+
+    #[test]
+    fn a_line_needs_both_budgets_and_a_refused_one_is_counted_once() {
+        let t0 = Instant::now();
+        let mut lines = Bucket::new(
+            Limits {
+                burst: 10,
+                per_sec: 1,
+            },
+            t0,
+        );
+        let mut bytes = Bucket::new(
+            Limits {
+                burst: 100,
+                per_sec: 1,
+            },
+            t0,
+        );
+        // 40-byte lines: the bytes allow two, the lines ten.
+        let passed = (0..5)
+            .filter(|_| admit_line(&mut lines, &mut bytes, t0, 40))
+            .count();
+        assert_eq!((passed, lines.suppressed), (2, 3));
+        assert!(lines.has(t0, 8), "refused lines took no line token");
     }
 
     #[tokio::test(flavor = "current_thread")]

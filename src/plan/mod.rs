@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Serialize, Serializer};
 
-use crate::host::{cni_dir, lock, privilege, Canonical};
+use crate::host::{cni_dir, lock, privilege, Canonical, Checked};
 use crate::os::apptainer::InstancePaths;
 use crate::os::instance::RunRecord;
 use crate::os::live;
@@ -33,14 +33,16 @@ pub struct Plan {
     #[serde(serialize_with = "lossy")]
     pub argv: Vec<OsString>,
     /// argv of `apptainer overlay create`, run only when the overlay is missing (`run` builds
-    /// the image at a temporary name beside this path and moves it into place).
+    /// the image under the same name in a private temporary directory beside this path and
+    /// moves it into place).
     #[serde(serialize_with = "lossy")]
     pub overlay_create: Vec<OsString>,
     pub files: Vec<PlannedFile>,
     /// The conflists `run` writes, by network name, as JSON.
     pub conflists: std::collections::BTreeMap<String, serde_json::Value>,
     pub host_checked: bool,
-    /// Settings that are read but do nothing (`security.keep_capabilities`), with why.
+    /// Settings that are read but do nothing (`security.keep_capabilities`), with why, and
+    /// what the host check allows for now but should be fixed (paths, binds).
     pub warnings: Vec<String>,
     /// What `run` sets in Apptainer's environment on top of its own (`container`, the env
     /// file, `[env]`). Not printed: an env file may hold secrets.
@@ -54,14 +56,15 @@ fn lossy<S: Serializer>(v: &[OsString], ser: S) -> Result<S::Ok, S::Error> {
 }
 
 impl Plan {
-    /// The plan for `s`. `env_file`: the env file's variables, read by the host checks
-    /// (`None`: the host was not checked, as by plain `check`).
+    /// The plan for `s`. `checked`: what the host checks found, the env file's variables
+    /// and the warnings (`None`: the host was not checked, as by plain `check`).
     pub fn build(
         s: &Canonical,
         run_dir: &Path,
         paths: &InstancePaths,
-        env_file: Option<&[(String, String)]>,
+        checked: Option<&Checked>,
     ) -> Plan {
+        let env_file = checked.map(|c| c.env.as_slice());
         let env = argv::child_env(std::iter::empty(), env_file.unwrap_or_default(), s)
             .into_iter()
             .map(|(k, v)| {
@@ -90,8 +93,11 @@ impl Plan {
                     })
                 })
                 .collect(),
-            host_checked: env_file.is_some(),
-            warnings: privilege::keep_capabilities_notice(s).into_iter().collect(),
+            host_checked: checked.is_some(),
+            warnings: privilege::keep_capabilities_notice(s)
+                .into_iter()
+                .chain(checked.iter().flat_map(|c| c.warnings.iter().cloned()))
+                .collect(),
             env,
         }
     }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::info;
 
 use super::policy::Sig;
@@ -34,9 +34,9 @@ use crate::os::instance::ExitWatch;
 use crate::os::notify::{Notifier, Ticker};
 use crate::os::output::Forwarder;
 
-/// Where the inner watcher's events come from (kept opaque: a latest-value cell may take
-/// its place).
-pub(super) type InnerEvents = mpsc::UnboundedReceiver<InnerEvent>;
+/// Where the inner watcher's events come from: the latest state and the few events kept
+/// in order (see `os::inner`).
+pub(super) use crate::os::inner::InnerEvents;
 
 /// The signals that stop us, and the notifier whose deferred sends the loop makes. SIGABRT
 /// is what systemd sends when our watchdog expires (`WatchdogSignal=`): the container lives

@@ -88,8 +88,11 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
     // Resolved first, then checked and planned: what the checks saw is what runs (see
     // host::canonicalize), and the plan is the one `check` prints.
     let canonical = host::canonicalize(service);
-    let env_file = host::check(&canonical, &ctx.config_dir)?;
-    let plan = Plan::build(&canonical, &ctx.run_dir, &ctx.paths, Some(&env_file));
+    let checked = host::check(&canonical, &ctx.config_dir)?;
+    for w in &checked.warnings {
+        warn!("{w}");
+    }
+    let plan = Plan::build(&canonical, &ctx.run_dir, &ctx.paths, Some(&checked));
     let service = &*canonical;
     // Before any thread exists and before the first child: orphans of the CLI (the master)
     // must be reparented to us.

@@ -1,7 +1,8 @@
 //! Step 3 of a run: the overlay image is created if missing (never touched otherwise) and
 //! must not be attached to a loop device already.
 
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 use std::time::Duration;
 
 use tracing::{info, warn};
@@ -55,53 +56,39 @@ impl Supervisor<'_> {
             self.s.overlay.size_mib
         );
         self.report(Notice::Status, Some(Phase::CreatingOverlay), &status);
-        // Built at a temporary name beside the target and moved into place only when
-        // complete: a stop, a crash or a full disk never leaves a truncated overlay.img.
-        let tmp = overlay::temp_path(path, std::process::id());
-        let discard = |tmp: &Path| {
-            let mut ext3 = tmp.as_os_str().to_owned();
-            ext3.push(".ext3");
-            for t in [tmp.to_owned(), PathBuf::from(ext3)] {
-                let _ = std::fs::remove_file(t);
-            }
-        };
-        let argv = argv::overlay_create(self.s, &tmp);
+        // Built in a private directory beside the target and moved into place only when
+        // complete (host::overlay::Creation): a stop, a crash or a full disk never leaves a
+        // truncated overlay.img, and no link planted beside it is followed. The directory
+        // goes when `creation` is dropped, on every way out.
+        let creation = overlay::Creation::begin(path)
+            .map_err(|e| os(format!("creating overlay {}", path.display()))(io::Error::other(e)))?;
+        let argv = argv::overlay_create(self.s, &creation.temp_image());
         // mkfs of a large image can outlast the start timeout: keep asking for more.
         let extend = Duration::from_secs(30);
         let out = match self.run_cli(&argv, Some(extend), None).await {
             // A stop request while mkfs ran: the new image is not kept half-trusted, and
             // the run ends where `main` looks at the noted stop, right after this.
-            Ok(_) if self.signals.stop_noted() => {
-                discard(&tmp);
-                return Ok(());
-            }
+            Ok(_) if self.signals.stop_noted() => return Ok(()),
             Ok(out) => out,
-            Err(e) => {
-                discard(&tmp);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         };
         match out {
             CliResult::Done(status, _) if status.success() => {
-                if let Err(e) = overlay::publish(&tmp, path) {
-                    discard(&tmp);
-                    return Err(os(format!(
-                        "moving the new overlay {} to {}",
-                        tmp.display(),
-                        path.display()
-                    ))(e));
+                if let Err(e) = creation.publish() {
+                    return Err(
+                        os(format!("publishing the new overlay {}", path.display()))(
+                            io::Error::other(e),
+                        ),
+                    );
                 }
                 info!(overlay = %path.display(), "overlay image created");
                 Ok(())
             }
-            CliResult::Done(status, stderr) => {
-                discard(&tmp);
-                Err(RunError::CreateOverlay {
-                    path: path.clone(),
-                    status: describe(status),
-                    stderr,
-                })
-            }
+            CliResult::Done(status, stderr) => Err(RunError::CreateOverlay {
+                path: path.clone(),
+                status: describe(status),
+                stderr,
+            }),
             CliResult::TimedOut => unreachable!("no deadline was given"),
         }
     }

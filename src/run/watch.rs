@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use super::event_loop::{self, earliest, InnerEvents, Waits, Wake};
@@ -99,7 +99,7 @@ impl Supervisor<'_> {
                         }
                     }
                     Ok(Ok(i)) => {
-                        let (tx, rx) = mpsc::unbounded_channel();
+                        let (tx, rx) = inner::events();
                         tokio::spawn(inner::watch(
                             i.clone(),
                             r.required_units.clone(),

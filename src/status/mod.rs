@@ -322,13 +322,21 @@ pub async fn ask_buses(rows: &mut [ServiceStatus]) {
         }
         if let Some(pid) = row.instance_pid {
             let live = tokio::time::timeout(BUS_TIMEOUT, async {
-                let i = crate::os::inner::connect_now(pid).await.ok()?;
-                i.failed_units().await.ok()
+                let i = crate::os::inner::connect_now(pid).await?;
+                i.failed_units().await
             })
             .await;
-            if let Ok(Some(failed)) = live {
-                row.failed_units = failed;
-                row.inner_failed_live = true;
+            match live {
+                Ok(Ok(failed)) => {
+                    row.failed_units = failed;
+                    row.inner_failed_live = true;
+                }
+                // A bus that is not the container's is worth saying; no permission (not
+                // root) or no answer in time leaves the last known failed units.
+                Ok(Err(e)) if e.is_refusal() => row
+                    .warnings
+                    .push(format!("the container's systemd was not asked: {e}")),
+                _ => {}
             }
         }
         if !row.failed_units.is_empty() {
@@ -521,5 +529,31 @@ mod tests {
         assert_eq!(human_duration(59), "59s");
         assert_eq!(human_duration(61), "1m01s");
         assert_eq!(human_duration(2 * 86_400 + 3 * 3600), "2d3h");
+    }
+
+    /// What a hostile container could put in a row, had it passed the checks at ingress:
+    /// the table (with and without legend), the warnings and the JSON stay one line per row
+    /// with no control character.
+    #[test]
+    fn container_text_never_forges_a_row_or_reaches_the_terminal_raw() {
+        let mut r = row("ood001");
+        r.phase = "ready".into();
+        r.inner_state = Some("running\u{1b}[2J".into());
+        r.failed_units = vec![
+            "a.service\nood002   active   ready".into(),
+            "b\tc.service\u{9b}31m".into(),
+        ];
+        r.warnings
+            .push("failed units inside: x.service\nwarning: forged".into());
+        let rows = [r.clone(), row("ood002")];
+        for legend in [true, false] {
+            let t = render_table(&rows, legend) + &render_warnings(&rows);
+            assert_eq!(t.lines().count(), 2 + usize::from(legend) + 1, "{t}");
+            assert!(!t.chars().any(|c| c.is_control() && c != '\n'), "{t:?}");
+            assert!(t.contains("a.service\\nood002"), "{t}");
+            assert!(t.contains("running\\x1b[2J"), "{t}");
+        }
+        let json = serde_json::to_string(&rows).unwrap();
+        assert!(!json.chars().any(|c| (c as u32) < 0x20), "{json}");
     }
 }

@@ -1,7 +1,14 @@
 //! `status` as a table for people: sizes and durations as `ls -h` and `ps` write them,
-//! the warnings after the table.
+//! the warnings after the table. Every cell and warning is written on one line with control
+//! characters escaped (`sanitize::one_line`): what came from a container was checked when it
+//! was read, and this is the last guard, so no text can forge a row or reach the terminal
+//! as an escape sequence.
 
 use super::*;
+use crate::os::sanitize::one_line;
+
+/// The longest cell or warning written; a cell is a word or two, a warning a sentence.
+const MAX_CELL: usize = 1024;
 
 /// `1.2G`-style sizes for the table.
 pub fn human_bytes(b: u64) -> String {
@@ -45,7 +52,7 @@ pub fn render_table(rows: &[ServiceStatus], legend: bool) -> String {
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
+            let row = vec![
                 r.service.clone(),
                 r.unit.as_ref().map_or_else(
                     || "unknown".to_owned(),
@@ -91,7 +98,10 @@ pub fn render_table(rows: &[ServiceStatus], legend: bool) -> String {
                         None => format!("{file} missing"),
                     }
                 }),
-            ]
+            ];
+            row.into_iter()
+                .map(|c| one_line(&c, MAX_CELL).into_owned())
+                .collect()
         })
         .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
@@ -128,7 +138,9 @@ pub fn render_warnings(rows: &[ServiceStatus]) -> String {
     let mut out = String::new();
     for r in rows {
         for w in &r.warnings {
-            out.push_str(&format!("warning: {}: {w}\n", r.service));
+            let line = format!("warning: {}: {w}", r.service);
+            out.push_str(&one_line(&line, MAX_CELL));
+            out.push('\n');
         }
     }
     out

@@ -753,3 +753,35 @@ impl Drop for World {
         }
     }
 }
+
+/// Every connection waiting on `listener`: (the connecting process's pid, the bytes it
+/// sent before it closed), read without blocking (`listener` must be non-blocking).
+pub fn accepted(listener: &std::os::unix::net::UnixListener) -> Vec<(i32, Vec<u8>)> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut got = Vec::new();
+    while let Ok((mut s, _)) = listener.accept() {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: `cred` and `len` are valid for writes of a ucred; the fd is open.
+        let r = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "SO_PEERCRED");
+        s.set_nonblocking(true).unwrap();
+        let mut bytes = Vec::new();
+        let _ = s.read_to_end(&mut bytes);
+        got.push((cred.pid, bytes));
+    }
+    got
+}
