@@ -40,8 +40,8 @@ use crate::os::sanitize::{one_line, MAX_STATUS};
 pub const STATUS_PER_WINDOW: usize = 5;
 pub const STATUS_WINDOW: Duration = Duration::from_secs(1);
 
-/// How many of a window's statuses progress may take: the last is kept for `READY=1` and
-/// `STOPPING=1`, which are never held.
+/// How many of a window's statuses progress may take, so that one is left for what is
+/// never held (`READY=1`, `STOPPING=1`) while the container floods us with progress.
 pub const PROGRESS_PER_WINDOW: usize = 4;
 
 /// Statuses held back by the rate; past this, a new one replaces the newest held.
@@ -90,9 +90,11 @@ struct Outbox {
     retry_at: Option<Instant>,
     backoff: Duration,
     /// Statuses held back by the rate, oldest first, each marked when it is progress; and
-    /// when the last [`STATUS_PER_WINDOW`] statuses went out, oldest first.
+    /// when the last [`STATUS_PER_WINDOW`] statuses and the last [`PROGRESS_PER_WINDOW`]
+    /// progress went out, oldest first.
     held: VecDeque<(bool, String)>,
     said: VecDeque<Instant>,
+    said_progress: VecDeque<Instant>,
 }
 
 impl Notifier {
@@ -136,7 +138,14 @@ impl Notifier {
                 }
                 out.said(now);
             }
-            Kind::Step | Kind::Status => out.said(now),
+            Kind::Step => out.said(now),
+            Kind::Status => {
+                out.said(now);
+                out.said_progress.push_back(now);
+                while out.said_progress.len() > PROGRESS_PER_WINDOW {
+                    out.said_progress.pop_front();
+                }
+            }
             Kind::Watchdog | Kind::Extend => {}
         }
         out.push(kind, msg);
@@ -326,14 +335,17 @@ impl Outbox {
 
     /// When the window has room for one more status, progress or a step (`None`: it has).
     fn room_at(&self, progress: bool) -> Option<Instant> {
-        let limit = if progress {
-            PROGRESS_PER_WINDOW
-        } else {
-            STATUS_PER_WINDOW
-        };
-        let n = self.said.len();
         // Once the limit-th newest has left the window, fewer than `limit` are in it.
-        (n >= limit).then(|| self.said[n - limit] + STATUS_WINDOW)
+        let room = |said: &VecDeque<Instant>, limit: usize| {
+            let n = said.len();
+            (n >= limit).then(|| said[n - limit] + STATUS_WINDOW)
+        };
+        let any = room(&self.said, STATUS_PER_WINDOW);
+        if progress {
+            any.max(room(&self.said_progress, PROGRESS_PER_WINDOW))
+        } else {
+            any
+        }
     }
 
     fn fits(&self, progress: bool, now: Instant) -> bool {
@@ -718,6 +730,22 @@ mod tests {
             ["STATUS=halting an orphan\n", "STATUS=booting: 3 jobs\n"],
             "the step at once, the progress held before it dropped, the one after it held"
         );
+    }
+
+    #[test]
+    fn a_failure_right_after_ready_is_said_at_once() {
+        let (_d, listener, n) = at_path_socket();
+        let t0 = Instant::now();
+        n.status_at("booting: 1 jobs queued", true, t0);
+        n.status_at("booting: 0 jobs queued", true, t0);
+        n.ready("running: 1/1 required units active");
+        let later = t0 + Duration::from_millis(80);
+        n.status_at("degraded: 1/1 required units active", true, later);
+        n.status_at("degraded: x.service failed (signal)", true, later);
+        let got = received(&listener);
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(got[4], "STATUS=degraded: x.service failed (signal)\n");
+        assert_eq!(n.due(), None);
     }
 
     #[test]
