@@ -10,7 +10,6 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use support::netns::TestNetns;
 use support::*;
@@ -217,7 +216,9 @@ fn frozen_inner_systemd_gets_no_watchdog_and_abort_then_term_still_tear_down() {
     w.env.push(("WATCHDOG_USEC".into(), "400000".into()));
     let (pid, ppid) = w.start();
     kill(pid, libc::SIGSTOP);
-    std::thread::sleep(Duration::from_millis(600));
+    // Once a ping sent after the stop went unanswered, the pings in flight have landed;
+    // from then on there must be none.
+    w.wait_unanswered_ping_after(std::time::SystemTime::now());
     w.notify_drain();
     let pings = w
         .notify_for(SEC)

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use support::*;
 
@@ -198,8 +198,9 @@ fn frozen_inner_manager_stops_the_watchdog() {
     assert!(pings(&w) >= 3, "pings while healthy");
     let (pid, _) = w.instance_pids();
     kill(pid, libc::SIGSTOP);
-    // Let pings in flight land, then there must be none.
-    std::thread::sleep(Duration::from_millis(600));
+    // Once a ping sent after the stop went unanswered, the pings in flight have landed;
+    // from then on there must be none.
+    w.wait_unanswered_ping_after(std::time::SystemTime::now());
     w.notify_drain();
     assert_eq!(pings(&w), 0, "no WATCHDOG=1 while PID 1 is frozen");
     kill(pid, libc::SIGCONT);

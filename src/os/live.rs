@@ -145,6 +145,10 @@ pub struct LiveState {
     /// Restarts of failed required units done by the supervisor in this run.
     pub restarts: u32,
     pub last_error: Option<String>,
+    /// Unix time (ms) when the last ping of the container's systemd that went unanswered
+    /// was sent (the watchdog: no WATCHDOG=1 for it). Pings go one at a time, so every
+    /// earlier ping was settled by then.
+    pub last_unanswered_ping_ms: Option<u64>,
     /// Set when the supervisor has exited (phase stopped or failed).
     pub exit_code: Option<i32>,
 }
@@ -195,6 +199,13 @@ pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// [`unix_now`] in milliseconds.
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Keeps the state and writes it. Phase changes are written at once; other changes (the

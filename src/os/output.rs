@@ -12,7 +12,8 @@
 //! Wake-ups: inotify `IN_MODIFY` on both files (one event per `write(2)` batch), and a
 //! one-shot timer only while lines are being suppressed, to report how many once the rate
 //! allows. Nothing is armed while the instance writes nothing, so an idle supervisor still
-//! wakes up zero times.
+//! wakes up zero times. The forwarder does not wait itself: the run's event loop waits on
+//! [`Forwarder::written`] and [`Forwarder::deadline`] and then calls [`Forwarder::pump`].
 //!
 //! Rate: journald drops a unit's messages past `RateLimitBurst=10000` per
 //! `RateLimitIntervalSec=30s` (`journald.conf(5)`; the burst is scaled by free disk space), and
@@ -429,36 +430,29 @@ impl Forwarder {
         f
     }
 
-    /// Waits until a log was written to, or until suppressed lines can be reported.
+    /// Waits until a log was written to (then [`Self::pump`] forwards it); never without
+    /// a watch. The event loop waits on this beside [`Self::deadline`].
     /// Cancel-safe: it only consumes inotify events, and [`Self::pump`] reads by size.
-    pub async fn changed(&mut self) {
-        let deadline = self.bucket.deadline();
-        let inotify = self.inotify.as_ref();
-        let written = async {
-            let Some(fd) = inotify else {
-                return std::future::pending().await;
-            };
-            match fd.readable().await {
-                Ok(mut guard) => {
-                    // Drain the queue; try_io clears readiness on EAGAIN.
-                    while let Ok(Ok(_)) =
-                        guard.try_io(|i| i.get_ref().0.read_events().map_err(io::Error::from))
-                    {
-                    }
+    pub async fn written(&self) {
+        let Some(fd) = &self.inotify else {
+            return std::future::pending().await;
+        };
+        match fd.readable().await {
+            Ok(mut guard) => {
+                // Drain the queue; try_io clears readiness on EAGAIN.
+                while let Ok(Ok(_)) =
+                    guard.try_io(|i| i.get_ref().0.read_events().map_err(io::Error::from))
+                {
                 }
-                Err(_) => std::future::pending().await,
             }
-        };
-        let report = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = written => {}
-            _ = report => {}
+            Err(_) => std::future::pending().await,
         }
+    }
+
+    /// When suppressed lines can be reported (then [`Self::pump`] reports them); `None`
+    /// while nothing is suppressed, so that no timer is armed.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.bucket.deadline()
     }
 
     /// Stops watching the logs for writes; what is written from now on is forwarded when
@@ -817,7 +811,7 @@ mod tests {
         let mut w = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
         use std::io::Write;
         w.write_all(b"new\npart").unwrap();
-        f.changed().await;
+        f.written().await;
         f.pump();
         assert_eq!(
             f.logs[0].offset,
@@ -830,7 +824,7 @@ mod tests {
         let big = vec![b'y'; MAX_FILE as usize];
         w.write_all(&big).unwrap();
         w.write_all(b"\n").unwrap();
-        f.changed().await;
+        f.written().await;
         f.pump();
         assert_eq!(std::fs::metadata(&out).unwrap().len(), 0);
         assert_eq!(f.logs[0].offset, 0);

@@ -4,17 +4,15 @@
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::event_loop::{self, earliest, Waits, Wake};
 use super::{os, show_exit, Supervisor};
 use crate::exit::RunError;
 use crate::os::apptainer;
 use crate::os::instance::{self, Exit, ExitWatch, ProcId};
-use crate::os::notify::Notifier;
 
 impl Supervisor<'_> {
     /// Runs one apptainer command to completion, its stderr captured. `extend`: send
@@ -50,17 +48,9 @@ impl Supervisor<'_> {
         let stderr: OwnedFd = child.stderr.take().expect("stderr was piped").into();
         let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)
             .map_err(os("reading stderr"))?;
-        let op = wait_cli(
-            pid,
-            fd,
-            stderr,
-            self.notify.clone(),
-            extend,
-            deadline,
-            master,
-        );
-        // The command is left to finish even when a stop comes: nothing half-made is left.
-        let (err_buf, timed_out) = self.signals.call("apptainer runs", op).await;
+        let (err_buf, timed_out) = self
+            .wait_cli(pid, &fd, stderr, extend, deadline, master)
+            .await;
         let status = child.wait().map_err(os("waiting for apptainer"))?;
         if timed_out {
             return Ok(CliResult::TimedOut);
@@ -70,69 +60,96 @@ impl Supervisor<'_> {
             String::from_utf8_lossy(&err_buf).into_owned(),
         ))
     }
+
+    /// The command `pid` (its pidfd `fd`) to its exit, through the event loop: its stderr
+    /// read (up to 64 KiB), killed at `deadline`, EXTEND_TIMEOUT_USEC sent every `extend`,
+    /// `master` reaped when it exits. The command is left to finish even when a stop comes
+    /// (noted for the caller): nothing half-made is left. Returns stderr and whether the
+    /// deadline killed it.
+    async fn wait_cli(
+        &mut self,
+        pid: i32,
+        fd: &ExitWatch,
+        stderr: tokio::net::unix::pipe::Receiver,
+        extend: Option<Duration>,
+        deadline: Option<Instant>,
+        mut master: Option<(&ProcId, &ExitWatch)>,
+    ) -> (Vec<u8>, bool) {
+        let mut err_buf = Vec::new();
+        let mut timed_out = false;
+        let mut next_extend = extend.map(|d| {
+            self.notify.extend(d * 2);
+            Instant::now() + d
+        });
+        let mut stderr = Some(stderr);
+        loop {
+            let waits: Waits = Waits {
+                master: master.map(|(_, fd)| fd),
+                child: Some(fd),
+                stderr: stderr.as_ref(),
+                at: earliest([next_extend, deadline.filter(|_| !timed_out)]),
+                ..Waits::default()
+            };
+            match event_loop::next(&mut self.signals, waits).await {
+                Wake::Signal(sig) => self.signals.note(sig, "apptainer runs"),
+                Wake::ChildExited => break,
+                Wake::MasterExited => {
+                    if let Some((m, _)) = master.take() {
+                        let exit = instance::try_reap(m.pid);
+                        debug!(master_pid = m.pid, exit = %show_exit(exit), "master exited while apptainer ran");
+                    }
+                }
+                Wake::Stderr => {
+                    if let Some(pipe) = &stderr {
+                        if !read_some(pipe, &mut err_buf) {
+                            stderr = None;
+                        }
+                    }
+                }
+                Wake::Deadline => {
+                    let now = Instant::now();
+                    if deadline.is_some_and(|d| d <= now) && !timed_out {
+                        warn!(pid, "apptainer command exceeded its deadline; killing it");
+                        // Our own child, not reaped yet: the pid is still its own.
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                        timed_out = true;
+                    }
+                    if let (Some(at), Some(d)) = (next_extend, extend) {
+                        if at <= now {
+                            self.notify.extend(d * 2);
+                            next_extend = Some(now + d);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Drain what is left in the pipe (the writer has exited).
+        if let Some(pipe) = &stderr {
+            while read_some(pipe, &mut err_buf) {}
+        }
+        (err_buf, timed_out)
+    }
 }
 
-/// The command `pid` (its pidfd `fd`) to its exit: its stderr read (up to 64 KiB), killed at
-/// `deadline`, EXTEND_TIMEOUT_USEC sent every `extend`, `master` reaped when it exits. No
-/// signal is handled here: the event loop drives this (`Signals::call`). Returns stderr and whether the
-/// deadline killed it.
-async fn wait_cli(
-    pid: i32,
-    fd: ExitWatch,
-    mut stderr: tokio::net::unix::pipe::Receiver,
-    notify: Notifier,
-    extend: Option<Duration>,
-    deadline: Option<Instant>,
-    master: Option<(&ProcId, &ExitWatch)>,
-) -> (Vec<u8>, bool) {
-    let mut reaped = master.is_none();
-    let mut err_buf = Vec::new();
-    let mut timed_out = false;
-    let mut extend_tick = extend.map(|d| {
-        notify.extend(d * 2);
-        tokio::time::interval_at(Instant::now() + d, d)
-    });
-    let far = Instant::now() + Duration::from_secs(100 * 365 * 86400);
-    let kill_at = tokio::time::sleep_until(deadline.unwrap_or(far));
-    tokio::pin!(kill_at);
-    let mut stderr_open = true;
+/// Reads what `pipe` has now into `buf` (kept to 64 KiB); false once it is closed.
+fn read_some(pipe: &tokio::net::unix::pipe::Receiver, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 4096];
     loop {
-        tokio::select! {
-            _ = fd.readable() => break,
-            _ = async { master.expect("guarded by !reaped").1.readable().await }, if !reaped => {
-                if let Some((m, _)) = master {
-                    let exit = instance::try_reap(m.pid);
-                    debug!(master_pid = m.pid, exit = %show_exit(exit), "master exited while apptainer ran");
+        match pipe.try_read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                if buf.len() < 64 * 1024 {
+                    buf.extend_from_slice(&chunk[..n]);
                 }
-                reaped = true;
             }
-            n = stderr.read(&mut chunk), if stderr_open => match n {
-                Ok(0) | Err(_) => stderr_open = false,
-                Ok(n) => if err_buf.len() < 64 * 1024 { err_buf.extend_from_slice(&chunk[..n]) },
-            },
-            _ = &mut kill_at, if !timed_out => {
-                warn!(pid, "apptainer command exceeded its deadline; killing it");
-                // Our own child, not reaped yet: the pid is still its own.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                timed_out = true;
-            }
-            _ = tick_interval(&mut extend_tick) => {
-                if let Some(d) = extend { notify.extend(d * 2); }
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
         }
     }
-    // Drain what is left in the pipe (the writer has exited).
-    while stderr_open {
-        match stderr.try_read(&mut chunk) {
-            Ok(0) | Err(_) => stderr_open = false,
-            Ok(n) => err_buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-    (err_buf, timed_out)
 }
 
 pub(super) enum CliResult {
@@ -146,14 +163,5 @@ pub(super) fn describe(status: std::process::ExitStatus) -> String {
         (Some(c), _) => Exit::Code(c).to_string(),
         (None, Some(s)) => Exit::Signal(s).to_string(),
         _ => status.to_string(),
-    }
-}
-
-pub(super) async fn tick_interval(i: &mut Option<tokio::time::Interval>) {
-    match i {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending::<()>().await,
     }
 }

@@ -1,46 +1,124 @@
-//! The one place that waits on the signals that stop us (SIGTERM, SIGINT, SIGABRT) and
-//! the one biased `select!` that puts them first.
+//! The one place that waits: the signals that stop us (SIGTERM, SIGINT, SIGABRT) and,
+//! behind them, whatever the current phase of a run waits on, in the one biased `select!`
+//! of the crate.
 //!
-//! Every phase of a run waits through [`next`]: the signals beside "the current
-//! operation", a future that touches no signal (an Apptainer CLI command to completion,
-//! the connection to the container's bus, the next thing the running instance does). A
-//! signal wins over whatever is ready with it; the caller turns it into the policy's
-//! [`Event::Signal`](super::policy::Event) or, while a call must finish first (a CLI
-//! command half-way through making something), notes it with [`Signals::note`] so that it
-//! is handed to the policy once the call returns ([`Signals::take_noted`]). No other code
-//! constructs a signal stream, and no other `select!` appears but the few listed in the
-//! scan at the bottom of this file (each among its own signal-free sources).
+//! Every phase describes what it waits on as [`Waits`] (the container's and the master's
+//! pidfds, a CLI command's pidfd and stderr, the inner bus's events and ping answer, the
+//! watchdog timer, the instance's log watch, the phase's next deadline, a call such as the
+//! bus connection) and hands it to [`next`], which returns what woke it as a [`Wake`].
+//! The order is fixed here: signals first (SIGABRT first of them, see `policy`), then the
+//! pidfds (the container's before its master's: with both ready, the container's end is
+//! what happened), then the rest. The notifier's deferred datagrams (a full socket, a
+//! rate-limited status) are sent from here too, whatever the phase. Nothing else selects
+//! or handles a signal, and no phase waits on its own: it loops over [`next`]. The only
+//! waits elsewhere are calls bounded by their own timeout (the bus connection, handed in
+//! as [`Waits::call`]; a ping, on a task of its own whose answer is [`Waits::ping`]). A
+//! signal that comes while what a phase does must finish first is noted
+//! ([`Signals::note`]) and handed to the policy once that returns
+//! ([`Signals::take_noted`]). A scan of the source (the tests at the bottom) holds the
+//! crate to the one `select!` and the signals kept here.
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::oneshot;
 use tracing::info;
 
 use super::policy::Sig;
+use crate::os::inner::InnerEvent;
+use crate::os::instance::ExitWatch;
+use crate::os::notify::{Notifier, Ticker};
+use crate::os::output::Forwarder;
 
-/// The signals that stop us. SIGABRT is what systemd sends when our watchdog expires
-/// (`WatchdogSignal=`): the container lives outside the unit's cgroup, so even then we
-/// halt it before going. (A panic still aborts: with a handler that returns, abort(3)
-/// restores the default action and raises again.)
+/// Where the inner watcher's events come from: the latest state and the few events kept
+/// in order (see `os::inner`).
+pub(super) use crate::os::inner::InnerEvents;
+
+/// The signals that stop us, and the notifier whose deferred sends the loop makes. SIGABRT
+/// is what systemd sends when our watchdog expires (`WatchdogSignal=`): the container lives
+/// outside the unit's cgroup, so even then we halt it before going. (A panic still aborts:
+/// with a handler that returns, abort(3) restores the default action and raises again.)
 pub(super) struct Signals {
     term: Signal,
     int: Signal,
     abrt: Signal,
     /// Signals that came while a call had to finish first, in arrival order, each once.
     noted: Vec<Sig>,
+    notify: Notifier,
+}
+
+/// What the current phase waits on besides the signals. Each source is a branch of the
+/// loop's select only while it is there; `Waits::default()` waits on the signals alone.
+pub(super) struct Waits<'a, T = ()> {
+    /// The container's init (pidfd).
+    pub container: Option<&'a ExitWatch>,
+    /// The Apptainer master (pidfd).
+    pub master: Option<&'a ExitWatch>,
+    /// A CLI command we run (pidfd) and its stderr.
+    pub child: Option<&'a ExitWatch>,
+    pub stderr: Option<&'a tokio::net::unix::pipe::Receiver>,
+    /// The inner watcher's events and the answer to the last ping.
+    pub inner: Option<&'a mut InnerEvents>,
+    pub ping: Option<&'a mut oneshot::Receiver<bool>>,
+    /// The watchdog's timer.
+    pub watchdog: Option<&'a Ticker>,
+    /// The instance's logs were written to.
+    pub output: Option<&'a Forwarder>,
+    /// The phase's next deadline (the earliest of its own; see [`earliest`]).
+    pub at: Option<Instant>,
+    /// A call the phase made (bounded by its own timeout), to its result.
+    pub call: Option<Pin<&'a mut dyn Future<Output = T>>>,
+}
+
+impl<T> Default for Waits<'_, T> {
+    fn default() -> Self {
+        Waits {
+            container: None,
+            master: None,
+            child: None,
+            stderr: None,
+            inner: None,
+            ping: None,
+            watchdog: None,
+            output: None,
+            at: None,
+            call: None,
+        }
+    }
 }
 
 /// What [`next`] woke up for.
-pub(super) enum Wake<T> {
+#[derive(Debug)]
+pub(super) enum Wake<T = ()> {
     Signal(Sig),
+    ContainerExited,
+    MasterExited,
+    ChildExited,
+    /// The CLI command's stderr can be read (or has closed).
+    Stderr,
+    Inner(Option<InnerEvent>),
+    Ping(bool),
+    WatchdogTick,
+    /// The instance's logs were written to.
+    Output,
+    /// [`Waits::at`] has come.
+    Deadline,
+    /// The call returned.
     Done(T),
+}
+
+/// The earliest of some deadlines (None: no deadline, no timer).
+pub(super) fn earliest(at: impl IntoIterator<Item = Option<Instant>>) -> Option<Instant> {
+    at.into_iter().flatten().min()
 }
 
 impl Signals {
     /// Installs the handlers; from here on these signals no longer kill us by default.
-    pub(super) fn install() -> Result<Self, (&'static str, io::Error)> {
+    pub(super) fn install(notify: Notifier) -> Result<Self, (&'static str, io::Error)> {
         Ok(Signals {
             term: signal(SignalKind::terminate())
                 .map_err(|e| ("installing the SIGTERM handler", e))?,
@@ -49,11 +127,17 @@ impl Signals {
             abrt: signal(SignalKind::from_raw(libc::SIGABRT))
                 .map_err(|e| ("installing the SIGABRT handler", e))?,
             noted: Vec::new(),
+            notify,
         })
     }
 
-    /// Remembers a signal that came while a call had to finish first.
-    pub(super) fn note(&mut self, sig: Sig) {
+    /// Remembers a signal that came while a call had to finish first; `what` says what
+    /// runs, for the log.
+    pub(super) fn note(&mut self, sig: Sig, what: &str) {
+        info!(
+            signal = sig.name(),
+            "stop requested while {what}; handled once that returns"
+        );
         // Each kind once: a stream coalesces repeats the same way.
         if !self.noted.contains(&sig) {
             self.noted.push(sig);
@@ -69,51 +153,135 @@ impl Signals {
     /// waiting: what came while the caller could not listen, for the policy.
     pub(super) fn take_noted(&mut self) -> Vec<Sig> {
         let mut sigs = std::mem::take(&mut self.noted);
-        while let Some(Wake::Signal(sig)) = next(self, std::future::pending::<()>()).now_or_never()
-        {
+        while let Some(Wake::Signal(sig)) = next::<()>(self, Waits::default()).now_or_never() {
             sigs.push(sig);
         }
         sigs
     }
-}
 
-impl Signals {
-    /// Runs `op`, a call that must finish (a CLI command half-way through making
-    /// something, the halt's escalation), to its end while the loop keeps listening: a
-    /// signal meanwhile is noted (see [`Self::note`]) for the caller to hand on after.
-    /// `what` says what runs, for the log.
-    pub(super) async fn call<T>(&mut self, what: &str, op: impl Future<Output = T>) -> T {
-        tokio::pin!(op);
+    /// Waits up to `within` for the process behind `fd` (the container or the master: it
+    /// takes the first pidfd branch) to exit; a signal meanwhile is
+    /// noted for the caller to hand on after (see [`Self::note`]; `what` says what is
+    /// waited for). Whether it exited.
+    pub(super) async fn exits_within(
+        &mut self,
+        fd: &ExitWatch,
+        within: Duration,
+        what: &str,
+    ) -> bool {
+        let at = Instant::now() + within;
         loop {
-            match next(self, &mut op).await {
-                Wake::Signal(sig) => {
-                    info!(
-                        signal = sig.name(),
-                        "stop requested while {what}; handled once that returns"
-                    );
-                    self.note(sig);
-                }
-                Wake::Done(v) => return v,
+            let waits: Waits = Waits {
+                container: Some(fd),
+                at: Some(at),
+                ..Waits::default()
+            };
+            match next(self, waits).await {
+                Wake::ContainerExited => return true,
+                Wake::Deadline => return false,
+                Wake::Signal(sig) => self.note(sig, what),
+                _ => {}
             }
         }
     }
 }
 
-/// Waits for the next signal or for `op`, whichever comes first; signals first when both
-/// are ready, SIGABRT first of them (see `policy`). Cancel-safe for the signals: a signal
-/// not returned stays pending in its stream.
-pub(super) async fn next<T>(signals: &mut Signals, op: impl Future<Output = T>) -> Wake<T> {
-    tokio::select! {
-        biased;
-        _ = signals.abrt.recv() => Wake::Signal(Sig::Abrt),
-        _ = signals.term.recv() => Wake::Signal(Sig::Term),
-        _ = signals.int.recv() => Wake::Signal(Sig::Int),
-        v = op => Wake::Done(v),
+/// Waits for the next signal or for one of `w`'s sources, whichever comes first: signals
+/// first when several are ready, SIGABRT first of them, then the container's pidfd, then
+/// the master's, then the rest. Cancel-safe: what is not returned stays pending in its
+/// source (a signal in its stream, an event in its channel, readiness on its fd).
+pub(super) async fn next<T>(signals: &mut Signals, mut w: Waits<'_, T>) -> Wake<T> {
+    loop {
+        let deferred = signals.notify.due();
+        tokio::select! {
+            biased;
+            _ = signals.abrt.recv() => return Wake::Signal(Sig::Abrt),
+            _ = signals.term.recv() => return Wake::Signal(Sig::Term),
+            _ = signals.int.recv() => return Wake::Signal(Sig::Int),
+            _ = exited(w.container), if w.container.is_some() => return Wake::ContainerExited,
+            _ = exited(w.master), if w.master.is_some() => return Wake::MasterExited,
+            _ = exited(w.child), if w.child.is_some() => return Wake::ChildExited,
+            v = called(&mut w.call), if w.call.is_some() => return Wake::Done(v),
+            ev = received(&mut w.inner), if w.inner.is_some() => return Wake::Inner(ev),
+            answered = answer(&mut w.ping), if w.ping.is_some() => return Wake::Ping(answered),
+            _ = ticked(w.watchdog), if w.watchdog.is_some() => return Wake::WatchdogTick,
+            _ = readable(w.stderr), if w.stderr.is_some() => return Wake::Stderr,
+            _ = written(w.output), if w.output.is_some() => return Wake::Output,
+            _ = sleep_until(w.at), if w.at.is_some() => return Wake::Deadline,
+            // Not the phase's business: a datagram the socket refused, a held status.
+            _ = sleep_until(deferred), if deferred.is_some() => signals.notify.send_due(),
+        }
+    }
+}
+
+// Each source, as a future; never polled while its branch is off (see the guards above),
+// so `None` only ever waits for good.
+
+async fn exited(fd: Option<&ExitWatch>) {
+    match fd {
+        // A pidfd stays readable once its process exited: no readiness to clear.
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn called<T>(call: &mut Option<Pin<&mut dyn Future<Output = T>>>) -> T {
+    match call {
+        Some(c) => c.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn received(rx: &mut Option<&mut InnerEvents>) -> Option<InnerEvent> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn answer(rx: &mut Option<&mut oneshot::Receiver<bool>>) -> bool {
+    match rx {
+        Some(rx) => (&mut **rx).await.unwrap_or(false),
+        None => std::future::pending().await,
+    }
+}
+
+async fn ticked(t: Option<&Ticker>) {
+    match t {
+        Some(t) => t.tick().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn readable(p: Option<&tokio::net::unix::pipe::Receiver>) {
+    match p {
+        // An error (the pipe is gone) is for the reader to find.
+        Some(p) => {
+            let _ = p.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn written(f: Option<&Forwarder>) {
+    match f {
+        Some(f) => f.written().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// No timer at all without a deadline: an idle supervisor wakes up for nothing.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
 /// What a scan of the source can hold the rest of the crate to: no other file constructs a
-/// signal stream, and no new `select!` appears outside this file. It does not prove that a
+/// signal stream, and the crate has one `select!`, [`next`]'s. It does not prove that a
 /// future handed to [`next`] is free of its own waits, nor that fault reactions are decided
 /// in `policy` only (a scan cannot tell a match on a verdict from making one).
 #[cfg(test)]
@@ -122,18 +290,9 @@ mod source_scan {
 
     const HOME: &str = "src/run/event_loop.rs";
 
-    /// The `select!`s that remain outside the loop, each among its own signal-free sources
-    /// (see `run/mod.rs`): a count may only go down.
-    const LEFT: &[(&str, usize)] = &[
-        // The CLI command to its exit: pidfd, stderr, deadline, EXTEND_TIMEOUT_USEC.
-        ("src/run/child.rs", 1),
-        // The halt's wait for the init's handler (a /proc poll no pidfd replaces).
-        ("src/run/halt.rs", 1),
-        // The running instance's sources, driven by `next`.
-        ("src/run/watch.rs", 1),
-        // The log forwarder's inotify or its rate-limit deadline.
-        ("src/os/output.rs", 1),
-    ];
+    /// The `select!`s allowed outside the loop: none (the list stays so that a reason to
+    /// add one is written here, beside the rule it breaks).
+    const LEFT: &[(&str, usize)] = &[];
 
     /// What only this file may contain: a signal stream's constructor.
     const SIGNAL_STREAMS: &[&str] = &[
@@ -199,7 +358,7 @@ mod source_scan {
     }
 
     #[test]
-    fn no_select_outside_the_event_loop_but_the_known_ones() {
+    fn one_select_in_the_crate_the_event_loops() {
         let mut found = Vec::new();
         let mut home = 0;
         for (path, code) in sources() {
@@ -219,6 +378,8 @@ mod source_scan {
             }
         }
         assert_eq!(home, 1, "{HOME} holds the one select over the signals");
+        let total: usize = home + LEFT.iter().map(|(_, n)| n).sum::<usize>();
+        assert_eq!(total, 1, "one select! in the crate");
         assert!(
             found.is_empty(),
             "select! outside {HOME}:\n{}",

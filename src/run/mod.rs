@@ -10,18 +10,20 @@
 //!    the state file names the container init and the master, recorded with their start
 //!    times and watched through pidfds;
 //! 5. [`watch`]: what the running instance does is turned into events; [`policy`] decides
-//!    what to do about each, and [`halt`] stops the container in order.
+//!    what to do about each, and [`end`] ends the run as it decided ([`halt`] stops the
+//!    container in order).
 //!
-//! Every phase waits through [`event_loop`], which alone owns the signals and selects
-//! them first beside the phase's current operation (a CLI command, the bus connection,
-//! the instance's next event); a stop that comes while a call must finish is noted there
-//! and handed on once it returns. Not yet one loop: the CLI command's own waits
-//! ([`child`]), the running instance's sources ([`watch`]) and the halt's escalation
-//! ([`halt`]) still each select among their own (signal-free) sources. Apptainer moves the container into a cgroup of its own
+//! Every phase waits through [`event_loop`], which alone owns the signals and holds the
+//! crate's one `select!`: signals first, then the pidfds, then what the phase waits on (a
+//! CLI command's exit and stderr, the bus connection, the instance's events and timers,
+//! the halt's deadlines); each phase loops over it and nothing else waits on its own. A
+//! stop that comes while a call must finish is noted there and handed on once it returns.
+//! Apptainer moves the container into a cgroup of its own
 //! (`apptainer-<pid>.scope`), outside this unit, so systemd's `KillMode` never reaches it:
 //! stopping it is our job, here.
 
 mod child;
+mod end;
 mod event_loop;
 mod halt;
 mod leftovers;
@@ -35,7 +37,7 @@ use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 
-use tokio::time::Instant;
+use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::Service;
@@ -155,13 +157,14 @@ struct Supervisor<'a> {
 
 impl<'a> Supervisor<'a> {
     fn new(s: &'a Service, ctx: &'a RunContext, plan: Plan) -> Result<Self, RunError> {
-        let signals = Signals::install().map_err(|(what, e)| os(what)(e))?;
+        let notify = Notifier::from_env();
+        let signals = Signals::install(notify.clone()).map_err(|(what, e)| os(what)(e))?;
         Ok(Supervisor {
             s,
             ctx,
             env: argv::child_env(std::env::vars_os(), &plan.env, s),
             plan,
-            notify: Notifier::from_env(),
+            notify,
             signals,
             record_path: RunRecord::path(&ctx.run_dir, &s.name),
             started_at: Instant::now(),
@@ -220,6 +223,8 @@ impl<'a> Supervisor<'a> {
             _ => "stopped",
         };
         self.live.phase(phase, status);
+        // The loop is over: a status the rate held back goes out now.
+        self.notify.finish();
     }
 }
 

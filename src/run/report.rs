@@ -11,7 +11,10 @@ use crate::os::sanitize::{one_line, MAX_STATUS};
 /// What the `STATUS=` datagram carries besides the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Notice {
+    /// A step of the supervisor's own.
     Status,
+    /// How far the container is (job counts): STATUS= folds a burst into its latest.
+    Progress,
     Ready,
     Stopping,
 }
@@ -25,6 +28,7 @@ impl Supervisor<'_> {
         let status = &*one_line(status, MAX_STATUS);
         match notice {
             Notice::Status => self.notify.status(status),
+            Notice::Progress => self.notify.progress(status),
             Notice::Ready => self.notify.ready(status),
             Notice::Stopping => self.notify.stopping(status),
         }

@@ -4,9 +4,8 @@
 
 use std::io;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::time::Instant;
 use tracing::{error, info};
 
 use super::child::{describe, CliResult};

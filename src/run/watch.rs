@@ -1,25 +1,22 @@
-//! Step 5 of a run: the loop that watches the running instance (SIGTERM/SIGINT/SIGABRT,
+//! Step 5 of a run: watching the running instance through the event loop (the signals,
 //! the container's and the master's pidfds, the instance's output, the inner bus, the
-//! watchdog tick) and reacts to what it sees.
+//! watchdog tick, the start deadline), turning what it sees into the policy's events and
+//! carrying out the actions the policy returns.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::event_loop::{self, Wake};
-use super::halt::reap_within;
-use super::policy::{Action, End, Event, Policy};
+use super::event_loop::{self, earliest, InnerEvents, Waits, Wake};
+use super::policy::{Action, End, Event, Policy, Sig};
 use super::report::Notice;
-use super::{os, show_exit, Supervisor, Tracked};
-use crate::config::{OnFailure, ReadinessMode};
+use super::{os, Supervisor, Tracked};
+use crate::config::ReadinessMode;
 use crate::exit::RunError;
 use crate::host::cni_del;
-use crate::os::apptainer;
-use crate::os::inner::{self, Inner, InnerEvent, InnerEvents, Shutdown};
-use crate::os::instance::{self, Exit};
+use crate::os::inner::{self, Inner, InnerError, InnerEvent};
 use crate::os::live::{self, InnerSummary, Phase};
 
 impl Supervisor<'_> {
@@ -56,6 +53,8 @@ impl Supervisor<'_> {
         let mut inner: Option<Inner> = None;
         let mut events: Option<InnerEvents> = None;
         let mut ping: Option<oneshot::Receiver<bool>> = None;
+        // When the pending ping was sent (Unix ms), for the live state file.
+        let mut ping_sent_ms = 0;
         let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
         // Our own start timeout decides; keep systemd's TimeoutStartSec= behind it even
         // when overlay creation or an orphan's halt came first.
@@ -74,15 +73,12 @@ impl Supervisor<'_> {
                 let status = self.with_ip(&format!(
                     "running: instance pid {pid} (readiness: instance up)"
                 ));
-                // READY=1 first (nothing may delay it), the state file right after: it is
-                // written before the loop waits again, within a fraction of a millisecond.
-                self.live.update(|s| s.ready_at = Some(live::unix_now()));
-                self.report(Notice::Ready, Some(Phase::Ready), &status);
+                self.say_ready(&status);
             }
             ReadinessMode::InnerSystemd => {
                 if !inner::image_has_dbus(Path::new(&format!("/proc/{pid}/root"))) {
-                    self.stop_tracked(&t, "stopping: the image has no D-Bus system bus", None)
-                        .await;
+                    let why = "stopping: the image has no D-Bus system bus";
+                    self.stop_tracked(&t, why, None, None).await;
                     return Err(RunError::NoInnerBus {
                         name: self.s.name.clone(),
                     });
@@ -92,28 +88,9 @@ impl Supervisor<'_> {
                     Some(Phase::Booting),
                     &format!("booting: instance pid {pid}; waiting for its system bus"),
                 );
-                let left = start_deadline.saturating_duration_since(Instant::now());
-                let container = t.container;
-                // A stop request while we wait for the bus is served at once.
-                let connected = match event_loop::next(
-                    &mut self.signals,
-                    Inner::connect(pid, left, || container.is_alive()),
-                )
-                .await
-                {
-                    Wake::Signal(sig) => {
-                        info!(
-                            INSTANCE_PID = pid,
-                            signal = sig.name(),
-                            "stop requested while the container boots"
-                        );
-                        Err(sig)
-                    }
-                    Wake::Done(r) => Ok(r),
-                };
-                match connected {
+                match self.wait_for_bus(&t, start_deadline).await {
                     Err(sig) => {
-                        let actions = policy.on(Event::Signal(sig), std::time::Instant::now());
+                        let actions = policy.on(Event::Signal(sig), Instant::now());
                         if let Some(r) = self
                             .act(&mut policy, actions, &t, &inner, &mut events)
                             .await
@@ -133,14 +110,10 @@ impl Supervisor<'_> {
                         events = Some(rx);
                         policy.connected();
                     }
-                    Ok(Err(e)) if container.is_alive() => {
+                    Ok(Err(e)) if t.container.is_alive() => {
                         error!(INSTANCE_PID = pid, error = %e, "cannot reach the container's systemd");
-                        self.stop_tracked(
-                            &t,
-                            "stopping: the container's systemd cannot be reached",
-                            None,
-                        )
-                        .await;
+                        let why = "stopping: the container's systemd cannot be reached";
+                        self.stop_tracked(&t, why, None, None).await;
                         return Err(RunError::Inner(e));
                     }
                     // The container died while we waited: the loop below reports it.
@@ -148,69 +121,78 @@ impl Supervisor<'_> {
                 }
             }
         }
-        let not_ready_by = tokio::time::sleep_until(start_deadline);
-        tokio::pin!(not_ready_by);
         loop {
-            let flush_due = self.live.due();
-            // Signals first: with SIGABRT and SIGTERM both pending, the policy sees both
-            // before anything else; then the pidfds, the container's before its master's.
-            // Signals first (the event loop's), then the pidfds, the container's before its
-            // master's: with SIGABRT and SIGTERM both pending, the policy sees both before
-            // anything else.
-            let source = async {
-                tokio::select! {
-                    biased;
-                    _ = t.container_fd.readable() => Source::ContainerFd,
-                    _ = t.master_fd.readable() => Source::MasterFd,
-                    ev = recv_opt(&mut events) => Source::Inner(ev),
-                    _ = &mut not_ready_by, if !policy.is_ready() => Source::StartDeadline,
-                    _ = tick(&watchdog) => Source::WatchdogTick,
-                    answered = ping_opt(&mut ping) => Source::Ping(answered),
-                    _ = sleep_until_opt(flush_due) => Source::Flush,
-                    _ = output.changed() => Source::Output,
-                }
+            // The event loop orders the sources: signals first, then the container's pidfd,
+            // then its master's, then the rest.
+            let at = earliest([
+                (!policy.is_ready()).then_some(start_deadline),
+                self.live.due(),
+                output.deadline(),
+            ]);
+            let waits = Waits {
+                container: Some(&t.container_fd),
+                master: Some(&t.master_fd),
+                inner: events.as_mut(),
+                ping: ping.as_mut(),
+                watchdog: watchdog.as_ref(),
+                output: Some(&output),
+                at,
+                ..Waits::default()
             };
-            let ev = match event_loop::next(&mut self.signals, source).await {
+            let ev = match event_loop::next(&mut self.signals, waits).await {
                 Wake::Signal(sig) => {
                     info!(INSTANCE_PID = pid, signal = sig.name(), "stop requested");
                     Event::Signal(sig)
                 }
-                Wake::Done(Source::ContainerFd) => Event::ContainerExited,
-                Wake::Done(Source::MasterFd) => {
+                Wake::ContainerExited => Event::ContainerExited,
+                Wake::MasterExited => {
                     let container_alive = t.container.is_alive();
                     Event::MasterExited {
                         container_alive,
                         cleanup_done: !container_alive && self.master_cleaned_up(&t),
                     }
                 }
-                Wake::Done(Source::Inner(Some(ev))) => match self.on_inner_event(ev, &t) {
+                Wake::Inner(Some(ev)) => match self.on_inner_event(ev, &t) {
                     Some(ev) => ev,
                     None => continue,
                 },
-                Wake::Done(Source::Inner(None)) => {
+                Wake::Inner(None) => {
                     events = None;
                     continue;
                 }
-                Wake::Done(Source::StartDeadline) => Event::StartDeadline,
-                Wake::Done(Source::WatchdogTick) => Event::WatchdogTick,
-                Wake::Done(Source::Ping(answered)) => {
+                Wake::WatchdogTick => Event::WatchdogTick,
+                Wake::Ping(answered) => {
                     ping = None;
+                    if !answered {
+                        let at = Some(ping_sent_ms);
+                        self.live.update(|s| s.last_unanswered_ping_ms = at);
+                    }
                     Event::PingAnswered(answered)
                 }
-                Wake::Done(Source::Flush) => {
-                    self.live.flush();
-                    continue;
-                }
-                Wake::Done(Source::Output) => {
+                Wake::Output => {
                     output.pump();
                     continue;
                 }
+                Wake::Deadline => {
+                    let now = Instant::now();
+                    if self.live.due().is_some_and(|d| d <= now) {
+                        self.live.flush();
+                    }
+                    if output.deadline().is_some_and(|d| d <= now) {
+                        output.pump();
+                    }
+                    if policy.is_ready() || start_deadline > now {
+                        continue;
+                    }
+                    Event::StartDeadline
+                }
+                Wake::ChildExited | Wake::Stderr | Wake::Done(()) => continue,
             };
             if let Event::BusLost { .. } = ev {
                 events = None;
                 inner = None;
             }
-            let actions = policy.on(ev, std::time::Instant::now());
+            let actions = policy.on(ev, Instant::now());
             if actions.iter().any(|a| matches!(a, Action::End(_))) {
                 // The container halts or has ended: no more waiting on its logs (the rest is
                 // read when `output` is dropped).
@@ -229,6 +211,7 @@ impl Supervisor<'_> {
                         let _ = tx.send(i.ping(bound).await);
                     });
                     ping = Some(rx);
+                    ping_sent_ms = live::unix_now_ms();
                 }
             }
             if let Some(r) = self
@@ -238,6 +221,43 @@ impl Supervisor<'_> {
                 return r;
             }
         }
+    }
+
+    /// Waits (bounded by `until`, the start deadline) for the container's bus. A stop
+    /// request meanwhile is served at once: `Err` with its signal.
+    async fn wait_for_bus(
+        &mut self,
+        t: &Tracked,
+        until: Instant,
+    ) -> Result<Result<Inner, InnerError>, Sig> {
+        let (pid, container) = (t.container.pid, t.container);
+        let left = until.saturating_duration_since(Instant::now());
+        let mut connect = std::pin::pin!(Inner::connect(pid, left, || container.is_alive()));
+        loop {
+            let waits = Waits {
+                call: Some(connect.as_mut()),
+                ..Waits::default()
+            };
+            match event_loop::next(&mut self.signals, waits).await {
+                Wake::Signal(sig) => {
+                    let signal = sig.name();
+                    info!(
+                        INSTANCE_PID = pid,
+                        signal, "stop requested while the container boots"
+                    );
+                    return Err(sig);
+                }
+                Wake::Done(r) => return Ok(r),
+                _ => {}
+            }
+        }
+    }
+
+    /// READY=1 first (nothing may delay it: the inner boot's end → READY is what the loop
+    /// is measured on), the state file right after, before the loop waits again.
+    fn say_ready(&mut self, status: &str) {
+        self.live.update(|s| s.ready_at = Some(live::unix_now()));
+        self.report(Notice::Ready, Some(Phase::Ready), status);
     }
 
     /// Reports one event from the inner watcher (the journal, the live state file) and
@@ -318,13 +338,10 @@ impl Supervisor<'_> {
             match a {
                 Action::Ready { status } => {
                     let status = self.with_ip(&status);
-                    // READY=1 first (the inner boot's end → READY is what this loop is
-                    // measured on), then the state file, before the loop waits again.
-                    self.live.update(|s| s.ready_at = Some(live::unix_now()));
-                    self.report(Notice::Ready, Some(Phase::Ready), &status);
+                    self.say_ready(&status);
                     info!(INSTANCE_PID = pid, PHASE = "ready", SYSTEM_STATE = %self.system_state, IP = %self.ip, status = %status, "ready");
                 }
-                Action::Status(status) => self.report(Notice::Status, None, &status),
+                Action::Status(status) => self.report(Notice::Progress, None, &status),
                 Action::BackToReady { status } => {
                     let status = self.with_ip(&status);
                     self.report(Notice::Status, Some(Phase::Ready), &status);
@@ -402,7 +419,7 @@ impl Supervisor<'_> {
                     // A signal that came while we halted still counts (see policy): those
                     // the loop noted while a call ran, then those still pending.
                     for sig in self.signals.take_noted() {
-                        for a in policy.on(Event::Signal(sig), std::time::Instant::now()) {
+                        for a in policy.on(Event::Signal(sig), Instant::now()) {
                             if let Action::EndAs(End::Aborted) = a {
                                 info!(
                                     INSTANCE_PID = pid,
@@ -420,144 +437,6 @@ impl Supervisor<'_> {
             }
         }
         None
-    }
-
-    /// Halts what is left and ends the run as the policy decided.
-    async fn end(
-        &mut self,
-        end: End,
-        t: &Tracked,
-        events: Option<&mut InnerEvents>,
-    ) -> Result<(), RunError> {
-        let pid = t.container.pid;
-        match end {
-            End::Stopped => {
-                self.stop_tracked(t, "stopping: halting the container", events)
-                    .await;
-                Ok(())
-            }
-            End::Aborted => {
-                self.stop_tracked(t, "stopping: halting the container", events)
-                    .await;
-                Err(RunError::Aborted)
-            }
-            End::NotReady { status } => {
-                let secs = self.s.timeouts.start_sec;
-                error!(INSTANCE_PID = pid, status = %status, timeout_sec = secs, "not ready in time");
-                self.stop_tracked(
-                    t,
-                    &format!("stopping: not ready after {secs} s: {status}"),
-                    events,
-                )
-                .await;
-                Err(RunError::NotReady { secs, status })
-            }
-            End::UnitFailed { unit, result } => {
-                match self.s.readiness.on_failure {
-                    OnFailure::RestartUnit => {
-                        let r = &self.s.readiness;
-                        error!(INNER_UNIT = %unit, RESULT = %result, max_restarts = r.max_restarts, window_sec = r.restart_window_sec, "restart budget exhausted; restarting the whole service");
-                    }
-                    _ => {
-                        error!(INNER_UNIT = %unit, RESULT = %result, "required unit failed; restarting the whole service (readiness.on_failure = restart-service)");
-                    }
-                }
-                info!(INSTANCE_PID = pid, PHASE = "stopping", INNER_UNIT = %unit, RESULT = %result, "stopping");
-                self.report(
-                    Notice::Stopping,
-                    Some(Phase::Stopping),
-                    &format!("stopping: {unit} failed ({result}); the service will be restarted"),
-                );
-                self.halt(
-                    &t.container,
-                    &t.container_fd,
-                    Some(&t.master),
-                    Some(&t.master_fd),
-                    events,
-                )
-                .await;
-                self.remove_leftovers();
-                Err(RunError::UnitFailed { unit, result })
-            }
-            End::ContainerEnded => Err(self.container_ended(t).await),
-            End::ShutDownInside(kind) => Err(self.shut_down_inside(t, kind).await),
-            End::MasterDied { container_alive } => {
-                let exit = instance::try_reap(t.master.pid);
-                error!(
-                    INSTANCE_PID = pid,
-                    PHASE = "stopping",
-                    master_pid = t.master.pid,
-                    EXIT_STATUS = %show_exit(exit),
-                    container_alive,
-                    "the Apptainer master died; its cleanup did not run"
-                );
-                // From here on we are stopping: tell systemd, so that the watchdog
-                // does not fire while the container halts.
-                self.report(
-                    Notice::Stopping,
-                    Some(Phase::Stopping),
-                    "master died: halting the container",
-                );
-                self.halt(&t.container, &t.container_fd, None, None, None)
-                    .await;
-                self.release_networks(t.container.pid).await;
-                self.remove_leftovers();
-                Err(RunError::MasterDied {
-                    name: self.s.name.clone(),
-                    pid: t.master.pid,
-                    container: if container_alive {
-                        "was halted"
-                    } else {
-                        "died with it"
-                    },
-                })
-            }
-        }
-    }
-
-    /// The container ended after a shutdown job from inside: reboot → 133 (restarted by the
-    /// unit's RestartForceExitStatus=), poweroff/halt → 0.
-    async fn shut_down_inside(&mut self, t: &Tracked, kind: Shutdown) -> RunError {
-        let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        let exit = reap_within(
-            &t.master,
-            &t.master_fd,
-            grace,
-            "the master did not exit after its container shut down; killing it",
-        )
-        .await;
-        instance::try_reap(t.container.pid);
-        self.remove_leftovers();
-        info!(INSTANCE_PID = t.container.pid, EXIT_STATUS = %show_exit(exit), shutdown = kind.as_str(), "the container shut down from inside");
-        match kind {
-            Shutdown::Reboot => RunError::RebootedInside {
-                name: self.s.name.clone(),
-            },
-            Shutdown::Poweroff | Shutdown::Halt => RunError::PoweredOffInside {
-                name: self.s.name.clone(),
-            },
-        }
-    }
-
-    /// Halts the tracked instance in order (see [`Self::halt`]) after telling systemd we are
-    /// stopping and why, then removes what is left of it.
-    pub(super) async fn stop_tracked(
-        &mut self,
-        t: &Tracked,
-        why: &str,
-        events: Option<&mut InnerEvents>,
-    ) {
-        info!(INSTANCE_PID = t.container.pid, PHASE = "stopping", status = %why, "stopping");
-        self.report(Notice::Stopping, Some(Phase::Stopping), why);
-        self.halt(
-            &t.container,
-            &t.container_fd,
-            Some(&t.master),
-            Some(&t.master_fd),
-            events,
-        )
-        .await;
-        self.remove_leftovers();
     }
 
     /// A status line with the instance's address, when it has one.
@@ -585,89 +464,5 @@ impl Supervisor<'_> {
                 "the unit's WatchdogSec= differs from timeouts.watchdog_sec; the unit's value is used (set it with a drop-in)"
             );
         }
-    }
-
-    /// The container exited without being asked: collect why, let the master clean up.
-    async fn container_ended(&mut self, t: &Tracked) -> RunError {
-        let pid = t.container.pid;
-        // The master's exit status is the container's (Apptainer re-raises its signal).
-        let grace = Duration::from_secs(self.s.timeouts.kill_sec);
-        let master_exit = reap_within(
-            &t.master,
-            &t.master_fd,
-            grace,
-            "the master did not exit after its container; killing it",
-        )
-        .await;
-        // If the master died first the container became our child: reap it too.
-        let container_exit = instance::try_reap(pid);
-        let exit = container_exit
-            .or(master_exit)
-            .map_or_else(|| "unknown status".to_owned(), |e: Exit| e.to_string());
-        let tail = apptainer::log_tail(&self.ctx.paths.err_log, 10);
-        error!(INSTANCE_PID = pid, EXIT_STATUS = %exit, err_log_tail = %tail, "instance ended by itself");
-        self.status(&format!("instance ended: {exit}"));
-        self.remove_leftovers();
-        RunError::InstanceEnded {
-            name: self.s.name.clone(),
-            pid,
-            exit,
-            tail: if tail.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "\nlast lines of {}:\n{tail}",
-                    self.ctx.paths.err_log.display()
-                )
-            },
-        }
-    }
-}
-
-/// What the running instance's sources woke the loop for.
-enum Source {
-    ContainerFd,
-    MasterFd,
-    Inner(Option<InnerEvent>),
-    StartDeadline,
-    WatchdogTick,
-    Ping(bool),
-    Flush,
-    Output,
-}
-
-pub(super) async fn recv_opt(rx: &mut Option<InnerEvents>) -> Option<InnerEvent> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn recv_opt_ref(rx: &mut Option<&mut InnerEvents>) -> Option<InnerEvent> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn ping_opt(rx: &mut Option<oneshot::Receiver<bool>>) -> bool {
-    match rx {
-        Some(rx) => rx.await.unwrap_or(false),
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `at`; never wakes without one (no timer while nothing is pending).
-pub(super) async fn sleep_until_opt(at: Option<std::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-pub(super) async fn tick(t: &Option<crate::os::notify::Ticker>) {
-    match t {
-        Some(t) => t.tick().await,
-        None => std::future::pending::<()>().await,
     }
 }

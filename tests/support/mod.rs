@@ -569,6 +569,28 @@ exec "$@""#;
         self.notify.0.lock().unwrap().drain(..).collect()
     }
 
+    /// Waits until the supervisor's live state file shows a watchdog ping sent after
+    /// `since` that went unanswered. Pings go one at a time, so every earlier one was
+    /// settled by then and its WATCHDOG=1, if it got one, has been sent.
+    pub fn wait_unanswered_ping_after(&self, since: std::time::SystemTime) {
+        let since_ms = since
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let live = self.run_dir.join(format!("{}.json", self.name));
+        eventually(
+            10 * SEC,
+            "a ping sent after the stop went unanswered",
+            || {
+                std::fs::read(&live)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|v| v["last_unanswered_ping_ms"].as_u64())
+                    .is_some_and(|ms| ms > since_ms)
+            },
+        );
+    }
+
     /// Waits for READY=1 from the newest supervisor; fails at once, with its stderr, when
     /// that supervisor exits first.
     pub fn wait_ready(&mut self) -> Vec<String> {
