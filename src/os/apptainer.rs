@@ -163,21 +163,56 @@ pub fn command(argv: &[OsString], env: &[(OsString, OsString)]) -> Command {
     cmd
 }
 
-/// The last `n` lines of a log file (the instance's `.err`), for messages.
+/// How much of a log's end [`log_tail`] reads: a log that grew for months, or one a
+/// container floods, is never read whole.
+const TAIL_BYTES: u64 = 16 * 1024;
+
+/// The longest line [`log_tail`] quotes: the lines are the container's own words.
+const TAIL_LINE: usize = 512;
+
+/// The last `n` lines of a log file (the instance's `.err`), for messages: read from the
+/// end, one per line, each with its control characters escaped (the
+/// container writes this file; its text reaches the journal and a terminal).
 pub fn log_tail(path: &Path, n: usize) -> String {
-    let Ok(text) = std::fs::read(path) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
         return String::new();
     };
-    // Only the end matters; a log that grew for months is not read line by line.
-    let start = text.len().saturating_sub(16 * 1024);
-    let text = String::from_utf8_lossy(&text[start..]);
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut text = Vec::new();
+    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+        .is_err()
+        || f.take(TAIL_BYTES).read_to_end(&mut text).is_err()
+    {
+        return String::new();
+    }
+    let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    lines[lines.len().saturating_sub(n)..]
+        .iter()
+        .map(|l| crate::os::sanitize::one_line(l, TAIL_LINE))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_tail_reads_the_end_only_and_escapes_the_containers_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.err");
+        // 1 MiB of old lines, then the last ones, one with a terminal escape and a CR.
+        let mut text = "old line\n".repeat(128 * 1024);
+        text.push_str("second last\nlast \x1b[2J\rforged\n");
+        std::fs::write(&p, &text).unwrap();
+        let tail = log_tail(&p, 2);
+        // One line each, as the container wrote them, but no byte a terminal acts on.
+        assert_eq!(tail, "second last\nlast \\x1b[2J\\rforged");
+        assert!(!tail.contains('\x1b') && !tail.contains('\r'));
+        assert_eq!(log_tail(&dir.path().join("missing"), 2), "");
+    }
 
     #[test]
     fn config_dir_order() {
