@@ -533,6 +533,61 @@ fn sigterm_during_instance_start_stops_what_was_started() {
     nothing_left(&w, &[pid, ppid]);
 }
 
+/// The `instance start` lines of the double's argv log.
+fn instance_starts(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"instance\", \"start\""))
+        .count()
+}
+
+/// A stop that comes while a leftover orphan is halted ends the run there: the orphan is
+/// halted, and no fresh container is started (the double's argv log has no `instance start`).
+#[test]
+fn sigterm_during_an_orphans_halt_starts_no_new_container() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("f-term-orphan");
+    // The orphan's init has no halt handler for a long while (systemd before it is ready):
+    // the halt waits out stop_sec, so the SIGTERM lands during it.
+    w.env.push(("FAKE_INIT_DELAY_TRAPS".into(), "600".into()));
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("stop_sec = 10", "stop_sec = 4"),
+    )
+    .unwrap();
+    let (pid, ppid) = w.start();
+    kill(w.child(0).id() as i32, libc::SIGKILL);
+    let _ = w.wait(0, 5 * SEC);
+    assert!(alive(pid) && alive(ppid), "the orphan lives on");
+    let argv_log = w.root().join("argv.log");
+    w.env.push((
+        "APPTAINER_DOUBLE_ARGV_LOG".into(),
+        argv_log.display().to_string(),
+    ));
+    w.spawn_run();
+    w.notify_until(20 * SEC, |m| {
+        m.contains("STATUS=halting an orphaned instance")
+    });
+    kill(w.child(1).id() as i32, libc::SIGTERM);
+    let out = w.wait(1, 30 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("stop requested while the container halts"),
+        "{err}"
+    );
+    // The log is written: the orphan's forced stop is in it, and nothing else started.
+    let log = std::fs::read_to_string(&argv_log).unwrap_or_default();
+    assert!(log.contains("\"stop\""), "{log}");
+    assert_eq!(instance_starts(&argv_log), 0, "no new container: {log}");
+    assert!(!alive(pid) && !alive(ppid), "the orphan was halted");
+    nothing_left(&w, &[pid, ppid]);
+}
+
 #[test]
 fn sigterm_during_boot_halts_the_booting_container() {
     if !require_root() {
