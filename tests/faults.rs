@@ -327,6 +327,101 @@ fn start_with_a_bad_image_quotes_apptainer_and_leaves_nothing() {
     );
 }
 
+/// The back-off file's failure count (0: no file).
+fn failed_starts(w: &World) -> u64 {
+    std::fs::read(w.run_dir.join(format!("{}.backoff", w.name)))
+        .ok()
+        .map(|b| serde_json::from_slice::<serde_json::Value>(&b).unwrap())
+        .map_or(0, |v| v["failures"].as_u64().unwrap())
+}
+
+/// Starts that fail in a row (exit 69) are not retried every `RestartSec=` for ever: the
+/// supervisor waits before the next start, longer each time (none after one failure, then
+/// 5 s, then 10 s), says so in STATUS= with EXTEND_TIMEOUT_USEC, and a stop during the wait
+/// ends the run at once with nothing started. A run that reaches READY clears the count.
+#[test]
+fn failing_starts_in_a_row_back_off_longer_each_time_and_a_stop_ends_the_wait() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("f-backoff");
+    let bad = w.service_dir.join("containers/broken.sif");
+    std::fs::write(&bad, b"this is not an image").unwrap();
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    let broken = cfg.replace(
+        "${service_dir}/containers/sandbox",
+        "${service_dir}/containers/broken.sif",
+    );
+    std::fs::write(w.config_path(), &broken).unwrap();
+    let mut announced = Vec::new();
+    for i in 0..3 {
+        w.spawn_run();
+        let out = w.wait(i, 60 * SEC);
+        assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+        assert_eq!(failed_starts(&w), i as u64 + 1);
+        let msgs = w.notify_drain();
+        let backoff = msgs.iter().find(|m| m.contains("STATUS=backing off"));
+        if let Some(m) = backoff {
+            assert!(
+                msgs.iter().any(|m| m.contains("EXTEND_TIMEOUT_USEC=")),
+                "{msgs:?}"
+            );
+            assert!(
+                stderr(&out).contains("backing off"),
+                "in the journal too: {}",
+                stderr(&out)
+            );
+            assert!(
+                m.contains("apptainer instance start failed"),
+                "the cause: {m}"
+            );
+        }
+        announced.push(backoff.map(|m| {
+            let s = &m[m.find("STATUS=").unwrap() + 7..];
+            s[..s.find(':').unwrap()].to_owned()
+        }));
+    }
+    assert_eq!(
+        announced,
+        [
+            None,
+            None,
+            Some("backing off 5 s after 2 failed starts".to_owned())
+        ]
+    );
+    // The fourth waits 10 s; a SIGTERM then ends it at once, and nothing is started.
+    let argv_log = w.root().join("argv.log");
+    w.env.push((
+        "APPTAINER_DOUBLE_ARGV_LOG".into(),
+        argv_log.display().to_string(),
+    ));
+    w.spawn_run();
+    w.notify_until(20 * SEC, |m| {
+        m.contains("STATUS=backing off 10 s after 3 failed starts")
+    });
+    kill(w.child(3).id() as i32, libc::SIGTERM);
+    let out = w.wait(3, 30 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("stop requested while backing off"), "{err}");
+    assert_eq!(instance_starts(&argv_log), 0, "nothing started: {err}");
+    assert_eq!(failed_starts(&w), 3, "a stop is no failed start");
+    // Fixed, and the back-off skipped as the man page says (the file removed): the start
+    // comes at once and READY clears a count written meanwhile.
+    std::fs::write(w.config_path(), &cfg).unwrap();
+    std::fs::write(
+        w.run_dir.join("f-backoff.backoff"),
+        br#"{"failures":1,"cause":"x"}"#,
+    )
+    .unwrap();
+    w.start();
+    // READY=1 goes out first, the file goes right after.
+    eventually(5 * SEC, "READY cleared the count", || {
+        failed_starts(&w) == 0
+    });
+    w.stop_ok(4);
+}
+
 #[test]
 fn start_with_a_missing_bind_source_is_refused_before_apptainer_runs() {
     if !require_root() {

@@ -22,6 +22,7 @@
 //! (`apptainer-<pid>.scope`), outside this unit, so systemd's `KillMode` never reaches it:
 //! stopping it is our job, here.
 
+mod backoff;
 mod child;
 mod end;
 mod event_loop;
@@ -153,6 +154,9 @@ struct Supervisor<'a> {
     live: Publisher,
     /// The sizes of the instance's logs before `instance start`: forwarding starts there.
     log_start: crate::os::output::Start,
+    /// Failed starts in a row (`<run dir>/<name>.backoff`, see [`backoff`]).
+    backoff: backoff::Record,
+    backoff_path: PathBuf,
 }
 
 impl<'a> Supervisor<'a> {
@@ -172,6 +176,8 @@ impl<'a> Supervisor<'a> {
             system_state: String::new(),
             live: Publisher::new(&ctx.run_dir, &s.name),
             log_start: crate::os::output::Start::default(),
+            backoff: backoff::read(&backoff::path(&ctx.run_dir, &s.name)),
+            backoff_path: backoff::path(&ctx.run_dir, &s.name),
         })
     }
 
@@ -184,6 +190,8 @@ impl<'a> Supervisor<'a> {
         if self.signals.stop_noted() {
             return Err(RunError::StoppedDuringStart);
         }
+        // After earlier starts failed in a row (69/71/75), wait before trying again.
+        self.back_off().await?;
         self.ensure_overlay().await?;
         if self.signals.stop_noted() {
             return Err(RunError::StoppedDuringStart);
@@ -207,6 +215,7 @@ impl<'a> Supervisor<'a> {
 
     /// The last word in the live state file: how this run ended.
     fn finish(&mut self, result: &Result<(), RunError>) {
+        self.count_failed_start(result);
         let (phase, code, error) = match result {
             Ok(()) => (Phase::Stopped, exit::OK, None),
             Err(e) if e.exit_code() == exit::OK => (Phase::Stopped, exit::OK, Some(e.to_string())),
