@@ -47,12 +47,12 @@ pub(crate) fn path(run_dir: &Path, name: &str) -> PathBuf {
 pub(crate) fn read(path: &Path) -> Record {
     match std::fs::read(path) {
         Ok(data) => serde_json::from_slice(&data).unwrap_or_else(|e| {
-            warn!(file = %path.display(), error = %e, "unreadable back-off file; not backing off");
+            warn!(error = %e, "unreadable back-off file {}; not backing off", path.display());
             Record::default()
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Record::default(),
         Err(e) => {
-            warn!(file = %path.display(), error = %e, "unreadable back-off file; not backing off");
+            warn!(error = %e, "unreadable back-off file {}; not backing off", path.display());
             Record::default()
         }
     }
@@ -93,8 +93,8 @@ impl Supervisor<'_> {
             self.backoff.cause
         );
         warn!(
-            file = %self.backoff_path.display(),
-            "{msg} (remove the file to start at once)"
+            "{msg} (remove {} to start at once)",
+            self.backoff_path.display()
         );
         self.report(Notice::Status, None, &msg);
         self.live.flush();
@@ -130,7 +130,7 @@ impl Supervisor<'_> {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                warn!(file = %self.backoff_path.display(), error = %e, "cannot remove the back-off file")
+                warn!(error = %e, "cannot remove the back-off file {}", self.backoff_path.display())
             }
         }
     }
@@ -153,7 +153,7 @@ impl Supervisor<'_> {
             }
         };
         if let Err(e) = crate::os::fsutil::write_replace(&self.backoff_path, &data, 0o644) {
-            warn!(file = %self.backoff_path.display(), error = %e, "cannot write the back-off file; the next start will not back off");
+            warn!(error = %e, "cannot write the back-off file {}; the next start will not back off", self.backoff_path.display());
         }
     }
 }
