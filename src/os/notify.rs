@@ -10,19 +10,19 @@
 //! `READY=1`/`STOPPING=1` are never dropped; of the rest, repeats are folded into the last
 //! one queued, and past [`MAX_QUEUED`] the oldest is dropped with a log line.
 //!
-//! Progress driven by the container ([`Notifier::progress`]: job counts and readiness,
-//! hundreds of changes a second while it boots or stops, or as fast as a hostile inside
-//! makes them) goes out as `STATUS=` at most [`STATUS_PER_WINDOW`] times per
-//! [`STATUS_WINDOW`] (5 a second: systemd stores each one and a person reads a few a
-//! second): past that it is held, a newer one replaces it, and the latest goes out as soon
-//! as the window has room. A sporadic change (a unit that fails) still goes out at once.
-//! `READY=1` and `STOPPING=1` begin a new phase with a fresh window (so the boot's progress
-//! never delays what the running service says first). The supervisor's own steps
-//! ([`Notifier::status`]: phases, restarts, the halt's escalation — a handful per run,
-//! bounded by the run itself), `READY=1`, `STOPPING=1`, `WATCHDOG=1` and
-//! `EXTEND_TIMEOUT_USEC=` are never held; what their status says is newer than held
-//! progress, which they drop. Held progress still there at the end of the run goes out
-//! then ([`Notifier::finish`]). Without `NOTIFY_SOCKET` every call is a no-op.
+//! `STATUS=` goes out at most [`STATUS_PER_WINDOW`] times in any [`STATUS_WINDOW`] (5 a
+//! second: systemd stores each one, and a person reads a few a second). Progress driven by
+//! the container ([`Notifier::progress`]: job counts and readiness, hundreds of changes a
+//! second while it boots or stops, or as fast as a hostile inside makes them) may take
+//! [`PROGRESS_PER_WINDOW`] of them; past that it is held, a newer one replacing it, and the
+//! latest goes out as soon as the window has room. A sporadic change (a unit that fails)
+//! goes out at once. The supervisor's own steps ([`Notifier::status`]: phases, restarts,
+//! the halt's escalation) take the rest and wait their turn in order when the window is
+//! full; a step drops held progress, which is older. `READY=1` and `STOPPING=1` are never
+//! held (the slot progress leaves free is theirs): steps still held go out right before
+//! them and held progress is dropped. `WATCHDOG=1` and `EXTEND_TIMEOUT_USEC=` carry no
+//! status and are never held. What is held at the end of the run goes out then
+//! ([`Notifier::finish`]). Without `NOTIFY_SOCKET` every call is a no-op.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -36,9 +36,16 @@ use sd_notify::NotifyState;
 
 use crate::os::sanitize::{one_line, MAX_STATUS};
 
-/// Progress `STATUS=`: at most this many per [`STATUS_WINDOW`]; beyond it, it is held.
+/// `STATUS=`: at most this many in any [`STATUS_WINDOW`].
 pub const STATUS_PER_WINDOW: usize = 5;
 pub const STATUS_WINDOW: Duration = Duration::from_secs(1);
+
+/// How many of a window's statuses progress may take, so that one is left for what is
+/// never held (`READY=1`, `STOPPING=1`) while the container floods us with progress.
+pub const PROGRESS_PER_WINDOW: usize = 4;
+
+/// Statuses held back by the rate; past this, a new one replaces the newest held.
+const MAX_HELD: usize = 8;
 
 /// Datagrams kept while the socket is full, beyond `READY=1`/`STOPPING=1` (never dropped).
 pub const MAX_QUEUED: usize = 16;
@@ -82,10 +89,12 @@ struct Outbox {
     /// When to try the queue again, and the wait after that.
     retry_at: Option<Instant>,
     backoff: Duration,
-    /// The latest progress held back by the rate, and when the last progress went out in
-    /// this phase (the last [`STATUS_PER_WINDOW`], oldest first).
-    held: Option<String>,
+    /// Statuses held back by the rate, oldest first, each marked when it is progress; and
+    /// when the last [`STATUS_PER_WINDOW`] statuses and the last [`PROGRESS_PER_WINDOW`]
+    /// progress went out, oldest first.
+    held: VecDeque<(bool, String)>,
     said: VecDeque<Instant>,
+    said_progress: VecDeque<Instant>,
 }
 
 impl Notifier {
@@ -116,36 +125,51 @@ impl Notifier {
             let _ = writeln!(msg, "{s}");
         }
         let mut out = sock.outbox();
-        match kind {
-            // What a step or READY=1/STOPPING=1 says is newer than held progress.
-            // A new phase: a fresh window for its progress.
-            Kind::Keep => {
-                out.held = None;
-                out.said.clear();
-            }
-            Kind::Step => out.held = None,
-            Kind::Status => out.said(now),
-            Kind::Watchdog | Kind::Extend => {}
-        }
         // Behind a refused datagram it waits its turn (the loop retries); else it goes now.
         let waiting = !out.queued.is_empty();
+        match kind {
+            // Never held: the steps still held are said first, in order; held progress is
+            // older than what it says, and dropped.
+            Kind::Keep => {
+                let held = std::mem::take(&mut out.held);
+                for (_, text) in held.into_iter().filter(|(progress, _)| !progress) {
+                    out.push(Kind::Step, format!("{}\n", NotifyState::Status(&text)));
+                    out.said(now);
+                }
+                out.said(now);
+            }
+            Kind::Step => out.said(now),
+            Kind::Status => {
+                out.said(now);
+                out.said_progress.push_back(now);
+                while out.said_progress.len() > PROGRESS_PER_WINDOW {
+                    out.said_progress.pop_front();
+                }
+            }
+            Kind::Watchdog | Kind::Extend => {}
+        }
         out.push(kind, msg);
         if !waiting {
             sock.flush(&mut out, now);
         }
     }
 
-    fn progress_at(&self, status: &str, now: Instant) {
+    fn status_at(&self, status: &str, progress: bool, now: Instant) {
         let Some(sock) = &self.socket else { return };
         let text = one_line(status, MAX_STATUS).into_owned();
         {
             let mut out = sock.outbox();
-            if out.room_at().is_some_and(|t| now < t) || out.held.is_some() {
-                out.held = Some(text);
+            if !progress {
+                // A step says something newer than any progress held before it.
+                out.held.retain(|(p, _)| !p);
+            }
+            if !out.held.is_empty() || !out.fits(progress, now) {
+                out.hold(progress, text);
                 return;
             }
         }
-        self.send(Kind::Status, &[NotifyState::Status(&text)], now);
+        let kind = if progress { Kind::Status } else { Kind::Step };
+        self.send(kind, &[NotifyState::Status(&text)], now);
     }
 
     /// Every STATUS= goes through here, [`Notifier::progress`] and
@@ -154,17 +178,13 @@ impl Notifier {
     /// notify fields of the container's choosing. A step of the supervisor's own: sent at
     /// once (module docs).
     pub fn status(&self, status: &str) {
-        self.send(
-            Kind::Step,
-            &[NotifyState::Status(&one_line(status, MAX_STATUS))],
-            Instant::now(),
-        );
+        self.status_at(status, false, Instant::now());
     }
 
     /// A status that says how far the container is (job counts, readiness): at most one
     /// [`STATUS_PER_WINDOW`] per [`STATUS_WINDOW`], the latest one (module docs).
     pub fn progress(&self, status: &str) {
-        self.progress_at(status, Instant::now());
+        self.status_at(status, true, Instant::now());
     }
 
     pub fn ready(&self, status: &str) {
@@ -210,8 +230,8 @@ impl Notifier {
         let out = sock.outbox();
         let held = out
             .held
-            .as_ref()
-            .map(|_| out.room_at().unwrap_or(Instant::now()));
+            .front()
+            .map(|(progress, _)| out.room_at(*progress).unwrap_or(Instant::now()));
         let retry = out.retry_at.filter(|_| !out.queued.is_empty());
         held.into_iter().chain(retry).min()
     }
@@ -224,20 +244,24 @@ impl Notifier {
 
     fn send_due_at(&self, now: Instant) {
         let Some(sock) = &self.socket else { return };
-        let held = {
+        {
             let mut out = sock.outbox();
             if out.retry_at.is_some_and(|t| t <= now) {
                 sock.flush(&mut out, now);
             }
-            let due = out.room_at().is_none_or(|t| t <= now);
-            if due {
-                out.held.take()
-            } else {
-                None
-            }
-        };
-        if let Some(text) = held {
-            self.send(Kind::Status, &[NotifyState::Status(&text)], now);
+        }
+        // What the window has room for, in order.
+        loop {
+            let next = {
+                let mut out = sock.outbox();
+                match out.held.front() {
+                    Some((progress, _)) if out.fits(*progress, now) => out.held.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((progress, text)) = next else { return };
+            let kind = if progress { Kind::Status } else { Kind::Step };
+            self.send(kind, &[NotifyState::Status(&text)], now);
         }
     }
 
@@ -245,9 +269,10 @@ impl Notifier {
     /// socket refused is retried for a short, bounded while (nothing else waits on us).
     pub fn finish(&self) {
         let Some(sock) = &self.socket else { return };
-        let held = sock.outbox().held.take();
-        if let Some(text) = held {
-            self.send(Kind::Status, &[NotifyState::Status(&text)], Instant::now());
+        let held = std::mem::take(&mut sock.outbox().held);
+        for (progress, text) in held {
+            let kind = if progress { Kind::Status } else { Kind::Step };
+            self.send(kind, &[NotifyState::Status(&text)], Instant::now());
         }
         for _ in 0..10 {
             let mut out = sock.outbox();
@@ -300,7 +325,7 @@ impl Socket {
 }
 
 impl Outbox {
-    /// Notes progress that went out (or was queued) at `now`.
+    /// Notes a status that went out (or was queued) at `now`.
     fn said(&mut self, now: Instant) {
         self.said.push_back(now);
         while self.said.len() > STATUS_PER_WINDOW {
@@ -308,12 +333,34 @@ impl Outbox {
         }
     }
 
-    /// When the window has room for more progress (`None`: it has now).
-    fn room_at(&self) -> Option<Instant> {
-        if self.said.len() < STATUS_PER_WINDOW {
-            return None;
+    /// When the window has room for one more status, progress or a step (`None`: it has).
+    fn room_at(&self, progress: bool) -> Option<Instant> {
+        // Once the limit-th newest has left the window, fewer than `limit` are in it.
+        let room = |said: &VecDeque<Instant>, limit: usize| {
+            let n = said.len();
+            (n >= limit).then(|| said[n - limit] + STATUS_WINDOW)
+        };
+        let any = room(&self.said, STATUS_PER_WINDOW);
+        if progress {
+            any.max(room(&self.said_progress, PROGRESS_PER_WINDOW))
+        } else {
+            any
         }
-        self.said.front().map(|t| *t + STATUS_WINDOW)
+    }
+
+    fn fits(&self, progress: bool, now: Instant) -> bool {
+        self.room_at(progress).is_none_or(|t| t <= now)
+    }
+
+    /// Holds a status: progress replaces progress held last, a step waits its turn, and
+    /// past [`MAX_HELD`] the newest held is replaced.
+    fn hold(&mut self, progress: bool, text: String) {
+        let fold =
+            self.held.len() >= MAX_HELD || (progress && self.held.back().is_some_and(|(p, _)| *p));
+        match self.held.back_mut() {
+            Some(last) if fold => *last = (progress, text),
+            _ => self.held.push_back((progress, text)),
+        }
     }
 
     /// Queues a datagram behind those not sent yet: a repeat of the last one queued
@@ -584,7 +631,7 @@ mod tests {
             got.extend(received(&listener));
         }
         assert_eq!(got[0], "READY=1\nSTATUS=up\n", "{got:?}");
-        assert!(got.len() <= MAX_QUEUED + 1, "{got:?}");
+        assert!(got.len() <= MAX_QUEUED + 1 + MAX_HELD, "{got:?}");
         assert_eq!(
             got.iter()
                 .rev()
@@ -600,11 +647,11 @@ mod tests {
         let (_d, listener, n) = at_path_socket();
         let t0 = Instant::now();
         for i in 0..1000 {
-            n.progress_at(&format!("status {i}"), t0);
+            n.status_at(&format!("status {i}"), true, t0);
         }
         assert_eq!(
             received(&listener),
-            (0..STATUS_PER_WINDOW)
+            (0..PROGRESS_PER_WINDOW)
                 .map(|i| format!("STATUS=status {i}\n"))
                 .collect::<Vec<_>>()
         );
@@ -631,7 +678,7 @@ mod tests {
             if n.due().is_some_and(|d| d <= now) {
                 n.send_due_at(now);
             }
-            n.progress_at(&format!("status {i}"), now);
+            n.status_at(&format!("status {i}"), true, now);
             note(now);
         }
         while let Some(due) = n.due() {
@@ -651,16 +698,16 @@ mod tests {
         }
         assert_eq!(
             sent.len(),
-            6,
-            "the first five at once, the last when the window has room: {sent:?}"
+            PROGRESS_PER_WINDOW + 1,
+            "the first four at once, the last when the window has room: {sent:?}"
         );
     }
 
     /// Fills the status window with progress said at `t0` (more, if it had some already),
     /// and drains the listener.
     fn fill_window(n: &Notifier, listener: &UnixDatagram, t0: Instant) {
-        for i in 0..STATUS_PER_WINDOW {
-            n.progress_at(&format!("booting: {i} jobs"), t0);
+        for i in 0..PROGRESS_PER_WINDOW {
+            n.status_at(&format!("booting: {i} jobs"), true, t0);
         }
         assert!(!received(listener).is_empty());
     }
@@ -670,9 +717,9 @@ mod tests {
         let (_d, listener, n) = at_path_socket();
         let t0 = Instant::now();
         fill_window(&n, &listener, t0);
-        n.progress_at("booting: 12 jobs", t0);
+        n.status_at("booting: 12 jobs", true, t0);
         n.status("halting an orphan");
-        n.progress_at("booting: 3 jobs", t0);
+        n.status_at("booting: 3 jobs", true, t0);
         let mut got = received(&listener);
         while let Some(due) = n.due() {
             n.send_due_at(due);
@@ -683,6 +730,22 @@ mod tests {
             ["STATUS=halting an orphan\n", "STATUS=booting: 3 jobs\n"],
             "the step at once, the progress held before it dropped, the one after it held"
         );
+    }
+
+    #[test]
+    fn a_failure_right_after_ready_is_said_at_once() {
+        let (_d, listener, n) = at_path_socket();
+        let t0 = Instant::now();
+        n.status_at("booting: 1 jobs queued", true, t0);
+        n.status_at("booting: 0 jobs queued", true, t0);
+        n.ready("running: 1/1 required units active");
+        let later = t0 + Duration::from_millis(80);
+        n.status_at("degraded: 1/1 required units active", true, later);
+        n.status_at("degraded: x.service failed (signal)", true, later);
+        let got = received(&listener);
+        assert_eq!(got.len(), 5, "{got:?}");
+        assert_eq!(got[4], "STATUS=degraded: x.service failed (signal)\n");
+        assert_eq!(n.due(), None);
     }
 
     #[test]
@@ -701,26 +764,24 @@ mod tests {
                 "STATUS=waiting for the bus\n",
                 "READY=1\nSTATUS=up\n"
             ],
-            "steps at once, the held progress dropped by READY=1"
+            "a held step goes out before READY=1, held progress is dropped"
         );
         assert_eq!(
             n.due(),
             None,
             "the older held status is not sent after READY=1"
         );
-        // READY=1 began a fresh window: the first change of the running service goes at once.
-        n.progress("degraded: x.service failed");
-        assert_eq!(received(&listener), ["STATUS=degraded: x.service failed\n"]);
-        fill_window(&n, &listener, Instant::now());
         n.progress("stopping: 3 jobs left");
         n.stopping("stopping");
+        // Never held, though the window is full.
         assert_eq!(
             received(&listener),
             ["STOPPING=1\nSTATUS=stopping\n"],
             "held progress is dropped by STOPPING=1"
         );
-        fill_window(&n, &listener, Instant::now());
+        // The window is still full: held until the end.
         n.progress("stopping: 1 jobs left");
+        assert!(received(&listener).is_empty());
         n.finish();
         assert_eq!(
             received(&listener),
