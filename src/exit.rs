@@ -80,6 +80,12 @@ pub enum RunError {
         status: String,
         stderr: String,
     },
+    #[error("creating overlay {path} did not finish within {secs} s (timeouts.overlay_create_sec): abandoned, nothing published{}", if *.abandoned { "; apptainer overlay create did not exit when killed (a mkfs stuck in the kernel, e.g. on a hung NFS server) and is left to the kernel" } else { "" })]
+    CreateOverlayTimeout {
+        path: PathBuf,
+        secs: u64,
+        abandoned: bool,
+    },
     #[error("an instance named {name} is running (container pid {pid}) that this supervisor did not start; it is left alone\n  hint: stop it the way it was started (e.g. its stop.sh or `apptainer instance stop {name}`), then start this service again")]
     ForeignInstance { name: String, pid: i32 },
     #[error("apptainer instance start failed ({status}):\n{stderr}{log}")]
@@ -163,7 +169,10 @@ impl RunError {
             Privilege(_) => NOPERM,
             OverlayNotAFile { .. } => CANTCREAT,
             OverlayUnusable { .. } => CONFIG,
-            CreateOverlay { .. } | StartInstance { .. } | StartTimeout { .. } => UNAVAILABLE,
+            CreateOverlay { .. }
+            | CreateOverlayTimeout { .. }
+            | StartInstance { .. }
+            | StartTimeout { .. } => UNAVAILABLE,
             State(_) | NoStateFile { .. } | NotAMaster { .. } => SOFTWARE,
             InstanceEnded { .. } | MasterDied { .. } => INSTANCE_ENDED,
             StoppedDuringStart | PoweredOffInside { .. } => OK,

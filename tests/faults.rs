@@ -524,6 +524,80 @@ fn sigterm_during_overlay_creation_leaves_no_half_made_image() {
     w.stop_ok(1);
 }
 
+/// The pid a hung mkfs of the double wrote (DOUBLE.md, "Faults"), once it is there.
+fn hung_mkfs(pidfile: &Path) -> i32 {
+    eventually(20 * SEC, "the double's mkfs hangs", || {
+        std::fs::read_to_string(pidfile).is_ok_and(|t| t.ends_with('\n'))
+    });
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A mkfs that never returns (a hung NFS server): the creation is abandoned at its
+/// deadline (`timeouts.overlay_create_sec`) with a clear error, and at once on a stop;
+/// either way the command and its mkfs are killed, nothing is published and the private
+/// directory is gone.
+#[test]
+fn a_hung_overlay_creation_is_abandoned_at_its_deadline_and_at_a_stop() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("f-mkfs-hang");
+    let pidfile = w.root().join("mkfs.pid");
+    w.env.push((
+        "APPTAINER_DOUBLE_FAULT_MKFS_HANG".into(),
+        pidfile.display().to_string(),
+    ));
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("kill_sec = 3\n", "kill_sec = 3\noverlay_create_sec = 3\n"),
+    )
+    .unwrap();
+    // At its deadline.
+    w.spawn_run();
+    let mkfs = hung_mkfs(&pidfile);
+    let out = w.wait(0, 60 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("did not finish within 3 s (timeouts.overlay_create_sec)"),
+        "{err}"
+    );
+    eventually(5 * SEC, "the hung mkfs was killed with its group", || {
+        !alive(mkfs)
+    });
+    assert!(!w.overlay().exists(), "nothing published");
+    assert_eq!(
+        creation_temps(&w),
+        Vec::<String>::new(),
+        "no temporary left"
+    );
+    // At a stop, with the default deadline (60 s and more) far away.
+    std::fs::write(w.config_path(), &cfg).unwrap();
+    std::fs::remove_file(&pidfile).unwrap();
+    w.spawn_run();
+    let mkfs = hung_mkfs(&pidfile);
+    kill(w.child(1).id() as i32, libc::SIGTERM);
+    let out = w.wait(1, 30 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("killing the apptainer command"), "{err}");
+    eventually(5 * SEC, "the hung mkfs was killed with its group", || {
+        !alive(mkfs)
+    });
+    assert!(!w.overlay().exists(), "nothing published");
+    assert_eq!(
+        creation_temps(&w),
+        Vec::<String>::new(),
+        "no temporary left"
+    );
+    nothing_left(&w, &[]);
+}
+
 #[test]
 fn temporaries_of_an_interrupted_creation_are_removed_on_the_next_start() {
     if !require_root() {

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -63,9 +63,13 @@ impl Supervisor<'_> {
         let creation = overlay::Creation::begin(path)
             .map_err(|e| os(format!("creating overlay {}", path.display()))(io::Error::other(e)))?;
         let argv = argv::overlay_create(self.s, &creation.temp_image());
-        // mkfs of a large image can outlast the start timeout: keep asking for more.
+        // mkfs of a large image can outlast the start timeout: keep asking for more, up to
+        // the creation's own deadline, which scales with the size. A stop kills it at once:
+        // what it made is never published then.
         let extend = Duration::from_secs(30);
-        let out = match self.run_cli(&argv, Some(extend), None).await {
+        let limit = self.s.timeouts.overlay_create(self.s.overlay.size_mib);
+        let deadline = Instant::now() + limit;
+        let out = match self.run_cli_abandoning(&argv, Some(extend), deadline).await {
             // A stop request while mkfs ran: the new image is not kept half-trusted, and
             // the run ends where `main` looks at the noted stop, right after this.
             Ok(_) if self.signals.stop_noted() => return Ok(()),
@@ -89,7 +93,11 @@ impl Supervisor<'_> {
                 status: describe(status),
                 stderr,
             }),
-            CliResult::TimedOut => unreachable!("no deadline was given"),
+            CliResult::TimedOut { exited } => Err(RunError::CreateOverlayTimeout {
+                path: path.clone(),
+                secs: limit.as_secs(),
+                abandoned: !exited,
+            }),
         }
     }
 
