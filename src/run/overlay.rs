@@ -1,7 +1,6 @@
 //! Step 3 of a run: the overlay image is created if missing (never touched otherwise) and
 //! must not be attached to a loop device already.
 
-use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -60,8 +59,11 @@ impl Supervisor<'_> {
         // complete (host::overlay::Creation): a stop, a crash or a full disk never leaves a
         // truncated overlay.img, and no link planted beside it is followed. The directory
         // goes when `creation` is dropped, on every way out.
-        let creation = overlay::Creation::begin(path)
-            .map_err(|e| os(format!("creating overlay {}", path.display()))(io::Error::other(e)))?;
+        let creation =
+            overlay::Creation::begin(path).map_err(|source| RunError::OverlayCreation {
+                path: path.clone(),
+                source,
+            })?;
         let argv = argv::overlay_create(self.s, &creation.temp_image());
         // mkfs of a large image can outlast the start timeout: keep asking for more, up to
         // the creation's own deadline, which scales with the size. A stop kills it at once:
@@ -78,12 +80,11 @@ impl Supervisor<'_> {
         };
         match out {
             CliResult::Done(status, _) if status.success() => {
-                if let Err(e) = creation.publish() {
-                    return Err(
-                        os(format!("publishing the new overlay {}", path.display()))(
-                            io::Error::other(e),
-                        ),
-                    );
+                if let Err(source) = creation.publish() {
+                    return Err(RunError::OverlayCreation {
+                        path: path.clone(),
+                        source,
+                    });
                 }
                 info!(overlay = %path.display(), "overlay image created");
                 Ok(())
