@@ -121,6 +121,7 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
         .map_err(os("creating the event loop"))?;
     rt.block_on(async {
         let mut sup = Supervisor::new(service, ctx, plan)?;
+        sup.host_warnings = checked.warnings.iter().map(|w| w.to_string()).collect();
         let result = sup.main().await;
         sup.finish(&result);
         result
@@ -157,6 +158,8 @@ struct Supervisor<'a> {
     /// Failed starts in a row (`<run dir>/<name>.backoff`, see [`backoff`]).
     backoff: backoff::Record,
     backoff_path: PathBuf,
+    /// What the host checks warned about, said once in STATUS= and kept for `status`.
+    host_warnings: Vec<String>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -178,11 +181,27 @@ impl<'a> Supervisor<'a> {
             log_start: crate::os::output::Start::default(),
             backoff: backoff::read(&backoff::path(&ctx.run_dir, &s.name)),
             backoff_path: backoff::path(&ctx.run_dir, &s.name),
+            host_warnings: Vec::new(),
         })
     }
 
     async fn main(&mut self) -> Result<(), RunError> {
         self.report(Notice::Status, Some(Phase::Starting), "starting");
+        if !self.host_warnings.is_empty() {
+            // Once, and in the live state file for `status`: the journal has them in full.
+            let first: Vec<&str> = self
+                .host_warnings
+                .iter()
+                .map(|w| w.lines().next().unwrap_or_default())
+                .collect();
+            let warnings = self.host_warnings.clone();
+            self.live.update(|s| s.warnings = warnings);
+            self.status(&format!(
+                "starting with {} warning(s): {}",
+                first.len(),
+                first.join("; ")
+            ));
+        }
         // After each step: a stop the loop noted while a command ran (an orphan's forced
         // stop, the overlay's creation, the instance's start, which then undid what it made
         // and returned `None`) ends the run there.
