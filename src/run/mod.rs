@@ -205,14 +205,19 @@ impl<'a> Supervisor<'a> {
         // After each step: a stop the loop noted while a command ran (an orphan's forced
         // stop, the overlay's creation, the instance's start, which then undid what it made
         // and returned `None`) ends the run there.
+        // A stop that came between two waits (while no phase listened) is received here,
+        // before the next step begins, never after it started something.
         self.clear_leftovers().await?;
-        if self.signals.stop_noted() {
+        if self.signals.stop_pending("the back-off") {
             return Err(RunError::StoppedDuringStart);
         }
         // After earlier starts failed in a row (69/71/75), wait before trying again.
         self.back_off().await?;
+        if self.signals.stop_pending("the overlay") {
+            return Err(RunError::StoppedDuringStart);
+        }
         self.ensure_overlay().await?;
-        if self.signals.stop_noted() {
+        if self.signals.stop_pending("the instance start") {
             return Err(RunError::StoppedDuringStart);
         }
         let Some(t) = self.start().await? else {
