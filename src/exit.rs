@@ -80,6 +80,18 @@ pub enum RunError {
         status: String,
         stderr: String,
     },
+    #[error("creating overlay {path}: {source}")]
+    OverlayCreation {
+        path: PathBuf,
+        #[source]
+        source: overlay::CreationError,
+    },
+    #[error("creating overlay {path} did not finish within {secs} s (timeouts.overlay_create_sec): abandoned, nothing published{}", if *.abandoned { "; apptainer overlay create did not exit when killed (a mkfs stuck in the kernel, e.g. on a hung NFS server) and is left to the kernel" } else { "" })]
+    CreateOverlayTimeout {
+        path: PathBuf,
+        secs: u64,
+        abandoned: bool,
+    },
     #[error("an instance named {name} is running (container pid {pid}) that this supervisor did not start; it is left alone\n  hint: stop it the way it was started (e.g. its stop.sh or `apptainer instance stop {name}`), then start this service again")]
     ForeignInstance { name: String, pid: i32 },
     #[error("apptainer instance start failed ({status}):\n{stderr}{log}")]
@@ -163,7 +175,17 @@ impl RunError {
             Privilege(_) => NOPERM,
             OverlayNotAFile { .. } => CANTCREAT,
             OverlayUnusable { .. } => CONFIG,
-            CreateOverlay { .. } | StartInstance { .. } | StartTimeout { .. } => UNAVAILABLE,
+            // A directory others can write is the host's setup, like the path rule's refusals;
+            // the rest (mkdtemp, the move into place) are system calls that failed.
+            OverlayCreation {
+                source: overlay::CreationError::SharedDir { .. },
+                ..
+            } => CONFIG,
+            OverlayCreation { .. } => OSERR,
+            CreateOverlay { .. }
+            | CreateOverlayTimeout { .. }
+            | StartInstance { .. }
+            | StartTimeout { .. } => UNAVAILABLE,
             State(_) | NoStateFile { .. } | NotAMaster { .. } => SOFTWARE,
             InstanceEnded { .. } | MasterDied { .. } => INSTANCE_ENDED,
             StoppedDuringStart | PoweredOffInside { .. } => OK,
@@ -172,5 +194,34 @@ impl RunError {
             UnitFailed { .. } | Aborted => INSTANCE_ENDED,
             RebootedInside { .. } => REBOOTED,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A creation refused because others can write the overlay's directory (the directory
+    /// changed after the host checks passed) is the host's setup: 78, as `check --host`
+    /// says for it, not a failed system call.
+    #[test]
+    fn a_creation_refused_in_a_shared_directory_is_a_config_error() {
+        let e = RunError::OverlayCreation {
+            path: "/s/overlay.img".into(),
+            source: overlay::CreationError::SharedDir {
+                dir: "/s".into(),
+                mode: 0o775,
+            },
+        };
+        assert_eq!(e.exit_code(), CONFIG);
+        assert!(e.to_string().contains("chmod go-w /s"), "{e}");
+        let e = RunError::OverlayCreation {
+            path: "/s/overlay.img".into(),
+            source: overlay::CreationError::Publish {
+                path: "/s/overlay.img".into(),
+                source: io::Error::from_raw_os_error(libc::EIO),
+            },
+        };
+        assert_eq!(e.exit_code(), OSERR);
     }
 }

@@ -327,6 +327,101 @@ fn start_with_a_bad_image_quotes_apptainer_and_leaves_nothing() {
     );
 }
 
+/// The back-off file's failure count (0: no file).
+fn failed_starts(w: &World) -> u64 {
+    std::fs::read(w.run_dir.join(format!("{}.backoff", w.name)))
+        .ok()
+        .map(|b| serde_json::from_slice::<serde_json::Value>(&b).unwrap())
+        .map_or(0, |v| v["failures"].as_u64().unwrap())
+}
+
+/// Starts that fail in a row (exit 69) are not retried every `RestartSec=` for ever: the
+/// supervisor waits before the next start, longer each time (none after one failure, then
+/// 5 s, then 10 s), says so in STATUS= with EXTEND_TIMEOUT_USEC, and a stop during the wait
+/// ends the run at once with nothing started. A run that reaches READY clears the count.
+#[test]
+fn failing_starts_in_a_row_back_off_longer_each_time_and_a_stop_ends_the_wait() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("f-backoff");
+    let bad = w.service_dir.join("containers/broken.sif");
+    std::fs::write(&bad, b"this is not an image").unwrap();
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    let broken = cfg.replace(
+        "${service_dir}/containers/sandbox",
+        "${service_dir}/containers/broken.sif",
+    );
+    std::fs::write(w.config_path(), &broken).unwrap();
+    let mut announced = Vec::new();
+    for i in 0..3 {
+        w.spawn_run();
+        let out = w.wait(i, 60 * SEC);
+        assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+        assert_eq!(failed_starts(&w), i as u64 + 1);
+        let msgs = w.notify_drain();
+        let backoff = msgs.iter().find(|m| m.contains("STATUS=backing off"));
+        if let Some(m) = backoff {
+            assert!(
+                msgs.iter().any(|m| m.contains("EXTEND_TIMEOUT_USEC=")),
+                "{msgs:?}"
+            );
+            assert!(
+                stderr(&out).contains("backing off"),
+                "in the journal too: {}",
+                stderr(&out)
+            );
+            assert!(
+                m.contains("apptainer instance start failed"),
+                "the cause: {m}"
+            );
+        }
+        announced.push(backoff.map(|m| {
+            let s = &m[m.find("STATUS=").unwrap() + 7..];
+            s[..s.find(':').unwrap()].to_owned()
+        }));
+    }
+    assert_eq!(
+        announced,
+        [
+            None,
+            None,
+            Some("backing off 5 s after 2 failed starts".to_owned())
+        ]
+    );
+    // The fourth waits 10 s; a SIGTERM then ends it at once, and nothing is started.
+    let argv_log = w.root().join("argv.log");
+    w.env.push((
+        "APPTAINER_DOUBLE_ARGV_LOG".into(),
+        argv_log.display().to_string(),
+    ));
+    w.spawn_run();
+    w.notify_until(20 * SEC, |m| {
+        m.contains("STATUS=backing off 10 s after 3 failed starts")
+    });
+    kill(w.child(3).id() as i32, libc::SIGTERM);
+    let out = w.wait(3, 30 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("stop requested while backing off"), "{err}");
+    assert_eq!(instance_starts(&argv_log), 0, "nothing started: {err}");
+    assert_eq!(failed_starts(&w), 3, "a stop is no failed start");
+    // Fixed, and the back-off skipped as the man page says (the file removed): the start
+    // comes at once and READY clears a count written meanwhile.
+    std::fs::write(w.config_path(), &cfg).unwrap();
+    std::fs::write(
+        w.run_dir.join("f-backoff.backoff"),
+        br#"{"failures":1,"cause":"x"}"#,
+    )
+    .unwrap();
+    w.start();
+    // READY=1 goes out first, the file goes right after.
+    eventually(5 * SEC, "READY cleared the count", || {
+        failed_starts(&w) == 0
+    });
+    w.stop_ok(4);
+}
+
 #[test]
 fn start_with_a_missing_bind_source_is_refused_before_apptainer_runs() {
     if !require_root() {
@@ -427,6 +522,80 @@ fn sigterm_during_overlay_creation_leaves_no_half_made_image() {
     w.start();
     assert_eq!(std::fs::metadata(w.overlay()).unwrap().len(), 16000 << 20);
     w.stop_ok(1);
+}
+
+/// The pid a hung mkfs of the double wrote (DOUBLE.md, "Faults"), once it is there.
+fn hung_mkfs(pidfile: &Path) -> i32 {
+    eventually(20 * SEC, "the double's mkfs hangs", || {
+        std::fs::read_to_string(pidfile).is_ok_and(|t| t.ends_with('\n'))
+    });
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A mkfs that never returns (a hung NFS server): the creation is abandoned at its
+/// deadline (`timeouts.overlay_create_sec`) with a clear error, and at once on a stop;
+/// either way the command and its mkfs are killed, nothing is published and the private
+/// directory is gone.
+#[test]
+fn a_hung_overlay_creation_is_abandoned_at_its_deadline_and_at_a_stop() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("f-mkfs-hang");
+    let pidfile = w.root().join("mkfs.pid");
+    w.env.push((
+        "APPTAINER_DOUBLE_FAULT_MKFS_HANG".into(),
+        pidfile.display().to_string(),
+    ));
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("kill_sec = 3\n", "kill_sec = 3\noverlay_create_sec = 3\n"),
+    )
+    .unwrap();
+    // At its deadline.
+    w.spawn_run();
+    let mkfs = hung_mkfs(&pidfile);
+    let out = w.wait(0, 60 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("did not finish within 3 s (timeouts.overlay_create_sec)"),
+        "{err}"
+    );
+    eventually(5 * SEC, "the hung mkfs was killed with its group", || {
+        !alive(mkfs)
+    });
+    assert!(!w.overlay().exists(), "nothing published");
+    assert_eq!(
+        creation_temps(&w),
+        Vec::<String>::new(),
+        "no temporary left"
+    );
+    // At a stop, with the default deadline (60 s and more) far away.
+    std::fs::write(w.config_path(), &cfg).unwrap();
+    std::fs::remove_file(&pidfile).unwrap();
+    w.spawn_run();
+    let mkfs = hung_mkfs(&pidfile);
+    kill(w.child(1).id() as i32, libc::SIGTERM);
+    let out = w.wait(1, 30 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("killing the apptainer command"), "{err}");
+    eventually(5 * SEC, "the hung mkfs was killed with its group", || {
+        !alive(mkfs)
+    });
+    assert!(!w.overlay().exists(), "nothing published");
+    assert_eq!(
+        creation_temps(&w),
+        Vec::<String>::new(),
+        "no temporary left"
+    );
+    nothing_left(&w, &[]);
 }
 
 #[test]
@@ -530,6 +699,61 @@ fn sigterm_during_instance_start_stops_what_was_started() {
     nothing_left(&w, &[]);
     let (pid, ppid) = w.start();
     w.stop_ok(1);
+    nothing_left(&w, &[pid, ppid]);
+}
+
+/// The `instance start` lines of the double's argv log.
+fn instance_starts(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"instance\", \"start\""))
+        .count()
+}
+
+/// A stop that comes while a leftover orphan is halted ends the run there: the orphan is
+/// halted, and no fresh container is started (the double's argv log has no `instance start`).
+#[test]
+fn sigterm_during_an_orphans_halt_starts_no_new_container() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("f-term-orphan");
+    // The orphan's init has no halt handler for a long while (systemd before it is ready):
+    // the halt waits out stop_sec, so the SIGTERM lands during it.
+    w.env.push(("FAKE_INIT_DELAY_TRAPS".into(), "600".into()));
+    let cfg = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        cfg.replace("stop_sec = 10", "stop_sec = 4"),
+    )
+    .unwrap();
+    let (pid, ppid) = w.start();
+    kill(w.child(0).id() as i32, libc::SIGKILL);
+    let _ = w.wait(0, 5 * SEC);
+    assert!(alive(pid) && alive(ppid), "the orphan lives on");
+    let argv_log = w.root().join("argv.log");
+    w.env.push((
+        "APPTAINER_DOUBLE_ARGV_LOG".into(),
+        argv_log.display().to_string(),
+    ));
+    w.spawn_run();
+    w.notify_until(20 * SEC, |m| {
+        m.contains("STATUS=halting an orphaned instance")
+    });
+    kill(w.child(1).id() as i32, libc::SIGTERM);
+    let out = w.wait(1, 30 * SEC);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("stop requested while the container halts"),
+        "{err}"
+    );
+    // The log is written: the orphan's forced stop is in it, and nothing else started.
+    let log = std::fs::read_to_string(&argv_log).unwrap_or_default();
+    assert!(log.contains("\"stop\""), "{log}");
+    assert_eq!(instance_starts(&argv_log), 0, "no new container: {log}");
+    assert!(!alive(pid) && !alive(ppid), "the orphan was halted");
     nothing_left(&w, &[pid, ppid]);
 }
 

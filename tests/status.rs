@@ -410,3 +410,47 @@ fn status_refuses_a_container_bus_served_from_the_host() {
     assert!(conns.iter().all(|(_, bytes)| bytes.is_empty()), "{conns:?}");
     w.stop_ok(0);
 }
+
+/// What the host checks warned about at start (here a group-writable directory above the
+/// image) is said once in STATUS=, kept in the live state file and shown by `status`.
+#[test]
+fn start_warnings_reach_status_and_the_live_state_file() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut w = World::new("t-status-warn");
+    let dir = w.service_dir.join("containers");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+    w.spawn_run();
+    let msgs = w.wait_ready();
+    let said: Vec<&String> = msgs
+        .iter()
+        .filter(|m| m.contains("STATUS=starting with 1 warning(s): "))
+        .collect();
+    assert_eq!(said.len(), 1, "once: {msgs:?}");
+    assert!(said[0].contains(&dir.display().to_string()), "{msgs:?}");
+    let live = live_ready(&w);
+    let warnings = live["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{live:#}");
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap()
+            .contains(&dir.display().to_string()),
+        "{live:#}"
+    );
+    let row = status_json(&w);
+    assert!(
+        row["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap().starts_with("at start: ")),
+        "{row:#}"
+    );
+    let text = status(&w, &[]);
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("at start: "), "{text}");
+    w.stop_ok(0);
+}

@@ -57,6 +57,7 @@ pub const TIMEOUTS_START_SEC: &str = "timeouts.start_sec";
 pub const TIMEOUTS_STOP_SEC: &str = "timeouts.stop_sec";
 pub const TIMEOUTS_KILL_SEC: &str = "timeouts.kill_sec";
 pub const TIMEOUTS_WATCHDOG_SEC: &str = "timeouts.watchdog_sec";
+pub const TIMEOUTS_OVERLAY_CREATE_SEC: &str = "timeouts.overlay_create_sec";
 
 pub const UNIT: &str = "unit";
 pub const UNIT_DESCRIPTION: &str = "unit.description";
@@ -121,6 +122,7 @@ pub const ALL: &[&str] = &[
     TIMEOUTS_STOP_SEC,
     TIMEOUTS_KILL_SEC,
     TIMEOUTS_WATCHDOG_SEC,
+    TIMEOUTS_OVERLAY_CREATE_SEC,
     UNIT_DESCRIPTION,
     UNIT_DOCUMENTATION,
     UNIT_AFTER,

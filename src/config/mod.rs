@@ -350,6 +350,21 @@ pub struct Timeouts {
     pub stop_sec: u64,
     pub kill_sec: u64,
     pub watchdog_sec: u64,
+    /// How long `apptainer overlay create` may take; `None`: by the size (see
+    /// [`Timeouts::overlay_create`]).
+    pub overlay_create_sec: Option<u64>,
+}
+
+impl Timeouts {
+    /// The deadline of an overlay creation of `size_mib`: `timeouts.overlay_create_sec`,
+    /// else 60 s and 1 s per GiB (mkfs writes inode tables in proportion to the size; on
+    /// a slow NFS a GiB a second is a floor, not a promise).
+    pub fn overlay_create(&self, size_mib: u64) -> std::time::Duration {
+        std::time::Duration::from_secs(
+            self.overlay_create_sec
+                .unwrap_or(60 + size_mib.div_ceil(1024)),
+        )
+    }
 }
 
 impl Default for Timeouts {
@@ -359,6 +374,7 @@ impl Default for Timeouts {
             stop_sec: DEFAULT_STOP_SEC,
             kill_sec: DEFAULT_KILL_SEC,
             watchdog_sec: DEFAULT_WATCHDOG_SEC,
+            overlay_create_sec: None,
         }
     }
 }

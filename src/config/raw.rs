@@ -112,6 +112,7 @@ pub(super) struct RawTimeouts {
     pub(super) stop_sec: Option<Spanned<u64>>,
     pub(super) kill_sec: Option<Spanned<u64>>,
     pub(super) watchdog_sec: Option<Spanned<u64>>,
+    pub(super) overlay_create_sec: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

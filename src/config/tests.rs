@@ -526,3 +526,22 @@ fn a_booted_instance_without_hostname_needs_a_name_apptainer_takes_as_host_name(
         assert_eq!(check_hostname(good), Ok(()), "{good}");
     }
 }
+
+#[test]
+fn overlay_create_deadline_scales_with_the_size_unless_set() {
+    let s = p("service_dir = \"/srv/x\"\n[overlay]\nsize_mib = 100000\n").unwrap();
+    assert_eq!(s.timeouts.overlay_create_sec, None);
+    // 60 s and 1 s per GiB, a started GiB counting whole.
+    assert_eq!(
+        s.timeouts.overlay_create(s.overlay.size_mib).as_secs(),
+        60 + 98
+    );
+    assert_eq!(s.timeouts.overlay_create(64).as_secs(), 61);
+    let s = p("service_dir = \"/srv/x\"\n[timeouts]\noverlay_create_sec = 7\n").unwrap();
+    assert_eq!(s.timeouts.overlay_create(100_000).as_secs(), 7);
+    let e = one_error("service_dir = \"/srv/x\"\n[timeouts]\noverlay_create_sec = 0\n");
+    assert!(
+        e.contains("timeouts.overlay_create_sec") && e.contains("at least 1"),
+        "{e}"
+    );
+}

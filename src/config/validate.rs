@@ -1024,6 +1024,14 @@ impl Validator<'_> {
                 d.watchdog_sec,
                 0,
             ),
+            overlay_create_sec: raw.overlay_create_sec.as_ref().map(|_| {
+                get(
+                    &raw.overlay_create_sec,
+                    keys::TIMEOUTS_OVERLAY_CREATE_SEC,
+                    60,
+                    1,
+                )
+            }),
         }
     }
 }

@@ -237,11 +237,20 @@ impl Drop for Creation {
                 nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
             ) {
                 if (st.st_dev, st.st_ino) == self.dir_id {
-                    let _ = nix::unistd::unlinkat(
+                    // Not empty when an abandoned mkfs still writes in it (or NFS keeps a
+                    // `.nfsXXXX` of a file still open): the next start's stale cleanup
+                    // removes it.
+                    if let Err(e) = nix::unistd::unlinkat(
                         self.parent.as_fd(),
                         n,
                         nix::unistd::UnlinkatFlags::RemoveDir,
-                    );
+                    ) {
+                        tracing::warn!(
+                            temporary = %self.dir.display(),
+                            error = %e,
+                            "cannot remove the private directory of the overlay creation; the next start removes it"
+                        );
+                    }
                 }
             }
         }

@@ -151,6 +151,10 @@ pub struct LiveState {
     pub last_unanswered_ping_ms: Option<u64>,
     /// Set when the supervisor has exited (phase stopped or failed).
     pub exit_code: Option<i32>,
+    /// What the host checks warned about at start (paths others could write, binds that
+    /// expose service files), for `status`. Absent in files of earlier versions.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 impl LiveState {

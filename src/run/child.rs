@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -38,9 +39,39 @@ impl Supervisor<'_> {
         deadline: Option<Instant>,
         master: Option<(&ProcId, &ExitWatch)>,
     ) -> Result<CliResult, RunError> {
-        let mut child = apptainer::command(argv, &self.env)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+        self.run_cli_with(argv, extend, deadline, master, false)
+            .await
+    }
+
+    /// [`Self::run_cli`] for a command whose work is thrown away when a stop comes (the
+    /// overlay's creation, in a private directory that is never published then): it runs
+    /// in a process group of its own, and the whole group is killed at `deadline` or as
+    /// soon as a stop comes, so that its children (mkfs) go with it.
+    pub(super) async fn run_cli_abandoning(
+        &mut self,
+        argv: &[OsString],
+        extend: Option<Duration>,
+        deadline: Instant,
+    ) -> Result<CliResult, RunError> {
+        self.run_cli_with(argv, extend, Some(deadline), None, true)
+            .await
+    }
+
+    async fn run_cli_with(
+        &mut self,
+        argv: &[OsString],
+        extend: Option<Duration>,
+        deadline: Option<Instant>,
+        master: Option<(&ProcId, &ExitWatch)>,
+        abandon_on_stop: bool,
+    ) -> Result<CliResult, RunError> {
+        let mut cmd = apptainer::command(argv, &self.env);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if abandon_on_stop {
+            cmd.process_group(0);
+        }
+        let mut child = cmd
             .spawn()
             .map_err(os(format!("running {}", Path::new(&argv[0]).display())))?;
         let pid = child.id() as i32;
@@ -48,12 +79,24 @@ impl Supervisor<'_> {
         let stderr: OwnedFd = child.stderr.take().expect("stderr was piped").into();
         let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(stderr)
             .map_err(os("reading stderr"))?;
-        let (err_buf, timed_out) = self
-            .wait_cli(pid, &fd, stderr, extend, deadline, master)
+        let w = Kill {
+            pid,
+            group: abandon_on_stop,
+            on_stop: abandon_on_stop,
+            grace: Duration::from_secs(self.s.timeouts.kill_sec.max(1)),
+        };
+        let (err_buf, ended) = self
+            .wait_cli(&w, &fd, stderr, extend, deadline, master)
             .await;
+        if ended == Ended::Abandoned {
+            // Never waited on: a process in uninterruptible sleep (mkfs on a hung NFS
+            // server) exits when the kernel lets it; as its subreaper we reap it then or
+            // at exit.
+            return Ok(CliResult::TimedOut { exited: false });
+        }
         let status = child.wait().map_err(os("waiting for apptainer"))?;
-        if timed_out {
-            return Ok(CliResult::TimedOut);
+        if ended == Ended::Killed {
+            return Ok(CliResult::TimedOut { exited: true });
         }
         Ok(CliResult::Done(
             status,
@@ -62,37 +105,54 @@ impl Supervisor<'_> {
     }
 
     /// The command `pid` (its pidfd `fd`) to its exit, through the event loop: its stderr
-    /// read (up to 64 KiB), killed at `deadline`, EXTEND_TIMEOUT_USEC sent every `extend`,
-    /// `master` reaped when it exits. The command is left to finish even when a stop comes
-    /// (noted for the caller): nothing half-made is left. Returns stderr and whether the
-    /// deadline killed it.
+    /// read (up to 64 KiB), killed at `deadline` (and at a stop when `k.on_stop`),
+    /// EXTEND_TIMEOUT_USEC sent every `extend`, `master` reaped when it exits. Otherwise the
+    /// command is left to finish even when a stop comes (noted for the caller): nothing
+    /// half-made is left. Once killed it has `k.grace` to exit, after which it is
+    /// abandoned. Returns stderr and how it ended.
     async fn wait_cli(
         &mut self,
-        pid: i32,
+        k: &Kill,
         fd: &ExitWatch,
         stderr: tokio::net::unix::pipe::Receiver,
         extend: Option<Duration>,
         deadline: Option<Instant>,
         mut master: Option<(&ProcId, &ExitWatch)>,
-    ) -> (Vec<u8>, bool) {
+    ) -> (Vec<u8>, Ended) {
+        let pid = k.pid;
         let mut err_buf = Vec::new();
-        let mut timed_out = false;
+        // When it was killed, the time it has left to exit.
+        let mut give_up: Option<Instant> = None;
         let mut next_extend = extend.map(|d| {
             self.notify.extend(d * 2);
             Instant::now() + d
         });
         let mut stderr = Some(stderr);
-        loop {
+        let ended = loop {
             let waits: Waits = Waits {
                 master: master.map(|(_, fd)| fd),
                 child: Some(fd),
                 stderr: stderr.as_ref(),
-                at: earliest([next_extend, deadline.filter(|_| !timed_out)]),
+                at: earliest([
+                    next_extend.filter(|_| give_up.is_none()),
+                    deadline.filter(|_| give_up.is_none()),
+                    give_up,
+                ]),
                 ..Waits::default()
             };
             match event_loop::next(&mut self.signals, waits).await {
-                Wake::Signal(sig) => self.signals.note(sig, "apptainer runs"),
-                Wake::ChildExited => break,
+                Wake::Signal(sig) => {
+                    self.signals.note(sig, "apptainer runs");
+                    if k.on_stop && give_up.is_none() {
+                        warn!(
+                            pid,
+                            "stopping: killing the apptainer command, whose work is thrown away"
+                        );
+                        give_up = Some(k.kill(&self.notify));
+                    }
+                }
+                Wake::ChildExited if give_up.is_some() => break Ended::Killed,
+                Wake::ChildExited => break Ended::Exited,
                 Wake::MasterExited => {
                     if let Some((m, _)) = master.take() {
                         let exit = instance::try_reap(m.pid);
@@ -108,17 +168,20 @@ impl Supervisor<'_> {
                 }
                 Wake::Deadline => {
                     let now = Instant::now();
-                    if deadline.is_some_and(|d| d <= now) && !timed_out {
-                        warn!(pid, "apptainer command exceeded its deadline; killing it");
-                        // Our own child, not reaped yet: the pid is still its own.
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
+                    if give_up.is_some_and(|g| g <= now) {
+                        warn!(
+                            pid,
+                            timeout_sec = k.grace.as_secs(),
+                            "the killed apptainer command has not exited; abandoning it (a process stuck in the kernel, such as mkfs on a hung NFS server, is left to the kernel)"
                         );
-                        timed_out = true;
+                        break Ended::Abandoned;
+                    }
+                    if give_up.is_none() && deadline.is_some_and(|d| d <= now) {
+                        warn!(pid, "apptainer command exceeded its deadline; killing it");
+                        give_up = Some(k.kill(&self.notify));
                     }
                     if let (Some(at), Some(d)) = (next_extend, extend) {
-                        if at <= now {
+                        if at <= now && give_up.is_none() {
                             self.notify.extend(d * 2);
                             next_extend = Some(now + d);
                         }
@@ -126,13 +189,51 @@ impl Supervisor<'_> {
                 }
                 _ => {}
             }
-        }
-        // Drain what is left in the pipe (the writer has exited).
+        };
+        // What is left in the pipe, once, without waiting: a grandchild that inherited it
+        // (an abandoned mkfs) may keep it open for ever.
         if let Some(pipe) = &stderr {
-            while read_some(pipe, &mut err_buf) {}
+            read_some(pipe, &mut err_buf);
         }
-        (err_buf, timed_out)
+        (err_buf, ended)
     }
+}
+
+/// How a CLI command is killed, and how long it then has.
+struct Kill {
+    pid: i32,
+    /// It leads a process group of its own: kill the whole group (its mkfs too).
+    group: bool,
+    /// A stop kills it at once.
+    on_stop: bool,
+    grace: Duration,
+}
+
+impl Kill {
+    /// SIGKILL; returns when to give up waiting for its exit. `EXTEND_TIMEOUT_USEC`
+    /// covers that wait.
+    fn kill(&self, notify: &crate::os::notify::Notifier) -> Instant {
+        use nix::sys::signal::{kill, killpg, Signal};
+        use nix::unistd::Pid;
+        // Our own child, not reaped yet: the pid (and its group) is still its own.
+        let p = Pid::from_raw(self.pid);
+        let _ = if self.group {
+            killpg(p, Signal::SIGKILL)
+        } else {
+            kill(p, Signal::SIGKILL)
+        };
+        notify.extend(self.grace + Duration::from_secs(5));
+        Instant::now() + self.grace
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Exited,
+    /// Killed (deadline or stop) and exited.
+    Killed,
+    /// Killed and still not exited after the grace.
+    Abandoned,
 }
 
 /// Reads what `pipe` has now into `buf` (kept to 64 KiB); false once it is closed.
@@ -154,7 +255,11 @@ fn read_some(pipe: &tokio::net::unix::pipe::Receiver, buf: &mut Vec<u8>) -> bool
 
 pub(super) enum CliResult {
     Done(std::process::ExitStatus, String),
-    TimedOut,
+    /// Killed at its deadline (or at a stop, see [`Supervisor::run_cli_abandoning`]);
+    /// `exited`: false when it did not exit within the grace and was abandoned.
+    TimedOut {
+        exited: bool,
+    },
 }
 
 pub(super) fn describe(status: std::process::ExitStatus) -> String {

@@ -149,6 +149,19 @@ impl Signals {
         !self.noted.is_empty()
     }
 
+    /// Whether a stop is pending: noted, or arrived while no phase listened (the
+    /// synchronous work between waits) and noted now, without waiting; `what` says what
+    /// was about to begin. Checked before each step that starts something.
+    pub(super) fn stop_pending(&mut self, what: &str) -> bool {
+        while let Some(Wake::Signal(sig)) = next::<()>(self, Waits::default()).now_or_never() {
+            info!(signal = sig.name(), "stop requested before {what}");
+            if !self.noted.contains(&sig) {
+                self.noted.push(sig);
+            }
+        }
+        self.stop_noted()
+    }
+
     /// The noted signals, then those that have arrived and not been received yet, without
     /// waiting: what came while the caller could not listen, for the policy.
     pub(super) fn take_noted(&mut self) -> Vec<Sig> {

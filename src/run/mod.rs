@@ -22,6 +22,7 @@
 //! (`apptainer-<pid>.scope`), outside this unit, so systemd's `KillMode` never reaches it:
 //! stopping it is our job, here.
 
+mod backoff;
 mod child;
 mod end;
 mod event_loop;
@@ -120,6 +121,7 @@ pub fn run(service: &Service, ctx: &RunContext) -> Result<(), RunError> {
         .map_err(os("creating the event loop"))?;
     rt.block_on(async {
         let mut sup = Supervisor::new(service, ctx, plan)?;
+        sup.host_warnings = checked.warnings.iter().map(|w| w.to_string()).collect();
         let result = sup.main().await;
         sup.finish(&result);
         result
@@ -153,6 +155,11 @@ struct Supervisor<'a> {
     live: Publisher,
     /// The sizes of the instance's logs before `instance start`: forwarding starts there.
     log_start: crate::os::output::Start,
+    /// Failed starts in a row (`<run dir>/<name>.backoff`, see [`backoff`]).
+    backoff: backoff::Record,
+    backoff_path: PathBuf,
+    /// What the host checks warned about, said once in STATUS= and kept for `status`.
+    host_warnings: Vec<String>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -172,20 +179,45 @@ impl<'a> Supervisor<'a> {
             system_state: String::new(),
             live: Publisher::new(&ctx.run_dir, &s.name),
             log_start: crate::os::output::Start::default(),
+            backoff: backoff::read(&backoff::path(&ctx.run_dir, &s.name)),
+            backoff_path: backoff::path(&ctx.run_dir, &s.name),
+            host_warnings: Vec::new(),
         })
     }
 
     async fn main(&mut self) -> Result<(), RunError> {
         self.report(Notice::Status, Some(Phase::Starting), "starting");
+        if !self.host_warnings.is_empty() {
+            // Once, and in the live state file for `status`: the journal has them in full.
+            let first: Vec<&str> = self
+                .host_warnings
+                .iter()
+                .map(|w| w.lines().next().unwrap_or_default())
+                .collect();
+            let warnings = self.host_warnings.clone();
+            self.live.update(|s| s.warnings = warnings);
+            self.status(&format!(
+                "starting with {} warning(s): {}",
+                first.len(),
+                first.join("; ")
+            ));
+        }
         // After each step: a stop the loop noted while a command ran (an orphan's forced
         // stop, the overlay's creation, the instance's start, which then undid what it made
         // and returned `None`) ends the run there.
+        // A stop that came between two waits (while no phase listened) is received here,
+        // before the next step begins, never after it started something.
         self.clear_leftovers().await?;
-        if self.signals.stop_noted() {
+        if self.signals.stop_pending("the back-off") {
+            return Err(RunError::StoppedDuringStart);
+        }
+        // After earlier starts failed in a row (69/71/75), wait before trying again.
+        self.back_off().await?;
+        if self.signals.stop_pending("the overlay") {
             return Err(RunError::StoppedDuringStart);
         }
         self.ensure_overlay().await?;
-        if self.signals.stop_noted() {
+        if self.signals.stop_pending("the instance start") {
             return Err(RunError::StoppedDuringStart);
         }
         let Some(t) = self.start().await? else {
@@ -207,6 +239,7 @@ impl<'a> Supervisor<'a> {
 
     /// The last word in the live state file: how this run ended.
     fn finish(&mut self, result: &Result<(), RunError>) {
+        self.count_failed_start(result);
         let (phase, code, error) = match result {
             Ok(()) => (Phase::Stopped, exit::OK, None),
             Err(e) if e.exit_code() == exit::OK => (Phase::Stopped, exit::OK, Some(e.to_string())),

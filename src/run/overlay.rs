@@ -1,9 +1,8 @@
 //! Step 3 of a run: the overlay image is created if missing (never touched otherwise) and
 //! must not be attached to a loop device already.
 
-use std::io;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
@@ -60,12 +59,19 @@ impl Supervisor<'_> {
         // complete (host::overlay::Creation): a stop, a crash or a full disk never leaves a
         // truncated overlay.img, and no link planted beside it is followed. The directory
         // goes when `creation` is dropped, on every way out.
-        let creation = overlay::Creation::begin(path)
-            .map_err(|e| os(format!("creating overlay {}", path.display()))(io::Error::other(e)))?;
+        let creation =
+            overlay::Creation::begin(path).map_err(|source| RunError::OverlayCreation {
+                path: path.clone(),
+                source,
+            })?;
         let argv = argv::overlay_create(self.s, &creation.temp_image());
-        // mkfs of a large image can outlast the start timeout: keep asking for more.
+        // mkfs of a large image can outlast the start timeout: keep asking for more, up to
+        // the creation's own deadline, which scales with the size. A stop kills it at once:
+        // what it made is never published then.
         let extend = Duration::from_secs(30);
-        let out = match self.run_cli(&argv, Some(extend), None).await {
+        let limit = self.s.timeouts.overlay_create(self.s.overlay.size_mib);
+        let deadline = Instant::now() + limit;
+        let out = match self.run_cli_abandoning(&argv, Some(extend), deadline).await {
             // A stop request while mkfs ran: the new image is not kept half-trusted, and
             // the run ends where `main` looks at the noted stop, right after this.
             Ok(_) if self.signals.stop_noted() => return Ok(()),
@@ -74,12 +80,11 @@ impl Supervisor<'_> {
         };
         match out {
             CliResult::Done(status, _) if status.success() => {
-                if let Err(e) = creation.publish() {
-                    return Err(
-                        os(format!("publishing the new overlay {}", path.display()))(
-                            io::Error::other(e),
-                        ),
-                    );
+                if let Err(source) = creation.publish() {
+                    return Err(RunError::OverlayCreation {
+                        path: path.clone(),
+                        source,
+                    });
                 }
                 info!(overlay = %path.display(), "overlay image created");
                 Ok(())
@@ -89,7 +94,11 @@ impl Supervisor<'_> {
                 status: describe(status),
                 stderr,
             }),
-            CliResult::TimedOut => unreachable!("no deadline was given"),
+            CliResult::TimedOut { exited } => Err(RunError::CreateOverlayTimeout {
+                path: path.clone(),
+                secs: limit.as_secs(),
+                abandoned: !exited,
+            }),
         }
     }
 

@@ -55,7 +55,7 @@ impl Supervisor<'_> {
                     log: start_log_part(&stderr, &added, &self.ctx.paths.err_log),
                 });
             }
-            Some(CliResult::TimedOut) => {
+            Some(CliResult::TimedOut { .. }) => {
                 self.cleanup_failed_start().await;
                 return Err(RunError::StartTimeout {
                     secs: self.s.timeouts.start_sec,

@@ -258,6 +258,7 @@ impl Supervisor<'_> {
     fn say_ready(&mut self, status: &str) {
         self.live.update(|s| s.ready_at = Some(live::unix_now()));
         self.report(Notice::Ready, Some(Phase::Ready), status);
+        self.clear_backoff();
     }
 
     /// Reports one event from the inner watcher (the journal, the live state file) and

@@ -224,6 +224,9 @@ pub fn apply_live(st: &mut ServiceStatus, l: &LiveState, now: u64) {
     st.restarts = l.restarts;
     st.last_error = l.last_error.clone();
     st.exit_code = l.exit_code;
+    for w in &l.warnings {
+        st.warnings.push(format!("at start: {}", first_line(w)));
+    }
     if st.stale {
         st.warnings.push(format!(
             "stale state file: its supervisor (pid {}) is gone; it last said {} ({})",
