@@ -1216,7 +1216,8 @@ const HOST_BIND_SOURCES: &[&str] = &["/home", "/sys/fs/cgroup", "/dev/fuse"];
 ///   CNI config dir (the supervisor writes the examples' conflists there, not in
 ///   `/etc/apptainer/network`);
 /// * the image (the examples' `${service_dir}/containers/container.sif`) is a placeholder
-///   holding only SIF's magic: the light init never opens it (DOUBLE.md, deviation 3);
+///   holding only SIF's magic: the double only checks an image's magic and the light init
+///   never opens it (DOUBLE.md, deviations 1 and 3);
 /// * the overlay is pre-created at the example's path with 64 MiB, so no 1 GiB or 100 GB
 ///   creation happens (an existing overlay is used as it is, never resized).
 ///
