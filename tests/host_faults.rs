@@ -27,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use apptainer_supervisor::host::privilege;
 use support::host::{HostSystemd, BOOT_TARGET};
+use support::netns::TestNetns;
 use support::{
-    dropin_environment, loops_for, own_bounding, require_root, rootfs, support,
+    dropin_environment, loops_for, own_bounding, require_root, rootfs, stderr, support,
     write_apptainer_conf, World, BIN, SEC,
 };
 
@@ -1191,4 +1192,242 @@ fn no_shell_is_run_between_the_service_file_and_execve() {
         "a shell was run: {}",
         std::fs::read_to_string(&calls).unwrap_or_default()
     );
+}
+
+/// Bind sources of the examples that every Linux host has, kept as they are; every other
+/// host path an example binds is the site's (`/shared`, `/orcd`, ...).
+const HOST_BIND_SOURCES: &[&str] = &["/home", "/sys/fs/cgroup", "/dev/fuse"];
+
+/// [`check_json_shows_the_argv_and_files_run_uses`] for every shipped example
+/// (`examples/*.toml`): the argv `check --host --json` prints is the argv the Apptainer
+/// double records `run` passing to `instance start`, and every file the plan names is
+/// there while `run` runs.
+///
+/// Each example runs in a world of its own. What is rewritten, and why (nothing else: the
+/// flags, bind destinations, networks with their masters and addresses, overlay, hostname
+/// and env stay the example's own):
+/// * `service_dir` = the world's root + the example's path (`/shared/services/ood/ood001`
+///   → `$TMP/shared/services/ood/ood001`): this host has no `/shared`;
+/// * a bind source of the site (not in [`HOST_BIND_SOURCES`]) moves under the world's root
+///   with its container path spelled out (`/shared` → `$TMP/shared:/shared`,
+///   `/home/systems/slurm/etc/slurm:/etc/slurm` → `$TMP/home/systems/slurm/etc/slurm:/etc/slurm`):
+///   a missing bind source is refused (exit 78), and the host's root is not ours to fill;
+/// * an `[apptainer]` table is added: `binary` = the double, `network_dir` = the world's
+///   CNI config dir (the supervisor writes the examples' conflists there, not in
+///   `/etc/apptainer/network`);
+/// * the image (the examples' `${service_dir}/containers/container.sif`) is a placeholder
+///   holding only SIF's magic: the double only checks an image's magic and the light init
+///   never opens it (DOUBLE.md, deviations 1 and 3);
+/// * the overlay is pre-created at the example's path with 64 MiB, so no 1 GiB or 100 GB
+///   creation happens (an existing overlay is used as it is, never resized).
+///
+/// The examples' macvlan parent `eth0` is a veth the test makes in a network namespace of
+/// its own (`TestNetns`), where `run` (and so the double's master and the CNI plugins)
+/// runs: no real interface is touched. The light init keeps the host's root, so a host
+/// system bus would be taken for the container's (and refused, exit 69) before the files
+/// are looked at: `run` gets a private mount namespace with a tmpfs on `/run/dbus`, and
+/// keeps waiting for the container's bus (the examples' readiness names units that only
+/// the real images have) until the test's SIGTERM halts it (exit 0).
+#[test]
+fn check_json_shows_the_argv_and_files_run_uses_for_every_example() {
+    if !require_root() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut examples: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    examples.sort();
+    assert!(examples.len() >= 5, "{examples:?}");
+    for example in &examples {
+        example_plan_is_what_runs(example);
+    }
+}
+
+/// `check --host --json`, then `run`, for one example (see the test above).
+fn example_plan_is_what_runs(example: &Path) {
+    let at = example.display().to_string();
+    let mut t: toml::Table = std::fs::read_to_string(example).unwrap().parse().unwrap();
+    let name = t["name"].as_str().unwrap().to_owned();
+    let ns = TestNetns::new();
+    let masters: BTreeSet<String> = t["network"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.get("master").and_then(|m| m.as_str()).map(str::to_owned))
+        .collect();
+    for m in &masters {
+        ns.add_veth(m, &format!("{m}p"));
+    }
+    let mut w = World::new(&name);
+    w.netns = Some(ns.path());
+    w.wrap = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        "if [ -d /run/dbus ]; then mount -t tmpfs tmpfs /run/dbus; fi; exec \"$@\"",
+        "sh",
+    ]
+    .map(Into::into)
+    .to_vec();
+    let root = w.root().to_owned();
+    let under_root = |p: &str| PathBuf::from(format!("{}{p}", root.display()));
+
+    let service_dir = under_root(t["service_dir"].as_str().unwrap());
+    for d in ["containers", "overlay", "root"] {
+        std::fs::create_dir_all(service_dir.join(d)).unwrap();
+    }
+    t.insert(
+        "service_dir".into(),
+        service_dir.display().to_string().into(),
+    );
+    let binds: Vec<toml::Value> = t["binds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let b = b.as_str().unwrap();
+            let (src, dst) = b.split_once(':').unwrap_or((b, b));
+            if src.starts_with("${service_dir}") || HOST_BIND_SOURCES.contains(&src) {
+                return b.into();
+            }
+            std::fs::create_dir_all(under_root(src)).unwrap();
+            format!("{}:{dst}", under_root(src).display()).into()
+        })
+        .collect();
+    t.insert("binds".into(), binds.into());
+    assert!(!t.contains_key("apptainer"), "{at}: [apptainer] is set");
+    let mut apptainer = toml::Table::new();
+    apptainer.insert(
+        "binary".into(),
+        support("apptainer").display().to_string().into(),
+    );
+    apptainer.insert(
+        "network_dir".into(),
+        w.network_dir().display().to_string().into(),
+    );
+    t.insert("apptainer".into(), apptainer.into());
+    std::fs::write(w.config_path(), toml::to_string(&t).unwrap()).unwrap();
+    // World's drop cleans up the loop devices of the overlay under this directory.
+    w.service_dir = service_dir;
+
+    // The image and the overlay where the plan (unchecked) puts them.
+    let draft = argv_of(&plan_json(&w, &["check", "--json", &name], &at));
+    let image = PathBuf::from(&draft[draft.len() - 2]);
+    let mut sif = vec![0u8; 64];
+    sif[32..41].copy_from_slice(b"SIF_MAGIC");
+    std::fs::write(&image, sif).unwrap();
+    let overlay = &draft[draft.iter().position(|a| a == "--overlay").unwrap() + 1];
+    let out = w.apptainer(&["overlay", "create", "-S", "-s", "64", overlay]);
+    assert!(out.status.success(), "{at}: {}", stderr(&out));
+
+    let log = root.join("argv.log");
+    w.env.push((
+        "APPTAINER_DOUBLE_ARGV_LOG".into(),
+        log.display().to_string(),
+    ));
+    // `check` has no --run-dir: it plans in the run directory systemd would give.
+    w.env
+        .push(("RUNTIME_DIRECTORY".into(), w.run_dir.display().to_string()));
+    let plan = plan_json(&w, &["check", "--host", "--json", &name], &at);
+    let planned = argv_of(&plan);
+    // The example's own shape: its networks, in order, and its binds' container paths.
+    let networks: Vec<&str> = t["network"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap())
+        .collect();
+    let net_at = planned.iter().position(|a| a == "--network").unwrap();
+    assert_eq!(planned[net_at + 1], networks.join(","), "{at}");
+    assert!(planned.contains(&"--boot".to_owned()), "{at}: {planned:?}");
+    let planned_binds: Vec<&str> = planned
+        .windows(2)
+        .filter(|p| p[0] == "--bind")
+        .map(|p| p[1].as_str())
+        .collect();
+    let sd = w.service_dir.display().to_string();
+    let binds: Vec<String> = t["binds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().replace("${service_dir}", &sd))
+        .collect();
+    assert_eq!(planned_binds, binds, "{at}: the example's binds, in order");
+    assert_eq!(&planned[planned.len() - 1], &name);
+    eprintln!("{at}: {}", planned.join(" "));
+
+    w.spawn_run();
+    // Every file the plan names for this run is there while it runs.
+    let files: Vec<(String, PathBuf)> = plan["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["what"].as_str().unwrap().to_owned(),
+                PathBuf::from(f["path"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|(what, p)| what.starts_with("overlay") && p == Path::new(overlay)),
+        "{at}: the overlay of the argv in {files:?}"
+    );
+    let deadline = Instant::now() + 60 * SEC;
+    loop {
+        let missing: Vec<_> = files.iter().filter(|(_, p)| !p.exists()).collect();
+        if missing.is_empty() {
+            break;
+        }
+        if let Some(status) = w.child(0).try_wait().unwrap() {
+            let out = w.wait(0, SEC);
+            panic!(
+                "{at}: run ended ({status}) with {missing:?} missing:\n{}",
+                stderr(&out)
+            );
+        }
+        assert!(Instant::now() < deadline, "{at}: never there: {missing:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    w.stop_ok(0);
+
+    let runs: Vec<Vec<String>> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Vec<String>>(l).unwrap())
+        .filter(|a| a.get(1..3) == Some(&["instance".to_owned(), "start".to_owned()][..]))
+        .collect();
+    assert_eq!(runs.len(), 1, "{at}: one instance start: {runs:?}");
+    assert_eq!(runs[0][1..], planned[1..], "{at}");
+    assert_eq!(
+        std::fs::canonicalize(&runs[0][0]).unwrap(),
+        std::fs::canonicalize(&planned[0]).unwrap(),
+        "{at}"
+    );
+}
+
+/// `check ... --json` of `w`, which must succeed.
+fn plan_json(w: &World, args: &[&str], at: &str) -> serde_json::Value {
+    let out = w.cli(args);
+    assert!(out.status.success(), "{at}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The plan's `argv`.
+fn argv_of(plan: &serde_json::Value) -> Vec<String> {
+    plan["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
 }
