@@ -7,11 +7,11 @@
 //! `application/vnd.sylabs.sif.layer.v1.sif` titled with the file's base name, an OCI image
 //! manifest), over the registry's HTTP API with a small HTTP/1.1 client on std's TcpStream
 //! (no HTTP crate for three request shapes).
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -27,7 +27,9 @@ pub const OCI_MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1
 pub struct Registry {
     child: Option<Child>,
     pub addr: String,
-    dir: tempfile::TempDir,
+    /// Keeps the storage and config until the registry is gone.
+    _dir: tempfile::TempDir,
+    log: Arc<Mutex<String>>,
     /// From spawn to the first `GET /v2/` answered 200 (printed by the tests, never asserted).
     pub start_time: Duration,
 }
@@ -75,57 +77,62 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\n\
                  storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-                 http:\n  addr: {addr}\n",
+                 http:\n  addr: {addr}\n  secret: apptainer-supervisor-tests\n",
                 storage.display()
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
         let t0 = Instant::now();
-        let child = Command::new(REGISTRY_BIN)
+        let mut child = Command::new(REGISTRY_BIN)
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {REGISTRY_BIN}: {e}"));
+        // The registry logs `listening on ADDR` once its socket is bound (distribution's
+        // registry.go ListenAndServe, before Serve): the condition, read from its log as it
+        // comes, no polling. The pipe closing first means the registry exited.
+        let log: Arc<Mutex<String>> = Arc::default();
+        let (tx, rx) = mpsc::channel::<bool>();
+        let stderr = child.stderr.take().unwrap();
+        let (l, want) = (log.clone(), format!("listening on {addr}"));
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let up = line.contains(&want);
+                l.lock().unwrap().push_str(&(line + "\n"));
+                if up {
+                    let _ = tx.send(true);
+                }
+            }
+            let _ = tx.send(false);
+        });
         let mut reg = Registry {
             child: Some(child),
             addr,
-            dir,
+            _dir: dir,
+            log,
             start_time: Duration::ZERO,
         };
-        // The condition: /v2/ answers 200 (the distribution API's version check). Bounded,
-        // and a registry that exits (a port taken meanwhile) fails at once with its log.
-        let deadline = t0 + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = request(&reg.addr, "GET", "/v2/", &[], &[]) {
-                if r.status == 200 {
-                    break;
-                }
-            }
-            if let Some(st) = reg.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "docker-registry exited ({st}) before answering:\n{}",
-                    reg.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not answer /v2/ within 30 s:\n{}",
-                reg.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(true) => {}
+            Ok(false) => panic!("docker-registry exited before listening:\n{}", reg.log()),
+            Err(_) => panic!("docker-registry not listening within 30 s:\n{}", reg.log()),
         }
+        // Bound, so this connection is accepted: /v2/ (the API's version check) answers 200.
+        let r = request(&reg.addr, "GET", "/v2/", &[], &[]).unwrap();
+        assert_eq!(r.status, 200, "GET /v2/: {}\n{}", r.text(), reg.log());
         reg.start_time = t0.elapsed();
         reg
     }
 
+    /// What the registry logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        self.log.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
