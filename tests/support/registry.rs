@@ -65,7 +65,21 @@ fn free_port() -> u16 {
 }
 
 impl Registry {
+    /// Started on a free loopback port; a port another process took between our probe and
+    /// the registry's bind makes the registry exit at once, and it is started again on
+    /// another (at most 5 times).
     pub fn start() -> Registry {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Registry::try_start() {
+                Ok(reg) => return reg,
+                Err(log) => last = log,
+            }
+        }
+        panic!("docker-registry exited before listening, 5 times; last log:\n{last}");
+    }
+
+    fn try_start() -> Result<Registry, String> {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
         std::fs::create_dir(&storage).unwrap();
@@ -120,14 +134,14 @@ impl Registry {
         };
         match rx.recv_timeout(Duration::from_secs(30)) {
             Ok(true) => {}
-            Ok(false) => panic!("docker-registry exited before listening:\n{}", reg.log()),
+            Ok(false) => return Err(reg.log()),
             Err(_) => panic!("docker-registry not listening within 30 s:\n{}", reg.log()),
         }
         // Bound, so this connection is accepted: /v2/ (the API's version check) answers 200.
         let r = request(&reg.addr, "GET", "/v2/", &[], &[]).unwrap();
         assert_eq!(r.status, 200, "GET /v2/: {}\n{}", r.text(), reg.log());
         reg.start_time = t0.elapsed();
-        reg
+        Ok(reg)
     }
 
     /// What the registry logged so far.
