@@ -22,9 +22,12 @@ fi
 # test network namespaces; zsh: `zsh -n` on the zsh completion script; dbus-daemon: a
 # private bus for the inner-bus unit tests (a signal flood while calls wait); dbus: the
 # hostile container's bus (tests/hostile.rs) and the dbus.service its image is checked
-# for (until its init has chrooted, the container's root is this machine's).
+# for (until its init has chrooted, the container's root is this machine's);
+# docker-registry: the CNCF distribution registry (/usr/bin/docker-registry), which
+# tests/registry.rs starts on 127.0.0.1 with its own config to push and pull ORAS SIF images
+# (the package's own service, on :5000, is not used).
 pkgs=(e2fsprogs util-linux mandoc man-db systemd systemd-container python3 debootstrap
-      containernetworking-plugins iproute2 iputils-ping zsh dbus-daemon dbus)
+      containernetworking-plugins iproute2 iputils-ping zsh dbus-daemon dbus docker-registry)
 missing=()
 for p in "${pkgs[@]}"; do
   # `dpkg -s` also lists removed-but-not-purged packages: ask for the installed state.

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 pub mod host;
 pub mod netns;
+pub mod registry;
 
 use std::collections::VecDeque;
 use std::io::Read;
