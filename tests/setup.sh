@@ -38,6 +38,12 @@ if ((${#missing[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 \
     "${missing[@]}" >&2
+  # The registry package starts a registry of its own on :5000 of every address where
+  # services may start: the tests never use it, and nothing of theirs listens beyond
+  # loopback. Stop and disable it, only when this script installed it.
+  if [[ " ${missing[*]} " == *" docker-registry "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now docker-registry.service >&2 2>/dev/null || true
+  fi
 fi
 
 # The rootfs path goes to stderr: stdout stays empty, so `setup.sh && cargo test` reads
