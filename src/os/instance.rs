@@ -42,8 +42,17 @@ pub fn start_time(pid: i32) -> Option<u64> {
     if pid <= 0 {
         return None;
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    parse_start_time(&stat)
+    parse_start_time(&proc_text(pid, "stat")?)
+}
+
+/// `/proc/<pid>/FILE` as text. Read as bytes: the command name in `stat` and `status` is
+/// whatever the process set with `prctl(PR_SET_NAME)`, and a container's init may set one
+/// that is not UTF-8 — `read_to_string` would then fail and the init would look gone,
+/// never signalled, never halted. The fields we read are ASCII; the name is only
+/// skipped (after the last `)`, a byte no UTF-8 sequence contains).
+fn proc_text(pid: i32, file: &str) -> Option<String> {
+    let bytes = std::fs::read(format!("/proc/{pid}/{file}")).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn parse_start_time(stat: &str) -> Option<u64> {
@@ -53,8 +62,7 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
+    proc_text(pid, "stat")
         .and_then(|s| {
             s.rfind(')')
                 .map(|i| s[i + 1..].trim_start().starts_with('Z'))
@@ -64,8 +72,7 @@ fn is_zombie(pid: i32) -> bool {
 
 /// Stopped by a signal or traced (state `T`/`t` in `/proc/<pid>/stat`).
 pub fn is_stopped(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
+    proc_text(pid, "stat")
         .and_then(|s| {
             s.rfind(')')
                 .map(|i| matches!(s[i + 1..].trim_start().chars().next(), Some('T' | 't')))
@@ -84,15 +91,13 @@ pub fn cmdline(pid: i32) -> Option<Vec<u8>> {
 /// disposition is the default and that it does not block, so a halt signal sent before
 /// systemd set itself up is lost and must wait.
 pub fn catches(pid: i32, sig: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .is_some_and(|s| {
-            let bit = |field| {
-                parse_sigmask(&s, field)
-                    .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
-            };
-            bit("SigCgt:") || bit("SigBlk:")
-        })
+    proc_text(pid, "status").is_some_and(|s| {
+        let bit = |field| {
+            parse_sigmask(&s, field)
+                .is_some_and(|m| (1..=64).contains(&sig) && m & (1u64 << (sig - 1)) != 0)
+        };
+        bit("SigCgt:") || bit("SigBlk:")
+    })
 }
 
 fn parse_sigmask(status: &str, field: &str) -> Option<u64> {
@@ -229,6 +234,34 @@ mod tests {
     fn start_time_survives_odd_comm() {
         let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 1 2";
         assert_eq!(parse_start_time(stat), Some(12345));
+    }
+
+    /// What a hostile init does: a command name that is not UTF-8, with a `)` in it. It
+    /// must still be seen alive, and signalled.
+    #[test]
+    fn a_process_naming_itself_in_bytes_that_are_not_utf8_is_still_alive() {
+        // Only a thread of the process itself may rename it (proc(5), /proc/pid/comm).
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "open('/proc/self/comm', 'wb').write(b'x\\xff) Z \\xfe'); print(flush=True); import time; time.sleep(30)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // It says when it is renamed: one line on stdout.
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(std::fs::read_to_string(format!("/proc/{pid}/stat")).is_err());
+        let p = ProcId::of(pid).expect("its start time is read");
+        assert!(p.is_alive() && !is_stopped(pid));
+        assert!(signal(&p, libc::SIGKILL), "it is signalled");
+        child.wait().unwrap();
     }
 
     #[test]
