@@ -53,6 +53,18 @@ pub(crate) fn one_line(s: &str, max: usize) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Several lines of what the container or a command quoting it wrote (a CLI's stderr, the
+/// end of the instance's `.err` log), for a message: each line through [`one_line`] (at
+/// most `max_line` bytes), joined by newlines. A reader sees the lines as written, but no
+/// byte a terminal acts on and no line longer than the cap. (`\r` ends no line here: it
+/// is shown escaped, so it cannot overwrite what came before it on a terminal.)
+pub(crate) fn lines(s: &str, max_line: usize) -> String {
+    s.lines()
+        .map(|l| one_line(l, max_line))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The longest state systemd uses is far shorter; a newer inner systemd may add states
 /// (v254: `auto-restart-queued`), so the rule is the shape, not a list.
 pub(crate) const MAX_ENUM: usize = 32;
@@ -149,6 +161,17 @@ pub(crate) fn escape_strict(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_keep_their_breaks_and_lose_what_a_terminal_acts_on() {
+        let text = "FATAL: x\r\x1b[2Jforged\nsecond\u{9b}1m\n";
+        assert_eq!(
+            lines(text, 512),
+            "FATAL: x\\r\\x1b[2Jforged\nsecond\\u{9b}1m"
+        );
+        let long = "y".repeat(600);
+        assert_eq!(lines(&long, 512).len(), 512);
+    }
 
     #[test]
     fn plain_text_is_borrowed_unchanged() {

@@ -98,9 +98,11 @@ impl Supervisor<'_> {
         if ended == Ended::Killed {
             return Ok(CliResult::TimedOut { exited: true });
         }
+        // Apptainer's stderr quotes the container (its .err log, echoed since 1.4): the
+        // journal and a terminal get it line by line, escaped.
         Ok(CliResult::Done(
             status,
-            String::from_utf8_lossy(&err_buf).into_owned(),
+            crate::os::sanitize::lines(&String::from_utf8_lossy(&err_buf), STDERR_LINE),
         ))
     }
 
@@ -236,10 +238,15 @@ enum Ended {
     Abandoned,
 }
 
+/// The longest line of a CLI command's stderr that is quoted.
+const STDERR_LINE: usize = 1024;
+
 /// Reads what `pipe` has now into `buf` (kept to 64 KiB); false once it is closed.
 fn read_some(pipe: &tokio::net::unix::pipe::Receiver, buf: &mut Vec<u8>) -> bool {
     let mut chunk = [0u8; 4096];
-    loop {
+    // At most 64 KiB a call: a writer that keeps pace (a grandchild flooding the pipe)
+    // must not hold the loop; what is left keeps the pipe readable for the next wake-up.
+    for _ in 0..16 {
         match pipe.try_read(&mut chunk) {
             Ok(0) => return false,
             Ok(n) => {
@@ -251,6 +258,7 @@ fn read_some(pipe: &tokio::net::unix::pipe::Receiver, buf: &mut Vec<u8>) -> bool
             Err(_) => return false,
         }
     }
+    true
 }
 
 pub(super) enum CliResult {

@@ -150,7 +150,8 @@ impl Supervisor<'_> {
     }
 }
 
-/// What was appended to `path` after byte `from` (at most its last 16 KiB), trimmed.
+/// What was appended to `path` after byte `from` (at most its last 16 KiB), trimmed, each
+/// line escaped.
 pub(super) fn log_since(path: &Path, from: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let mut buf = Vec::new();
@@ -159,10 +160,11 @@ pub(super) fn log_since(path: &Path, from: u64) -> String {
         // A log rotated or truncated in between is read from its start.
         let from = if end < from { 0 } else { from };
         f.seek(SeekFrom::Start(from.max(end.saturating_sub(16 * 1024))))?;
-        f.read_to_end(&mut buf)
+        f.take(16 * 1024).read_to_end(&mut buf)
     });
     match read {
-        Ok(_) => String::from_utf8_lossy(&buf).trim().to_owned(),
+        // The container writes this log: quoted line by line, escaped.
+        Ok(_) => crate::os::sanitize::lines(String::from_utf8_lossy(&buf).trim(), 1024),
         Err(_) => String::new(),
     }
 }
