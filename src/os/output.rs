@@ -601,10 +601,8 @@ impl Forwarder {
                     Stream::Out => "",
                     Stream::Err => " (stderr)",
                 });
-                let mut line = format!("{}{tag}: ", self.ident).into_bytes();
-                line.extend_from_slice(text);
-                line.push(b'\n');
-                let _ = std::io::stderr().lock().write_all(&line);
+                let line = terminal_line(&self.ident, tag, text);
+                let _ = std::io::stderr().lock().write_all(line.as_bytes());
             }
         }
     }
@@ -628,6 +626,14 @@ impl Drop for Forwarder {
             self.send_suppressed(n);
         }
     }
+}
+
+/// One line of the instance's output for stderr, a terminal most likely: the container's
+/// bytes shown, never acted on (control characters escaped, see `os/sanitize`).
+fn terminal_line(ident: &str, tag: &str, text: &[u8]) -> String {
+    let text = String::from_utf8_lossy(text);
+    let text = crate::os::sanitize::one_line(&text, 64 * 1024);
+    format!("{ident}{tag}: {text}\n")
 }
 
 #[cfg(test)]
@@ -768,6 +774,19 @@ mod tests {
         );
         assert_eq!(f.logs[0].offset, 0);
         assert!(f.logs[0].split.carry.is_empty(), "the cut line is dropped");
+    }
+
+    #[test]
+    fn a_line_for_the_terminal_holds_no_byte_a_terminal_acts_on() {
+        let line = terminal_line(
+            "x",
+            " (stderr)",
+            b"ok\x1b]0;pwned\x07\x1b[2J\rforged\xc2\x9b",
+        );
+        assert_eq!(
+            line,
+            "x (stderr): ok\\x1b]0;pwned\\x07\\x1b[2J\\rforged\\u{9b}\n"
+        );
     }
 
     #[test]
