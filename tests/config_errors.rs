@@ -316,6 +316,25 @@ fn control_characters_in_the_env_file_are_refused_with_file_and_line() {
     );
 }
 
+/// An env file that is a FIFO (or a device) is refused, not read: a writer on the other
+/// end could feed `run` for ever.
+#[test]
+fn an_env_file_that_is_not_a_regular_file_is_refused() {
+    if !support::require_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let env = d.path().join("svc.env");
+    nix::unistd::mkfifo(&env, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let text = host_ready(d.path(), &format!("env_file = \"{}\"\n", env.display()));
+    let (code, err) = check(d.path(), &text, &["--host"]);
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains(&format!("{}", env.display())) && err.contains("not a regular file"),
+        "{err}"
+    );
+}
+
 #[test]
 fn run_refuses_bad_config_with_78_before_doing_anything() {
     let d = tempfile::tempdir().unwrap();

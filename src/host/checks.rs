@@ -234,7 +234,6 @@ fn strict_modes(
     push: &mut impl FnMut(String, String),
     warnings: &mut Vec<String>,
 ) -> std::io::Result<String> {
-    use std::io::Read;
     let trusted = paths::trusted(&s.security);
     // A directory above several of the files is listed once, naming them all.
     let mut above: BTreeMap<(PathBuf, u8), (paths::Offender, bool, Vec<&str>)> = BTreeMap::new();
@@ -275,10 +274,7 @@ fn strict_modes(
                     .push(what);
             }
         }
-        let text = w.file.filter(|_| reads).map(|mut f| {
-            let mut t = String::new();
-            f.read_to_string(&mut t).map(|_| t)
-        });
+        let text = w.file.filter(|_| reads).map(read_small_file);
         match (what, text) {
             ("service file", Some(Ok(t))) => {
                 if let Some(reason) = same_service(s, &t) {
@@ -323,6 +319,28 @@ fn strict_modes(
         }
     }
     env_text
+}
+
+/// The most a service file or an env file may hold: both are a screenful of settings.
+const MAX_SETTINGS_FILE: u64 = 1024 * 1024;
+
+/// The text of a file the walk opened (and checked), read from that descriptor: only a
+/// regular file, and at most [`MAX_SETTINGS_FILE`] — `/dev/zero` or a FIFO named as an env
+/// file would otherwise be read for ever.
+fn read_small_file(f: std::fs::File) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    if !f.metadata()?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut t = String::new();
+    f.take(MAX_SETTINGS_FILE + 1).read_to_string(&mut t)?;
+    if t.len() as u64 > MAX_SETTINGS_FILE {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {} KiB", MAX_SETTINGS_FILE / 1024),
+        ));
+    }
+    Ok(t)
 }
 
 /// The rule the service file and the env file themselves have always followed.
