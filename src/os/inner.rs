@@ -126,6 +126,9 @@ const SIGNAL_QUEUE: NonZeroUsize = NonZeroUsize::new(64).expect("64 is not zero"
 /// How much of an error text from the container's bus (an error reply's message) is quoted.
 const MAX_ERROR_TEXT: usize = 512;
 
+/// How many failed units inside `status` names: a container may report any number.
+const MAX_FAILED_LISTED: usize = 32;
+
 /// One connection attempt to a running container's bus, without waiting (for `status`).
 pub async fn connect_now(init_pid: i32) -> Result<Inner, InnerError> {
     connect_once(init_pid).await
@@ -134,12 +137,19 @@ pub async fn connect_now(init_pid: i32) -> Result<Inner, InnerError> {
 impl Inner {
     /// Every unit inside whose ActiveState is `failed` (what `systemctl --failed` lists),
     /// each name checked ([`unit_name`]).
+    /// At most [`MAX_FAILED_LISTED`] are named; the rest are counted in one last entry.
     pub async fn failed_units(&self) -> Result<Vec<String>, InnerError> {
         let units = self.manager.list_units_filtered(&["failed"]).await?;
-        Ok(units
+        let more = units.len().saturating_sub(MAX_FAILED_LISTED);
+        let mut names: Vec<String> = units
             .into_iter()
+            .take(MAX_FAILED_LISTED)
             .map(|u| unit_name(&u.0).into_owned())
-            .collect())
+            .collect();
+        if more > 0 {
+            names.push(format!("(and {more} more)"));
+        }
+        Ok(names)
     }
 }
 
