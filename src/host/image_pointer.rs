@@ -87,6 +87,19 @@ fn content_address(name: &str) -> Option<&str> {
     (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(hex)
 }
 
+/// `a` as one word for sh(1), quoted only when it needs to be: the hints are commands an
+/// operator pastes.
+fn sh_quote(a: &str) -> String {
+    if !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-,:=+@%".contains(c))
+    {
+        a.to_owned()
+    } else {
+        format!("'{}'", a.replace('\'', "'\\''"))
+    }
+}
+
 /// What `image` (as the service file names it) is on this host now. `resolved` is the path
 /// the run gives Apptainer ([`super::canonical_path`] of `image`), so that what is classified
 /// is what runs: a link switched between the two reads is reported unmanaged, never
@@ -104,13 +117,23 @@ pub fn classify(image: &Path, resolved: &Path) -> ImageSource {
             Ok(l) => l,
             Err(e) => return unmanaged(format!("the link cannot be read: {e}"), String::new()),
         },
+        Ok(m) if m.is_dir() => {
+            return unmanaged(
+                "image is a sandbox directory: only a SIF file has a content address".to_owned(),
+                String::new(),
+            );
+        }
         _ => {
-            let d = dir.display();
+            let d = dir.to_string_lossy();
+            let f = image
+                .file_name()
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
             return unmanaged(
                 "image is not a symbolic link to images/sha256-<hex>.sif".to_owned(),
                 format!(
-                    "cd {d} && mkdir -p {IMAGES_DIR} && h=$(sha256sum {f} | cut -c1-64) && ln {f} {IMAGES_DIR}/sha256-$h.sif && ln -s {IMAGES_DIR}/sha256-$h.sif {POINTER_NAME}; then set image = \"{d}/{POINTER_NAME}\" in the service file",
-                    f = image.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+                    "cd {} && mkdir -p {IMAGES_DIR} && h=$(sha256sum {f} | cut -c1-64) && ln {f} {IMAGES_DIR}/sha256-$h.sif && ln -s {IMAGES_DIR}/sha256-$h.sif {POINTER_NAME}; then set image = \"{d}/{POINTER_NAME}\" in the service file",
+                    sh_quote(&d),
+                    f = sh_quote(&f),
                 ),
             );
         }
@@ -123,9 +146,9 @@ pub fn classify(image: &Path, resolved: &Path) -> ImageSource {
     }
     let repoint = format!(
         "ln {t} {d}/{IMAGES_DIR}/sha256-$(sha256sum {t} | cut -c1-64).sif, then point {p} at it: ln -sfn {IMAGES_DIR}/sha256-<that hex>.sif {p}",
-        t = resolved.display(),
-        d = dir.display(),
-        p = image.display(),
+        t = sh_quote(&resolved.to_string_lossy()),
+        d = sh_quote(&dir.to_string_lossy()),
+        p = sh_quote(&image.to_string_lossy()),
     );
     let mut parts = link.components();
     let name = match (parts.next(), parts.next(), parts.next()) {
@@ -242,6 +265,22 @@ mod tests {
             at(&other.join("current.sif")),
             ImageSource::Unmanaged { .. }
         ));
+
+        // A sandbox directory has no content address; a path with a space is quoted.
+        assert!(matches!(
+            at(&root.join("images")),
+            ImageSource::Unmanaged { fix, .. } if fix.is_empty()
+        ));
+        let spaced = root.join("with space");
+        std::fs::create_dir(&spaced).unwrap();
+        std::fs::write(spaced.join("c.sif"), "sif").unwrap();
+        let ImageSource::Unmanaged { fix, .. } = at(&spaced.join("c.sif")) else {
+            panic!("managed");
+        };
+        assert!(
+            fix.starts_with(&format!("cd '{}' && ", spaced.display())),
+            "{fix}"
+        );
 
         // A dangling pointer.
         let gone = root.join("gone.sif");
