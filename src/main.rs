@@ -82,6 +82,11 @@ fn real_main(cli: Cli) -> i32 {
             };
             // As `run` does: resolved first, then checked and planned.
             let s = host::canonicalize(&s);
+            // Nothing could run: said at the key whether or not the host is checked.
+            if let Some(reason) = s.image_source().dangling() {
+                eprintln!("error: {}: {reason}", s.locate(config::keys::IMAGE));
+                return exit::CONFIG;
+            }
             let mut checked = None;
             if *host_check {
                 match host::check(&s, &cli.config_dir) {

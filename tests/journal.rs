@@ -160,6 +160,8 @@ fn events_and_instance_output_reach_journald_with_their_fields() {
     );
     assert_eq!(starting["MESSAGE"], "starting instance");
     assert_eq!(starting["PRIORITY"], "5");
+    // A sandbox directory is no managed image (apptainer-supervisor(8), IMAGE POINTER).
+    assert_eq!(starting["IMAGE_DIGEST"], "-", "{starting:?}");
     let booting = one(j.with("PHASE", "booting"), "PHASE=booting");
     assert_eq!(booting["INSTANCE_PID"], pid_s);
     let ready = one(j.with("PHASE", "ready"), "PHASE=ready");
@@ -374,4 +376,42 @@ fn failed_required_unit_is_in_the_journal_with_its_unit_fields() {
             .all(|e| e["SERVICE"] == "j-inner" && e["INSTANCE_PID"] == pid_s),
         "{lines:#?}"
     );
+}
+
+/// A managed image (apptainer-supervisor(8), IMAGE POINTER): the start's message carries
+/// its full digest as IMAGE_DIGEST, read from the name of the file the pointer leads to.
+#[test]
+fn the_start_of_a_managed_image_carries_its_digest() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-jdigest");
+    let images = w.service_dir.join("containers/images");
+    std::fs::create_dir_all(&images).unwrap();
+    let tmp = images.join("incoming");
+    std::fs::write(&tmp, support::registry::sif_bytes(b"journal\n")).unwrap();
+    let digest = support::registry::sha256_file(&tmp);
+    let name = format!("sha256-{}.sif", digest.trim_start_matches("sha256:"));
+    std::fs::rename(&tmp, images.join(&name)).unwrap();
+    std::os::unix::fs::symlink(
+        format!("images/{name}"),
+        w.service_dir.join("containers/current.sif"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    std::fs::write(
+        w.config_path(),
+        text.replace("containers/sandbox\"", "containers/current.sif\""),
+    )
+    .unwrap();
+    let j = Journal::attach(&mut w);
+    w.spawn_run();
+    w.wait_ready();
+    kill(w.child(0).id() as i32, libc::SIGTERM);
+    assert!(w.wait(0, 30 * SEC).status.success());
+    let starting = one(
+        j.with("PHASE", "starting-instance"),
+        "PHASE=starting-instance",
+    );
+    assert_eq!(starting["IMAGE_DIGEST"], digest, "{starting:?}");
 }

@@ -454,3 +454,113 @@ fn start_warnings_reach_status_and_the_live_state_file() {
     assert!(text.contains("at start: "), "{text}");
     w.stop_ok(0);
 }
+
+/// A SIF under its content address in the world's `containers/images/`, returning its digest.
+fn content_addressed(w: &World, payload: &[u8]) -> String {
+    let images = w.service_dir.join("containers/images");
+    std::fs::create_dir_all(&images).unwrap();
+    let tmp = images.join("incoming");
+    std::fs::write(&tmp, support::registry::sif_bytes(payload)).unwrap();
+    let digest = support::registry::sha256_file(&tmp);
+    let name = format!("sha256-{}.sif", digest.trim_start_matches("sha256:"));
+    std::fs::rename(&tmp, images.join(name)).unwrap();
+    digest
+}
+
+/// Points `containers/current.sif` at the image of `digest`, atomically (a new link renamed
+/// over the old one), as an update would.
+fn point_at(w: &World, digest: &str) {
+    let tmp = w.service_dir.join("containers/.current.sif.new");
+    std::os::unix::fs::symlink(
+        format!("images/sha256-{}.sif", digest.trim_start_matches("sha256:")),
+        &tmp,
+    )
+    .unwrap();
+    std::fs::rename(&tmp, w.service_dir.join("containers/current.sif")).unwrap();
+}
+
+/// The IMAGE cell (its last two words) of the service's row in the table.
+fn image_cell(w: &World) -> (String, String) {
+    let out = status(w, &["--no-legend"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(w.name.as_str()))
+        .unwrap_or_else(|| panic!("{} in {text}", w.name));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[f.len() - 2].to_owned(), f[f.len() - 1].to_owned())
+}
+
+/// A managed image (apptainer-supervisor(8), IMAGE POINTER): `status` shows its short digest
+/// and age, `--json` the full digest; the run records the digest it started (live state,
+/// `running_digest`) and Apptainer gets the pointer's target, so a pointer switched while
+/// the instance runs changes nothing that runs: `status` keeps showing the running digest
+/// and warns that the next start runs the other. An unmanaged image shows `-`.
+#[test]
+fn status_shows_the_managed_images_digest_and_keeps_the_running_one_after_a_switch() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("t-digest");
+    let one = content_addressed(&w, b"one\n");
+    let two = content_addressed(&w, b"two\n");
+    point_at(&w, &one);
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    let text = text.replace("containers/sandbox\"", "containers/current.sif\"");
+    assert!(text.contains("containers/current.sif"), "{text}");
+    std::fs::write(w.config_path(), text).unwrap();
+    let short = |d: &str| d[..7 + 12].to_owned();
+
+    // Not running: what the next start runs.
+    let row = status_json(&w);
+    assert_eq!(row["image"]["digest"], one.as_str(), "{row:#}");
+    assert!(row["image"]["running_digest"].is_null(), "{row:#}");
+    assert_eq!(image_cell(&w), (short(&one), "0d".to_owned()));
+
+    let sup = w.spawn_run();
+    w.wait_ready();
+    let live = live_ready(&w);
+    assert_eq!(live["image_digest"], one.as_str(), "{live:#}");
+    let target = w
+        .service_dir
+        .join(format!("containers/images/sha256-{}.sif", &one[7..]));
+    let target = std::fs::canonicalize(target).unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.state_file()).unwrap()).unwrap();
+    assert_eq!(state["image"], target.to_str().unwrap(), "{state:#}");
+
+    point_at(&w, &two);
+    let row = status_json(&w);
+    assert_eq!(row["image"]["digest"], two.as_str(), "{row:#}");
+    assert_eq!(row["image"]["running_digest"], one.as_str(), "{row:#}");
+    let warning = format!(
+        "the image pointer now names {}; the running instance keeps {} until the next start",
+        short(&two),
+        short(&one)
+    );
+    assert!(
+        row["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == warning.as_str()),
+        "{row:#}"
+    );
+    assert_eq!(image_cell(&w), (short(&one), "0d".to_owned()));
+    // What runs is still the first image: the instance's state file names it.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(w.state_file()).unwrap()).unwrap();
+    assert_eq!(state["image"], target.to_str().unwrap(), "{state:#}");
+
+    kill(sup as i32, libc::SIGTERM);
+    assert!(w.wait(0, 20 * SEC).status.success());
+    let row = status_json(&w);
+    assert!(row["image"]["running_digest"].is_null(), "{row:#}");
+    assert_eq!(image_cell(&w), (short(&two), "0d".to_owned()));
+
+    // An unmanaged image: no digest anywhere, `-` in the table.
+    let u = World::new("t-digest-u");
+    let row = status_json(&u);
+    assert!(row["image"]["digest"].is_null(), "{row:#}");
+    assert_eq!(image_cell(&u), ("-".to_owned(), "0d".to_owned()));
+}

@@ -6,12 +6,21 @@
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 
+use super::image_pointer::{self, ImageSource};
 use crate::config::Service;
 
 /// A [`Service`] whose host paths are resolved (see [`canonicalize`]); only that function
 /// makes one.
 #[derive(Debug, Clone)]
-pub struct Canonical(Service);
+pub struct Canonical(Service, ImageSource);
+
+impl Canonical {
+    /// What the service file's `image` was when it was resolved: a managed pointer or not
+    /// (apptainer-supervisor(8), IMAGE POINTER). The resolved path is `image` itself.
+    pub fn image_source(&self) -> &ImageSource {
+        &self.1
+    }
+}
 
 impl Deref for Canonical {
     type Target = Service;
@@ -50,14 +59,18 @@ pub(crate) fn canonical_dir_of(p: &Path) -> PathBuf {
 pub fn canonicalize(s: &Service) -> Canonical {
     let mut c = s.clone();
     c.service_dir = canonical_path(&s.service_dir);
+    // The image is resolved once, here: a running instance keeps the file it was started
+    // on (Apptainer is given the target, not the pointer), so switching the pointer never
+    // changes what runs until the next start.
     c.image = canonical_path(&s.image);
+    let source = image_pointer::classify(&s.image, &c.image);
     c.overlay.path = canonical_path(&s.overlay.path);
     // Its directory only: a symlink as the env file itself is refused by the host check.
     c.env_file.path = canonical_dir_of(&s.env_file.path);
     for b in &mut c.binds {
         b.src = canonical_path(&b.src);
     }
-    Canonical(c)
+    Canonical(c, source)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ mod checks;
 pub(crate) mod cni_del;
 pub(crate) mod cni_dir;
 mod exposure;
+pub mod image_pointer;
 pub(crate) mod lock;
 pub(crate) mod overlay;
 mod overlay_creation;

@@ -151,6 +151,10 @@ pub struct LiveState {
     pub last_unanswered_ping_ms: Option<u64>,
     /// Set when the supervisor has exited (phase stopped or failed).
     pub exit_code: Option<i32>,
+    /// `sha256:<64 hex>` of the managed image this run started (apptainer-supervisor(8),
+    /// IMAGE POINTER); absent for an unmanaged image and in files of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
     /// What the host checks warned about at start (paths others could write, binds that
     /// expose service files), for `status`. Absent in files of earlier versions.
     #[serde(default)]

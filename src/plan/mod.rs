@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Serialize, Serializer};
 
+use crate::host::image_pointer::ImageSource;
 use crate::host::{cni_dir, lock, privilege, Canonical, Checked};
 use crate::os::apptainer::InstancePaths;
 use crate::os::instance::RunRecord;
@@ -29,6 +30,9 @@ pub struct PlannedFile {
 pub struct Plan {
     pub name: String,
     pub file: PathBuf,
+    /// Which file will run: the service file's `image`, a managed pointer or not
+    /// (apptainer-supervisor(8), IMAGE POINTER). Read from names only, never hashed.
+    pub image: ImageSource,
     /// The exact argv of `apptainer instance start`, argv[0] included: `run` executes this.
     #[serde(serialize_with = "lossy")]
     pub argv: Vec<OsString>,
@@ -77,6 +81,7 @@ impl Plan {
         Plan {
             name: s.name.clone(),
             file: s.file.clone(),
+            image: s.image_source().clone(),
             argv: argv::instance_start(s),
             overlay_create: argv::overlay_create(s, &s.overlay.path),
             files: files(s, run_dir, paths),

@@ -1,6 +1,7 @@
 //! `check`'s text rendering of a [`Plan`].
 
 use super::Plan;
+use crate::host::image_pointer::{short_digest, ImageSource};
 
 /// Quotes one argument for display only (the argv is never run through a shell).
 fn quote(a: &str) -> String {
@@ -35,6 +36,48 @@ fn group_flags(argv: &[String]) -> Vec<String> {
     lines
 }
 
+/// Which file will run, and whether `update` can switch it.
+fn render_image(i: &ImageSource) -> String {
+    match i {
+        ImageSource::Managed {
+            pointer,
+            target,
+            digest,
+        } => format!(
+            "\nimage: {} -> {}\n  managed (digest {}, read from the file's name)\n",
+            pointer.display(),
+            target.display(),
+            short_digest(digest)
+        ),
+        ImageSource::Unmanaged {
+            path,
+            target,
+            reason,
+            fix,
+        } => {
+            let arrow = if path == target {
+                String::new()
+            } else {
+                format!(" -> {}", target.display())
+            };
+            let hint = if fix.is_empty() {
+                String::new()
+            } else {
+                format!("\n  hint: {fix}")
+            };
+            format!(
+                "\nimage: {}{arrow}\n  unmanaged: `update` will refuse it ({reason}){hint}\n",
+                path.display()
+            )
+        }
+        ImageSource::Dangling { pointer, link } => format!(
+            "\nimage: {} -> {} (missing)\n",
+            pointer.display(),
+            link.display()
+        ),
+    }
+}
+
 pub fn render_text(p: &Plan) -> String {
     let argv: Vec<String> = p
         .argv
@@ -50,6 +93,7 @@ pub fn render_text(p: &Plan) -> String {
     for w in &p.warnings {
         out.push_str(&format!("warning: {w}\n"));
     }
+    out.push_str(&render_image(&p.image));
     out.push_str("\ninstance start (argv, no shell):\n  ");
     out.push_str(&group_flags(&argv).join(" \\\n    "));
     out.push_str("\n\noverlay create, only when the image is missing:\n  ");

@@ -22,7 +22,15 @@ impl Supervisor<'_> {
     /// half-started instance was stopped.
     pub(super) async fn start(&mut self) -> Result<Option<Tracked>, RunError> {
         let argv = self.plan.argv.clone();
-        info!(PHASE = "starting-instance", argv = ?argv, "starting instance");
+        // The digest of a managed image, read from its name when the plan was made: what
+        // this start runs, whatever the pointer says later ("-" when unmanaged).
+        let digest = self.plan.image.digest().map(str::to_owned);
+        info!(
+            PHASE = "starting-instance",
+            IMAGE_DIGEST = digest.as_deref().unwrap_or("-"),
+            argv = ?argv,
+            "starting instance"
+        );
         self.report(
             Notice::Status,
             Some(Phase::StartingInstance),
@@ -31,7 +39,10 @@ impl Supervisor<'_> {
         let p = &self.ctx.paths;
         self.log_start = crate::os::output::Start::now(&p.out_log, &p.err_log);
         self.started_at = Instant::now();
-        self.live.update(|s| s.started_at = Some(live::unix_now()));
+        self.live.update(|s| {
+            s.started_at = Some(live::unix_now());
+            s.image_digest = digest;
+        });
         // Apptainer writes why the container could not be created (a network ADD, a bind,
         // an overlay, the starter's capability check) to the instance's .err log and echoes
         // it on stderr (1.4) or stdout (1.3, discarded): keep where the log ends now, to

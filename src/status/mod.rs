@@ -63,6 +63,19 @@ pub struct ImageInfo {
     /// Unix time of the image file's last modification (pull); None when missing.
     pub mtime: Option<u64>,
     pub age_days: Option<u64>,
+    /// `sha256:<64 hex>` of the image the service file's pointer names now (what the next
+    /// start runs), read from its name; None when the image is not a managed pointer.
+    pub digest: Option<String>,
+    /// `sha256:<64 hex>` of the image the running supervisor started, from its live state
+    /// file; None when not running or unmanaged at its start.
+    pub running_digest: Option<String>,
+}
+
+impl ImageInfo {
+    /// The digest `status` shows: what runs while it runs, else what the next start runs.
+    pub fn shown_digest(&self) -> Option<&str> {
+        self.running_digest.as_deref().or(self.digest.as_deref())
+    }
 }
 
 /// One row of `status`, and one object of `status --json`.
@@ -177,8 +190,14 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
         image: None,
         warnings: Vec::new(),
     };
+    let mut running_digest = None;
     match live {
-        Ok(Some(l)) => apply_live(&mut st, &l, live::unix_now()),
+        Ok(Some(l)) => {
+            apply_live(&mut st, &l, live::unix_now());
+            if st.instance_pid.is_some() {
+                running_digest = l.image_digest.clone();
+            }
+        }
         Ok(None) => {}
         Err(e) => st.warnings.push(e.to_string()),
     }
@@ -196,7 +215,18 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
     }
     if let Some(s) = &service {
         st.overlay = Some(overlay_use(&s.overlay.path));
-        st.image = Some(image_info(s));
+        let mut i = image_info(s);
+        i.running_digest = running_digest;
+        if let (Some(now), Some(runs)) = (&i.digest, &i.running_digest) {
+            if now != runs {
+                st.warnings.push(format!(
+                    "the image pointer now names {}; the running instance keeps {} until the next start",
+                    crate::host::image_pointer::short_digest(now),
+                    crate::host::image_pointer::short_digest(runs)
+                ));
+            }
+        }
+        st.image = Some(i);
     }
     if let Some(o) = &st.overlay {
         if let Some(p) = o.fs_used_percent {
@@ -297,6 +327,14 @@ fn image_info(s: &Service) -> ImageInfo {
         url: s.image_url.clone(),
         mtime,
         age_days: mtime.map(|t| live::unix_now().saturating_sub(t) / 86_400),
+        // From the name only (never hashed): see apptainer-supervisor(8), IMAGE POINTER.
+        digest: crate::host::image_pointer::classify(
+            &s.image,
+            &crate::host::canonical_path(&s.image),
+        )
+        .digest()
+        .map(str::to_owned),
+        running_digest: None,
     }
 }
 

@@ -88,14 +88,15 @@ pub fn render_table(rows: &[ServiceStatus], legend: bool) -> String {
                         human_bytes(o.apparent_bytes)
                     )
                 }),
+                // The short digest of a managed image and the age of its file ("-"
+                // for the digest of an unmanaged one: `update` cannot switch it).
                 r.image.as_ref().map_or_else(dash, |i| {
-                    let file = i
-                        .path
-                        .file_name()
-                        .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+                    let digest = i
+                        .shown_digest()
+                        .map_or("-", crate::host::image_pointer::short_digest);
                     match i.age_days {
-                        Some(d) => format!("{file} {d}d"),
-                        None => format!("{file} missing"),
+                        Some(d) => format!("{digest} {d}d"),
+                        None => format!("{digest} missing"),
                     }
                 }),
             ];
