@@ -8,6 +8,7 @@ pub(crate) mod cni_del;
 pub(crate) mod cni_dir;
 mod exposure;
 pub(crate) mod lock;
+pub mod mounts;
 pub(crate) mod overlay;
 mod overlay_creation;
 mod paths;
