@@ -56,6 +56,8 @@ pub enum RunError {
     #[error(transparent)]
     Lock(#[from] lock::LockError),
     #[error(transparent)]
+    OverlayClaim(#[from] host::overlay_lock::ClaimError),
+    #[error(transparent)]
     Privilege(#[from] privilege::PrivilegeError),
     #[error(transparent)]
     Network(#[from] host::cni_dir::NetworkError),
@@ -171,6 +173,9 @@ impl RunError {
             Lock(lock::LockError::Held { .. }) | OverlayInUse { .. } | ForeignInstance { .. } => {
                 TEMPFAIL
             }
+            OverlayClaim(host::overlay_lock::ClaimError::Held { .. }) => TEMPFAIL,
+            OverlayClaim(host::overlay_lock::ClaimError::NotSupported { .. }) => CONFIG,
+            OverlayClaim(_) => OSERR,
             Lock(_) | Os { .. } => OSERR,
             Privilege(_) => NOPERM,
             OverlayNotAFile { .. } => CANTCREAT,

@@ -107,3 +107,75 @@ fn overlay_on_local_lock_nfs_is_refused_naming_the_option() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stderr(&out).contains("local_lock"), "{}", stderr(&out));
 }
+
+/// Two simulated core hosts (mount and UTS namespaces of their own, their own host names
+/// and boot ids, one shared directory) run the same service on one overlay: the second
+/// start is refused with 75 naming the first host, Apptainer never called; once the first
+/// stopped, the second starts and the holder record names it.
+#[test]
+fn second_host_is_refused_naming_the_first_and_starts_once_it_stopped() {
+    if !require_root() {
+        return;
+    }
+    let mut a = World::new("lck002");
+    a.as_host("core1", "11111111-1111-1111-1111-111111111111");
+    let mut b = World::new("lck002");
+    b.as_host("core2", "22222222-2222-2222-2222-222222222222");
+    let shared = a.overlay();
+    let cfg = std::fs::read_to_string(b.config_path()).unwrap();
+    std::fs::write(
+        b.config_path(),
+        cfg.replace(
+            "[overlay]\n",
+            &format!("[overlay]\npath = \"{}\"\n", shared.display()),
+        ),
+    )
+    .unwrap();
+    let argv_log = b.root().join("argv.log");
+    b.env.push((
+        "APPTAINER_DOUBLE_ARGV_LOG".into(),
+        argv_log.display().to_string(),
+    ));
+    let record = shared.parent().unwrap().join(".overlay.img.holder");
+
+    let a_pid = a.spawn_run();
+    a.wait_ready();
+    let held: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("holder record")).unwrap();
+    assert_eq!(held["host"], "core1", "{held}");
+    assert_eq!(held["pid"], a_pid, "{held}");
+
+    let name = b.name.clone();
+    let run_dir = b.run_dir.display().to_string();
+    let t0 = std::time::Instant::now();
+    let out = b.cli(&["run", &name, "--run-dir", &run_dir]);
+    eprintln!("second start refused in {:?}", t0.elapsed());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    for part in [
+        "core1".to_owned(),
+        format!("supervisor pid {a_pid}"),
+        "boot 11111111-1111-1111-1111-111111111111".to_owned(),
+        shared.display().to_string(),
+    ] {
+        assert!(err.contains(&part), "{part} missing from {err}");
+    }
+    assert!(
+        !argv_log.exists(),
+        "apptainer was called on the second host"
+    );
+
+    a.stop_ok(0);
+    assert!(
+        !record.exists(),
+        "the first host's record outlived its claim"
+    );
+    let b_pid = b.spawn_run();
+    b.wait_ready();
+    let held: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).expect("holder record")).unwrap();
+    assert_eq!(held["host"], "core2", "{held}");
+    assert_eq!(held["pid"], b_pid, "{held}");
+    assert_eq!(held["boot_id"], "22222222-2222-2222-2222-222222222222");
+    b.stop_ok(0);
+}

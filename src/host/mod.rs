@@ -11,6 +11,7 @@ pub(crate) mod lock;
 pub mod mounts;
 pub(crate) mod overlay;
 mod overlay_creation;
+pub mod overlay_lock;
 mod paths;
 pub mod privilege;
 pub mod unit_names;

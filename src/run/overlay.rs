@@ -37,6 +37,9 @@ impl Supervisor<'_> {
                 })
             }
             overlay::Found::Image { .. } => {
+                // The claim before the loop check: the lock knows other hosts, sysfs only
+                // this one.
+                self.claim_overlay()?;
                 if let Some(device) = overlay::attached_loop(path) {
                     return Err(RunError::OverlayInUse {
                         path: path.clone(),
@@ -87,7 +90,7 @@ impl Supervisor<'_> {
                     });
                 }
                 info!(overlay = %path.display(), "overlay image created");
-                Ok(())
+                self.claim_overlay()
             }
             CliResult::Done(status, stderr) => Err(RunError::CreateOverlay {
                 path: path.clone(),
@@ -100,6 +103,17 @@ impl Supervisor<'_> {
                 abandoned: !exited,
             }),
         }
+    }
+
+    /// Takes the supervisor's claim on the overlay (see [`crate::host::overlay_lock`]),
+    /// held until the run ends: a second host's start is refused naming this one.
+    fn claim_overlay(&mut self) -> Result<(), RunError> {
+        self.claim = crate::host::overlay_lock::claim(
+            &self.s.overlay.path,
+            &self.s.name,
+            self.s.overlay.allow_local_locks,
+        )?;
+        Ok(())
     }
 
     /// Refuses an existing image whose superblock is broken (never recreating it); warns
@@ -119,7 +133,9 @@ impl Supervisor<'_> {
             );
         }
         if sb.needs_recovery {
-            info!(overlay = %path.display(), "the overlay's journal needs recovery; the kernel replays it at mount");
+            // Also what a crash leaves and what a live mount elsewhere looks like: only a
+            // hint, after the claim said nobody holds it.
+            info!(overlay = %path.display(), "the overlay's journal needs recovery (a crash, or a host that lost it while mounted); the kernel replays it at mount");
         }
         if overlay::unclean_without_journal(path) {
             warn!(overlay = %path.display(), "the overlay has no journal and was not cleanly unmounted; the kernel mounts it unchecked");

@@ -1,0 +1,355 @@
+//! One overlay, one host: the supervisor's own claim on the overlay image, across hosts.
+//!
+//! Apptainer takes an OFD write lock on the writable image over [0, size)
+//! (pkg/image/image.go `lockSection`, pkg/image/ext3.go `Partitions[0]`, pkg/util/fs/lock
+//! `F_OFD_SETLK`) and keeps it for the instance's life. Before `instance start` the
+//! supervisor takes an OFD write lock of its own on [size, ∞) — the *claim*, which never
+//! overlaps Apptainer's — and tests [0, size) for an Apptainer started by hand. On NFS with
+//! working locks (NFSv4, or NFSv3 with lockd) both reach the server, so a second host sees
+//! them. Who holds the claim is written beside the image (the holder record), and read only
+//! when a lock says "held": the lock decides, the record only names.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Who holds the claim: what the holder record says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub host: String,
+    pub boot_id: String,
+    pub pid: u32,
+    pub unit: String,
+    pub service: String,
+    /// RFC 3339, UTC.
+    pub since: String,
+    pub version: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (supervisor pid {}, unit {}, boot {}, since {})",
+            self.host, self.pid, self.unit, self.boot_id, self.since
+        )
+    }
+}
+
+/// Why the claim was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("overlay {path} is in use on {}; its lock is held{}", holder_host(.holder), hint(.holder))]
+    Held {
+        path: PathBuf,
+        holder: Option<Box<Holder>>,
+    },
+    #[error("overlay {path}: file locking is not supported there (ENOLCK): Apptainer would run without any lock, and nothing would stop a second host\n  hint: mount it with working locks (NFSv4, or NFSv3 with lockd), or set overlay.allow_local_locks = true to accept the risk")]
+    NotSupported { path: PathBuf },
+    #[error("overlay {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn holder_host(h: &Option<Box<Holder>>) -> String {
+    match h {
+        Some(h) => h.to_string(),
+        None => "some host, holder unknown (no holder record: an Apptainer started by hand or by start.sh?)".to_owned(),
+    }
+}
+
+fn hint(h: &Option<Box<Holder>>) -> String {
+    match h {
+        Some(h) => format!(
+            "\n  hint: stop it there (systemctl stop {} on {}) or move the service in the inventory",
+            h.unit, h.host
+        ),
+        None => "\n  hint: find the process holding it (`cat /proc/locks`, `losetup -j` on each host) and stop it".to_owned(),
+    }
+}
+
+/// The claim, held for the run's life; the kernel drops the lock when the fd closes (also
+/// when the supervisor dies). The holder record goes with it when it is still ours.
+#[derive(Debug)]
+pub struct Claim {
+    file: File,
+    record: PathBuf,
+    mine: Holder,
+}
+
+impl Claim {
+    /// The claim's file: the lock owner, for the lost-lock probe.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Only our own record: a newer holder's (after ours was lost) stays.
+        if read_record(&self.record).as_ref() == Some(&self.mine) {
+            let _ = std::fs::remove_file(&self.record);
+        }
+    }
+}
+
+/// `.<image name>.holder` beside the image.
+pub fn record_path(image: &Path) -> PathBuf {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    super::overlay::parent_dir(image).join(format!(".{name}.holder"))
+}
+
+pub fn read_record(path: &Path) -> Option<Holder> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn flock(kind: libc::c_short, start: i64) -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is a valid value that is then filled in.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = 0;
+    fl
+}
+
+/// `F_OFD_SETLK F_WRLCK` on [start, ∞).
+fn set_lock(file: &File, start: i64) -> std::io::Result<()> {
+    let fl = flock(libc::F_WRLCK as libc::c_short, start);
+    // SAFETY: a valid fd and a pointer to a live flock for the call's duration.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether a write lock of another open file description covers [0, len).
+fn is_locked(file: &File, len: i64) -> std::io::Result<bool> {
+    let mut fl = flock(libc::F_WRLCK as libc::c_short, 0);
+    fl.l_len = len;
+    // SAFETY: a valid fd and a pointer to a live flock the kernel fills in.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if r == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// What a look at the lock says, without claiming (`check --host`, `status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    Free,
+    Held(Option<Holder>),
+}
+
+/// Whether anything holds a write lock on the image (the claim or Apptainer's), and who
+/// the record says it is.
+pub fn look(image: &Path) -> std::io::Result<Seen> {
+    let file = File::open(image)?;
+    // Len 0: [0, ∞), the claim's range included.
+    Ok(if is_locked(&file, 0)? {
+        Seen::Held(read_record(&record_path(image)))
+    } else {
+        Seen::Free
+    })
+}
+
+/// Takes the claim on `image` for service `service`, then checks that no Apptainer holds
+/// [0, size), then writes the holder record. `Ok(None)`: locks are not supported there
+/// and `allow_local_locks` accepts it.
+pub fn claim(
+    image: &Path,
+    service: &str,
+    allow_local_locks: bool,
+) -> Result<Option<Claim>, ClaimError> {
+    let io = |what: &'static str| {
+        move |source| ClaimError::Io {
+            path: image.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let record = record_path(image);
+    // Read-write: F_WRLCK needs it. Nothing is written through it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(io("opening it for the claim"))?;
+    let size =
+        i64::try_from(file.metadata().map_err(io("fstat")).map(|m| m.len())?).unwrap_or(i64::MAX);
+    match set_lock(&file, size) {
+        Ok(()) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+            return Err(ClaimError::Held {
+                path: image.to_path_buf(),
+                holder: read_record(&record).map(Box::new),
+            });
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOLCK) => {
+            if allow_local_locks {
+                tracing::warn!(overlay = %image.display(), "file locking is not supported on the overlay's filesystem (ENOLCK); starting without the guard (overlay.allow_local_locks)");
+                return Ok(None);
+            }
+            return Err(ClaimError::NotSupported {
+                path: image.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(io("taking the claim lock")(e)),
+    }
+    // Apptainer's own lock on [0, size): one started by hand, by start.sh, or a master
+    // whose supervisor is gone.
+    if size > 0 && is_locked(&file, size).map_err(io("testing Apptainer's lock"))? {
+        return Err(ClaimError::Held {
+            path: image.to_path_buf(),
+            holder: read_record(&record).map(Box::new),
+        });
+    }
+    if let Some(stale) = read_record(&record) {
+        tracing::info!(overlay = %image.display(), "stale holder record ignored ({stale}): nothing holds the lock");
+    }
+    let mine = Holder {
+        host: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_owned())
+            .unwrap_or_default(),
+        pid: std::process::id(),
+        unit: super::lock::own_unit().unwrap_or_else(|| "none".into()),
+        service: service.to_owned(),
+        since: rfc3339_now(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    write_record(&record, &mine).map_err(io("writing the holder record"))?;
+    Ok(Some(Claim { file, record, mine }))
+}
+
+/// Temp file in the same directory, fsync, rename over the record, fsync the directory:
+/// a reader sees the old record or the new one, never half of one.
+fn write_record(record: &Path, h: &Holder) -> std::io::Result<()> {
+    let dir = super::overlay::parent_dir(record);
+    let name = record
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    let text = serde_json::to_vec(h).map_err(std::io::Error::other)?;
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, record)?;
+        File::open(&dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SSZ`.
+fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    rfc3339(secs)
+}
+
+fn rfc3339(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or_default();
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_655_731), "2026-12-07T15:02:11Z");
+    }
+
+    #[test]
+    fn a_second_claim_is_refused_naming_the_holder_and_the_record_goes_with_the_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("overlay.img");
+        std::fs::write(&img, vec![0u8; 8192]).unwrap();
+        assert_eq!(look(&img).unwrap(), Seen::Free);
+        let first = claim(&img, "svc", false).unwrap().expect("claimed");
+        let rec = read_record(&record_path(&img)).expect("record");
+        assert_eq!(rec.pid, std::process::id());
+        assert_eq!(rec.service, "svc");
+        match claim(&img, "svc", false) {
+            Err(ClaimError::Held {
+                holder: Some(h), ..
+            }) => assert_eq!(*h, rec),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(look(&img).unwrap(), Seen::Held(Some(rec)));
+        drop(first);
+        assert!(!record_path(&img).exists());
+        assert_eq!(look(&img).unwrap(), Seen::Free);
+    }
+
+    #[test]
+    fn an_apptainer_lock_on_the_image_is_held_with_holder_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("overlay.img");
+        std::fs::write(&img, vec![0u8; 8192]).unwrap();
+        // Apptainer's lock: another description, [0, size).
+        let apptainer = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let mut fl = flock(libc::F_WRLCK as libc::c_short, 0);
+        fl.l_len = 8192;
+        // SAFETY: a valid fd and a live flock.
+        assert_eq!(
+            unsafe { libc::fcntl(apptainer.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
+            0
+        );
+        match claim(&img, "svc", false) {
+            Err(e @ ClaimError::Held { holder: None, .. }) => {
+                assert!(e.to_string().contains("holder unknown"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!record_path(&img).exists());
+    }
+}
