@@ -35,6 +35,9 @@ pub const OSERR: i32 = 71;
 /// The overlay path is unusable (exists but is not a regular file); `migrate`'s output
 /// file exists already or cannot be written.
 pub const CANTCREAT: i32 = 73;
+/// The overlay's lock was lost while the instance ran (an NFSv4 lease expired while this
+/// host was cut off; the kernel reports it as EIO): the container was halted at once.
+pub const IOERR: i32 = 74;
 /// The service is already running: lock held, overlay in use, or a live instance of that
 /// name that this supervisor did not start.
 pub const TEMPFAIL: i32 = 75;
@@ -146,6 +149,8 @@ pub enum RunError {
     Aborted,
     #[error("{name} was powered off from inside")]
     PoweredOffInside { name: String },
+    #[error("the overlay's lock on {path} was lost ({why}); another host may be using the image: the container was halted\n  hint: find which host runs the service now (the holder record beside the image names it) before starting it here again")]
+    LockLost { path: PathBuf, why: String },
 }
 
 impl RunError {
@@ -160,6 +165,7 @@ impl RunError {
             RunError::Aborted => "watchdog",
             RunError::RebootedInside { .. } => "reboot",
             RunError::PoweredOffInside { .. } => "poweroff",
+            RunError::LockLost { .. } => "lock-lost",
             _ => "resources",
         }
     }
@@ -198,6 +204,7 @@ impl RunError {
             Inner(_) | NotReady { .. } => UNAVAILABLE,
             UnitFailed { .. } | Aborted => INSTANCE_ENDED,
             RebootedInside { .. } => REBOOTED,
+            LockLost { .. } => IOERR,
         }
     }
 }

@@ -179,3 +179,60 @@ fn second_host_is_refused_naming_the_first_and_starts_once_it_stopped() {
     assert_eq!(held["boot_id"], "22222222-2222-2222-2222-222222222222");
     b.stop_ok(0);
 }
+
+/// The reaction to a lost lock only: no NFS server runs here, so the test hook
+/// (`APPTAINER_SUPERVISOR_TEST_LOCK_PROBE`) makes the probe report the loss once its file
+/// exists. The supervisor stops pinging the watchdog, halts the container and exits 74 with
+/// `RESULT=lock-lost`; at most two watchdog ticks (one WatchdogSec) pass between the loss
+/// and STOPPING=1.
+#[test]
+fn lost_lock_reaction_only_halts_within_one_watchdog_period_and_exits_74() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("lck003");
+    let trigger = w.root().join("lose-the-lock");
+    // WatchdogSec=2 s: a tick (WATCHDOG=1 and a probe) every second.
+    w.env.push(("WATCHDOG_USEC".into(), "2000000".into()));
+    w.env.push((
+        "APPTAINER_SUPERVISOR_TEST_LOCK_PROBE".into(),
+        trigger.display().to_string(),
+    ));
+    let (pid, _) = w.start();
+    // A probe or two that found the lock held: still running, still pinging.
+    let before = w.notify_until(10 * support::SEC, |m| m.contains("WATCHDOG=1"));
+    assert!(support::alive(pid), "{before:?}");
+    let t0 = std::time::Instant::now();
+    std::fs::write(&trigger, "").unwrap();
+    let out = w.wait(0, 60 * support::SEC);
+    eprintln!("lost lock → supervisor exited in {:?}", t0.elapsed());
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(74), "{err}");
+    assert!(err.contains("lock") && err.contains("was lost"), "{err}");
+    assert!(
+        err.contains("lock-lost"),
+        "RESULT=lock-lost in the log: {err}"
+    );
+    assert!(!support::alive(pid), "the container was halted");
+    let after = w.notify_drain();
+    let stopping = after
+        .iter()
+        .position(|m| m.contains("STOPPING=1"))
+        .unwrap_or_else(|| panic!("no STOPPING=1: {after:?}"));
+    let pings_before_stop = after[..stopping]
+        .iter()
+        .filter(|m| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(
+        pings_before_stop <= 2,
+        "more than one watchdog period of pings after the loss: {after:?}"
+    );
+    assert!(
+        !after[stopping..].iter().any(|m| m.contains("WATCHDOG=1")),
+        "a WATCHDOG=1 after STOPPING=1: {after:?}"
+    );
+    assert!(
+        after[stopping].contains("lock was lost"),
+        "STATUS= says why: {after:?}"
+    );
+}

@@ -166,36 +166,40 @@ pub enum Verdict {
     Unchecked(String),
 }
 
-/// The overlay's mount (the image, or the directory it is to be created in) and its
-/// verdict; `Fine` when the mount cannot be found.
-pub fn overlay_verdict(overlay: &Path) -> Verdict {
-    use std::os::unix::fs::MetadataExt;
-    let at = if overlay.exists() {
+/// The image, or the directory it is to be created in.
+fn overlay_at(overlay: &Path) -> PathBuf {
+    if overlay.exists() {
         overlay.to_path_buf()
     } else {
         super::overlay::parent_dir(overlay)
-    };
-    let Ok(md) = std::fs::metadata(&at) else {
-        return Verdict::Fine;
-    };
+    }
+}
+
+/// The mount the overlay (or its directory) is on, when the table says.
+pub fn overlay_mount(overlay: &Path) -> Option<Mount> {
+    use std::os::unix::fs::MetadataExt;
+    let at = overlay_at(overlay);
+    let dev = std::fs::metadata(&at).ok()?.dev();
     let table = std::env::var_os(MOUNTINFO_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/proc/self/mountinfo"));
-    let Ok(text) = std::fs::read_to_string(&table) else {
-        return Verdict::Fine;
-    };
-    let mounts = parse_mountinfo(&text);
-    let dev = md.dev();
-    let canonical = super::canonical_path(&at);
-    let Some(m) = find(
+    let mounts = parse_mountinfo(&std::fs::read_to_string(&table).ok()?);
+    find(
         &mounts,
         nix::sys::stat::major(dev),
         nix::sys::stat::minor(dev),
-        &canonical,
-    ) else {
-        return Verdict::Fine;
-    };
-    verdict(&at, m)
+        &super::canonical_path(&at),
+    )
+    .cloned()
+}
+
+/// The overlay's mount (the image, or the directory it is to be created in) and its
+/// verdict; `Fine` when the mount cannot be found.
+pub fn overlay_verdict(overlay: &Path) -> Verdict {
+    match overlay_mount(overlay) {
+        Some(m) => verdict(&overlay_at(overlay), &m),
+        None => Verdict::Fine,
+    }
 }
 
 /// The verdict and its words for the overlay at `at` on mount `m`.

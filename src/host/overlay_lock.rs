@@ -82,6 +82,8 @@ pub struct Claim {
     file: File,
     record: PathBuf,
     mine: Holder,
+    /// The image is on an NFSv4 mount: the lock can be lost (lease expiry).
+    nfs4: bool,
 }
 
 impl Claim {
@@ -144,6 +146,90 @@ fn is_locked(file: &File, len: i64) -> std::io::Result<bool> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Test hook (apptainer-supervisor(8), ENVIRONMENT): when set, the lost-lock probe runs on
+/// any filesystem and reports the lock lost once the file it names exists. No NFS server
+/// runs where the tests run; this shows the reaction only.
+pub const TEST_PROBE_ENV: &str = "APPTAINER_SUPERVISOR_TEST_LOCK_PROBE";
+
+/// What one probe of the claim found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// The read through the claim's description went through: the lock state is there.
+    Held,
+    /// EIO through the lock owner's description: the NFS client marked the lock lost
+    /// (nfs4_copy_lock_stateid, `recover_lost_locks=0`). Why, for the journal.
+    Lost(String),
+    /// Another error: the state is unknown (a warning, not a halt).
+    Failed(String),
+}
+
+/// Probes the claim while the instance runs: an `O_DIRECT` read through the claim's own
+/// open file description (the lock owner), so that it reaches the server and the NFS
+/// client's lost-lock check (a page-cache hit would not). Blocking; run off the loop.
+#[derive(Debug)]
+pub struct Prober {
+    file: File,
+    hook: Option<PathBuf>,
+}
+
+impl Prober {
+    pub fn probe(&self) -> Probe {
+        use std::os::unix::fs::FileExt;
+        if let Some(hook) = &self.hook {
+            return if hook.exists() {
+                Probe::Lost(format!(
+                    "test hook {TEST_PROBE_ENV}: {} exists",
+                    hook.display()
+                ))
+            } else {
+                Probe::Held
+            };
+        }
+        // O_DIRECT needs an aligned buffer: 4 KiB at a 4 KiB boundary inside 8 KiB.
+        let mut buf = vec![0u8; 8192];
+        let skip = buf.as_ptr().align_offset(4096);
+        let Some(aligned) = buf.get_mut(skip..skip + 4096) else {
+            return Probe::Failed("no aligned buffer".to_owned());
+        };
+        match self.file.read_at(aligned, 0) {
+            Ok(_) => Probe::Held,
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Probe::Lost(format!(
+                "reading through the lock's own descriptor failed: {e}"
+            )),
+            Err(e) => Probe::Failed(e.to_string()),
+        }
+    }
+}
+
+impl Claim {
+    /// The prober for this claim, when there is something to lose: an NFSv4 mount (leases;
+    /// a local filesystem's lock cannot be lost, NFSv3 has no leases), or the test hook.
+    pub fn prober(&self) -> Option<Prober> {
+        let hook = std::env::var_os(TEST_PROBE_ENV).map(PathBuf::from);
+        if hook.is_none() && !self.nfs4 {
+            return None;
+        }
+        let file = self.file.try_clone().ok()?;
+        if hook.is_none() {
+            // Shared with the claim's description (F_SETFL acts on it): only on NFS, where
+            // O_DIRECT is supported.
+            let fd = file.as_raw_fd();
+            // SAFETY: a valid fd; F_GETFL/F_SETFL take and return plain flags.
+            let ok = unsafe {
+                let fl = libc::fcntl(fd, libc::F_GETFL);
+                fl != -1 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_DIRECT) != -1
+            };
+            if !ok {
+                tracing::warn!(
+                    "cannot set O_DIRECT on the overlay's claim; the lost-lock probe is off"
+                );
+                return None;
+            }
+        }
+        Some(Prober { file, hook })
+    }
 }
 
 /// What a look at the lock says, without claiming (`check --host`, `status`).
@@ -233,7 +319,16 @@ pub fn claim(
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     write_record(&record, &mine).map_err(io("writing the holder record"))?;
-    Ok(Some(Claim { file, record, mine }))
+    let nfs4 = super::mounts::overlay_mount(image).is_some_and(|m| {
+        m.fstype.starts_with("nfs")
+            && super::mounts::nfs_version(&m).is_some_and(|v| v.starts_with('4'))
+    });
+    Ok(Some(Claim {
+        file,
+        record,
+        mine,
+        nfs4,
+    }))
 }
 
 /// Temp file in the same directory, fsync, rename over the record, fsync the directory:
