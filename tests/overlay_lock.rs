@@ -165,6 +165,31 @@ fn second_host_is_refused_naming_the_first_and_starts_once_it_stopped() {
         "apptainer was called on the second host"
     );
 
+    // `check --host` and `status` on the second host name the holder.
+    let out = b.cli(&["check", "--host", &name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("held by core1"),
+        "check --host: {}",
+        stderr(&out)
+    );
+    let out = b.cli(&["status", "--run-dir", &run_dir, "--json", &name]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    let lock = v[0]["overlay"]["lock"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(lock.starts_with("held by core1"), "status: {v:#}");
+    let out = b.cli(&["status", "--run-dir", &run_dir, &name]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("held by core1")
+            || stderr(&out).contains("held by core1"),
+        "status text: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out)
+    );
+
     a.stop_ok(0);
     assert!(
         !record.exists(),

@@ -251,6 +251,32 @@ pub fn look(image: &Path) -> std::io::Result<Seen> {
     })
 }
 
+/// [`look`] on a thread of its own, waited for at most `within` (a cut-off NFS client's
+/// call hangs; `status` and `check` must not): `None` when the image is missing, else a
+/// line for the operator: `free`, `held by …`, `held, holder unknown …`, `unknown: …`.
+pub fn describe(image: &Path, within: std::time::Duration) -> Option<String> {
+    if !image.is_file() {
+        return None;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = image.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(look(&path));
+    });
+    Some(match rx.recv_timeout(within) {
+        Ok(Ok(Seen::Free)) => "free".to_owned(),
+        Ok(Ok(Seen::Held(Some(h)))) => format!("held by {h}"),
+        Ok(Ok(Seen::Held(None))) => {
+            "held, holder unknown (no holder record: an Apptainer started by hand?)".to_owned()
+        }
+        Ok(Err(e)) => format!("unknown: {e}"),
+        Err(_) => format!(
+            "unknown: the filesystem did not answer within {} s (NFS server not answering?)",
+            within.as_secs()
+        ),
+    })
+}
+
 /// Takes the claim on `image` for service `service`, then checks that no Apptainer holds
 /// [0, size), then writes the holder record. `Ok(None)`: locks are not supported there
 /// and `allow_local_locks` accepts it.
