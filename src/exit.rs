@@ -106,6 +106,8 @@ pub enum RunError {
         /// What this start added to the instance's `.err` log, with a heading, or empty.
         log: String,
     },
+    #[error("taking the lock on overlay {path} did not return within {secs} s (timeouts.start_sec): is its NFS server answering?")]
+    ClaimTimeout { path: PathBuf, secs: u64 },
     #[error("apptainer instance start did not return within {secs} s (timeouts.start_sec)")]
     StartTimeout { secs: u64 },
     #[error(transparent)]
@@ -196,7 +198,8 @@ impl RunError {
             CreateOverlay { .. }
             | CreateOverlayTimeout { .. }
             | StartInstance { .. }
-            | StartTimeout { .. } => UNAVAILABLE,
+            | StartTimeout { .. }
+            | ClaimTimeout { .. } => UNAVAILABLE,
             State(_) | NoStateFile { .. } | NotAMaster { .. } => SOFTWARE,
             InstanceEnded { .. } | MasterDied { .. } => INSTANCE_ENDED,
             StoppedDuringStart | PoweredOffInside { .. } => OK,

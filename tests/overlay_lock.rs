@@ -261,3 +261,48 @@ fn lost_lock_reaction_only_halts_within_one_watchdog_period_and_exits_74() {
         "STATUS= says why: {after:?}"
     );
 }
+
+/// An Apptainer started by hand on the overlay (another instance name, so no leftover of
+/// ours): its lock on [0, size) is seen before `instance start`, refused 75 "holder
+/// unknown", and the hand-started instance is left alone.
+#[test]
+fn hand_started_apptainer_on_the_overlay_is_refused_holder_unknown() {
+    if !require_root() {
+        return;
+    }
+    let mut w = World::new("lck004");
+    let overlay = w.overlay();
+    let created = w.apptainer(&[
+        "overlay",
+        "create",
+        "-S",
+        "-s",
+        "64",
+        overlay.to_str().unwrap(),
+    ]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let image = w.image();
+    let started = w.apptainer(&[
+        "instance",
+        "start",
+        "--boot",
+        "--network",
+        "none",
+        "--overlay",
+        overlay.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "lck004-by-hand",
+    ]);
+    assert!(started.status.success(), "{}", stderr(&started));
+    w.spawn_run();
+    let out = w.wait(0, 30 * support::SEC);
+    let err = stderr(&out);
+    let stop = w.apptainer(&["instance", "stop", "-F", "lck004-by-hand"]);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("holder unknown"), "{err}");
+    assert!(
+        stop.status.success(),
+        "the hand-started instance was left running: {}",
+        stderr(&stop)
+    );
+}

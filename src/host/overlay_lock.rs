@@ -447,6 +447,31 @@ mod tests {
         assert_eq!(look(&img).unwrap(), Seen::Free);
     }
 
+    /// The record only names: with the lock free, a record of another host is stale and
+    /// replaced by ours.
+    #[test]
+    fn a_stale_holder_record_is_ignored_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("overlay.img");
+        std::fs::write(&img, vec![0u8; 8192]).unwrap();
+        let stale = Holder {
+            host: "core9".into(),
+            boot_id: "b".into(),
+            pid: 1,
+            unit: "x.service".into(),
+            service: "svc".into(),
+            since: "2026-01-01T00:00:00Z".into(),
+            version: "0".into(),
+        };
+        write_record(&record_path(&img), &stale).unwrap();
+        assert_eq!(look(&img).unwrap(), Seen::Free);
+        let c = claim(&img, "svc", false).unwrap().expect("claimed");
+        let now = read_record(&record_path(&img)).expect("record");
+        assert_ne!(now.host, "core9");
+        assert_eq!(now.pid, std::process::id());
+        drop(c);
+    }
+
     #[test]
     fn an_apptainer_lock_on_the_image_is_held_with_holder_unknown() {
         let dir = tempfile::tempdir().unwrap();
