@@ -111,8 +111,23 @@ pub fn record_path(image: &Path) -> PathBuf {
     super::overlay::parent_dir(image).join(format!(".{name}.holder"))
 }
 
+/// The record, when it is a regular file that parses. Opened without following a link and
+/// without blocking (a FIFO planted there must not hang a start or `status`), read up to
+/// 64 KiB.
 pub fn read_record(path: &Path) -> Option<Holder> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = Vec::new();
+    f.take(64 * 1024).read_to_end(&mut text).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 fn flock(kind: libc::c_short, start: i64) -> libc::flock {
@@ -360,6 +375,7 @@ pub fn claim(
 /// Temp file in the same directory, fsync, rename over the record, fsync the directory:
 /// a reader sees the old record or the new one, never half of one.
 fn write_record(record: &Path, h: &Holder) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = super::overlay::parent_dir(record);
     let name = record
         .file_name()
@@ -367,12 +383,23 @@ fn write_record(record: &Path, h: &Holder) -> std::io::Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
     let text = serde_json::to_vec(h).map_err(std::io::Error::other)?;
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
+    // A new file, never a link planted at the temporary's name (O_EXCL does not follow
+    // one): a leftover of a crashed run (or a planted link) is unlinked first.
+    let create = || {
+        std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+    };
+    let written = (|| {
+        let mut f = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&tmp)?;
+                create()?
+            }
+            r => r?,
+        };
         f.write_all(&text)?;
         f.sync_all()?;
         std::fs::rename(&tmp, record)?;
@@ -469,6 +496,26 @@ mod tests {
         let now = read_record(&record_path(&img)).expect("record");
         assert_ne!(now.host, "core9");
         assert_eq!(now.pid, std::process::id());
+        drop(c);
+    }
+
+    /// Links and FIFOs planted at the record's names: never followed, never waited on.
+    #[test]
+    fn planted_links_and_fifos_at_the_records_names_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("overlay.img");
+        std::fs::write(&img, vec![0u8; 8192]).unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let tmp = dir
+            .path()
+            .join(format!(".overlay.img.holder.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        nix::unistd::mkfifo(&record_path(&img), nix::sys::stat::Mode::S_IRUSR).unwrap();
+        assert_eq!(read_record(&record_path(&img)), None);
+        let c = claim(&img, "svc", false).unwrap().expect("claimed");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(read_record(&record_path(&img)).is_some());
         drop(c);
     }
 
