@@ -35,6 +35,9 @@ pub const OSERR: i32 = 71;
 /// The overlay path is unusable (exists but is not a regular file); `migrate`'s output
 /// file exists already or cannot be written.
 pub const CANTCREAT: i32 = 73;
+/// The overlay's lock was lost while the instance ran (an NFSv4 lease expired while this
+/// host was cut off; the kernel reports it as EIO): the container was halted at once.
+pub const IOERR: i32 = 74;
 /// The service is already running: lock held, overlay in use, or a live instance of that
 /// name that this supervisor did not start.
 pub const TEMPFAIL: i32 = 75;
@@ -55,6 +58,8 @@ pub enum RunError {
     Host(#[from] host::HostError),
     #[error(transparent)]
     Lock(#[from] lock::LockError),
+    #[error(transparent)]
+    OverlayClaim(#[from] host::overlay_lock::ClaimError),
     #[error(transparent)]
     Privilege(#[from] privilege::PrivilegeError),
     #[error(transparent)]
@@ -101,6 +106,8 @@ pub enum RunError {
         /// What this start added to the instance's `.err` log, with a heading, or empty.
         log: String,
     },
+    #[error("taking the lock on overlay {path} did not return within {secs} s (timeouts.start_sec): is its NFS server answering?")]
+    ClaimTimeout { path: PathBuf, secs: u64 },
     #[error("apptainer instance start did not return within {secs} s (timeouts.start_sec)")]
     StartTimeout { secs: u64 },
     #[error(transparent)]
@@ -144,6 +151,8 @@ pub enum RunError {
     Aborted,
     #[error("{name} was powered off from inside")]
     PoweredOffInside { name: String },
+    #[error("the overlay's lock on {path} was lost ({why}); another host may be using the image: the container was halted\n  hint: find which host runs the service now (the holder record beside the image names it) before starting it here again")]
+    LockLost { path: PathBuf, why: String },
 }
 
 impl RunError {
@@ -158,6 +167,7 @@ impl RunError {
             RunError::Aborted => "watchdog",
             RunError::RebootedInside { .. } => "reboot",
             RunError::PoweredOffInside { .. } => "poweroff",
+            RunError::LockLost { .. } => "lock-lost",
             _ => "resources",
         }
     }
@@ -171,6 +181,9 @@ impl RunError {
             Lock(lock::LockError::Held { .. }) | OverlayInUse { .. } | ForeignInstance { .. } => {
                 TEMPFAIL
             }
+            OverlayClaim(host::overlay_lock::ClaimError::Held { .. }) => TEMPFAIL,
+            OverlayClaim(host::overlay_lock::ClaimError::NotSupported { .. }) => CONFIG,
+            OverlayClaim(_) => OSERR,
             Lock(_) | Os { .. } => OSERR,
             Privilege(_) => NOPERM,
             OverlayNotAFile { .. } => CANTCREAT,
@@ -185,7 +198,8 @@ impl RunError {
             CreateOverlay { .. }
             | CreateOverlayTimeout { .. }
             | StartInstance { .. }
-            | StartTimeout { .. } => UNAVAILABLE,
+            | StartTimeout { .. }
+            | ClaimTimeout { .. } => UNAVAILABLE,
             State(_) | NoStateFile { .. } | NotAMaster { .. } => SOFTWARE,
             InstanceEnded { .. } | MasterDied { .. } => INSTANCE_ENDED,
             StoppedDuringStart | PoweredOffInside { .. } => OK,
@@ -193,6 +207,7 @@ impl RunError {
             Inner(_) | NotReady { .. } => UNAVAILABLE,
             UnitFailed { .. } | Aborted => INSTANCE_ENDED,
             RebootedInside { .. } => REBOOTED,
+            LockLost { .. } => IOERR,
         }
     }
 }

@@ -90,7 +90,19 @@ fn real_main(cli: Cli) -> i32 {
             let mut checked = None;
             if *host_check {
                 match host::check(&s, &cli.config_dir) {
-                    Ok(c) => checked = Some(c),
+                    Ok(c) => {
+                        checked = Some(c);
+                        // Who holds the overlay, when anyone does: a start here would be
+                        // refused (75) naming it.
+                        if let Some(l) = host::overlay_lock::describe(
+                            &s.overlay.path,
+                            std::time::Duration::from_secs(2),
+                        )
+                        .filter(|l| l != "free")
+                        {
+                            eprintln!("overlay {}: {l}", s.overlay.path.display());
+                        }
+                    }
                     Err(e) => {
                         eprintln!("error: {e}");
                         return exit::CONFIG;

@@ -42,6 +42,7 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("SOFTWARE", exit::SOFTWARE),
     ("OSERR", exit::OSERR),
     ("CANTCREAT", exit::CANTCREAT),
+    ("IOERR", exit::IOERR),
     ("TEMPFAIL", exit::TEMPFAIL),
     ("NOPERM", exit::NOPERM),
     ("CONFIG", exit::CONFIG),

@@ -38,6 +38,7 @@ pub const OVERLAY: &str = "overlay";
 pub const OVERLAY_PATH: &str = "overlay.path";
 pub const OVERLAY_SIZE_MIB: &str = "overlay.size_mib";
 pub const OVERLAY_SPARSE: &str = "overlay.sparse";
+pub const OVERLAY_ALLOW_LOCAL_LOCKS: &str = "overlay.allow_local_locks";
 
 pub const APPTAINER: &str = "apptainer";
 pub const APPTAINER_BINARY: &str = "apptainer.binary";
@@ -109,6 +110,7 @@ pub const ALL: &[&str] = &[
     OVERLAY_PATH,
     OVERLAY_SIZE_MIB,
     OVERLAY_SPARSE,
+    OVERLAY_ALLOW_LOCAL_LOCKS,
     APPTAINER_BINARY,
     APPTAINER_EXTRA_ARGS,
     APPTAINER_NETWORK_DIR,

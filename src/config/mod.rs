@@ -275,6 +275,9 @@ pub struct Overlay {
     pub path: PathBuf,
     pub size_mib: u64,
     pub sparse: bool,
+    /// Accept an overlay on an NFS mount whose file locks are local to this host
+    /// (`nolock`, `local_lock=all|posix`): nothing then stops a second host.
+    pub allow_local_locks: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -82,6 +82,7 @@ pub(super) struct RawOverlay {
     pub(super) path: Option<Spanned<String>>,
     pub(super) size_mib: Option<Spanned<u64>>,
     pub(super) sparse: Option<bool>,
+    pub(super) allow_local_locks: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

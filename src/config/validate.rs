@@ -168,6 +168,7 @@ impl Validator<'_> {
                 None => DEFAULT_OVERLAY_MIB,
             },
             sparse: raw.overlay.sparse.unwrap_or(true),
+            allow_local_locks: raw.overlay.allow_local_locks.unwrap_or(false),
         };
 
         let apptainer = Apptainer {

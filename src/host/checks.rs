@@ -114,6 +114,17 @@ pub fn check(s: &Service, config_dir: &Path) -> Result<Checked, HostError> {
     if let Some(reason) = read_only_overlay_fs(&s.overlay.path) {
         push(s.locate(keys::OVERLAY_PATH), reason);
     }
+    match super::mounts::overlay_verdict(&s.overlay.path) {
+        super::mounts::Verdict::Fine => {}
+        super::mounts::Verdict::LocalLocks(reason) if !s.overlay.allow_local_locks => {
+            push(s.locate(keys::OVERLAY_PATH), reason);
+        }
+        super::mounts::Verdict::LocalLocks(reason) => warnings.push(format!(
+            "{reason}\n  (accepted: {} = true)",
+            keys::OVERLAY_ALLOW_LOCAL_LOCKS
+        )),
+        super::mounts::Verdict::Unchecked(w) => warnings.push(w),
+    }
     let env = match env_text {
         Ok(text) => match config::parse_env_file_lines(&text) {
             Ok(env) => env

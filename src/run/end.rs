@@ -58,6 +58,13 @@ impl Supervisor<'_> {
                     .await;
                 Err(RunError::UnitFailed { unit, result })
             }
+            End::LockLost { why } => {
+                let path = self.s.overlay.path.clone();
+                error!(INSTANCE_PID = pid, overlay = %path.display(), reason = %why, "the overlay's lock was lost; another host may be using the image: halting the container at once");
+                let status = format!("stopping: the overlay's lock was lost ({why})");
+                self.stop_tracked(t, &status, None, events).await;
+                Err(RunError::LockLost { path, why })
+            }
             End::ContainerEnded => Err(self.container_ended(t).await),
             End::ShutDownInside(kind) => Err(self.shut_down_inside(t, kind).await),
             End::MasterDied { container_alive } => {

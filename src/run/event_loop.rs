@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use tracing::info;
 
 use super::policy::Sig;
+use crate::host::overlay_lock::Probe;
 use crate::os::inner::InnerEvent;
 use crate::os::instance::ExitWatch;
 use crate::os::notify::{Notifier, Ticker};
@@ -64,6 +65,8 @@ pub(super) struct Waits<'a, T = ()> {
     /// The inner watcher's events and the answer to the last ping.
     pub inner: Option<&'a mut InnerEvents>,
     pub ping: Option<&'a mut oneshot::Receiver<bool>>,
+    /// The answer of the overlay lock's probe (a thread of its own: it may hang on NFS).
+    pub lock: Option<&'a mut oneshot::Receiver<Probe>>,
     /// The watchdog's timer.
     pub watchdog: Option<&'a Ticker>,
     /// The instance's logs were written to.
@@ -83,6 +86,7 @@ impl<T> Default for Waits<'_, T> {
             stderr: None,
             inner: None,
             ping: None,
+            lock: None,
             watchdog: None,
             output: None,
             at: None,
@@ -102,6 +106,8 @@ pub(super) enum Wake<T = ()> {
     Stderr,
     Inner(Option<InnerEvent>),
     Ping(bool),
+    /// The overlay lock's probe answered.
+    Lock(Probe),
     WatchdogTick,
     /// The instance's logs were written to.
     Output,
@@ -217,6 +223,7 @@ pub(super) async fn next<T>(signals: &mut Signals, mut w: Waits<'_, T>) -> Wake<
             v = called(&mut w.call), if w.call.is_some() => return Wake::Done(v),
             ev = received(&mut w.inner), if w.inner.is_some() => return Wake::Inner(ev),
             answered = answer(&mut w.ping), if w.ping.is_some() => return Wake::Ping(answered),
+            probe = probed(&mut w.lock), if w.lock.is_some() => return Wake::Lock(probe),
             _ = ticked(w.watchdog), if w.watchdog.is_some() => return Wake::WatchdogTick,
             _ = readable(w.stderr), if w.stderr.is_some() => return Wake::Stderr,
             _ = written(w.output), if w.output.is_some() => return Wake::Output,
@@ -257,6 +264,15 @@ async fn received(rx: &mut Option<&mut InnerEvents>) -> Option<InnerEvent> {
 async fn answer(rx: &mut Option<&mut oneshot::Receiver<bool>>) -> bool {
     match rx {
         Some(rx) => (&mut **rx).await.unwrap_or(false),
+        None => std::future::pending().await,
+    }
+}
+
+async fn probed(rx: &mut Option<&mut oneshot::Receiver<Probe>>) -> Probe {
+    match rx {
+        Some(rx) => (&mut **rx)
+            .await
+            .unwrap_or_else(|_| Probe::Failed("the probe thread ended".to_owned())),
         None => std::future::pending().await,
     }
 }

@@ -160,6 +160,8 @@ struct Supervisor<'a> {
     backoff_path: PathBuf,
     /// What the host checks warned about, said once in STATUS= and kept for `status`.
     host_warnings: Vec<String>,
+    /// The claim on the overlay (host::overlay_lock), held for the run's life.
+    claim: Option<crate::host::overlay_lock::Claim>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -182,6 +184,7 @@ impl<'a> Supervisor<'a> {
             backoff: backoff::read(&backoff::path(&ctx.run_dir, &s.name)),
             backoff_path: backoff::path(&ctx.run_dir, &s.name),
             host_warnings: Vec::new(),
+            claim: None,
         })
     }
 

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::child::{describe, CliResult};
+use super::event_loop::{self, Waits, Wake};
 use super::report::Notice;
 use super::{os, Supervisor};
 use crate::exit::RunError;
@@ -37,6 +38,9 @@ impl Supervisor<'_> {
                 })
             }
             overlay::Found::Image { .. } => {
+                // The claim before the loop check: the lock knows other hosts, sysfs only
+                // this one.
+                self.claim_overlay().await?;
                 if let Some(device) = overlay::attached_loop(path) {
                     return Err(RunError::OverlayInUse {
                         path: path.clone(),
@@ -87,7 +91,7 @@ impl Supervisor<'_> {
                     });
                 }
                 info!(overlay = %path.display(), "overlay image created");
-                Ok(())
+                self.claim_overlay().await
             }
             CliResult::Done(status, stderr) => Err(RunError::CreateOverlay {
                 path: path.clone(),
@@ -99,6 +103,51 @@ impl Supervisor<'_> {
                 secs: limit.as_secs(),
                 abandoned: !exited,
             }),
+        }
+    }
+
+    /// Takes the supervisor's claim on the overlay (see [`crate::host::overlay_lock`]),
+    /// held until the run ends: a second host's start is refused naming this one. The
+    /// lock calls run on a thread of their own, bounded by `timeouts.start_sec`: on a
+    /// cut-off NFS client they hang. A stop meanwhile abandons the claim (noted for
+    /// `main`, which ends the run before anything starts).
+    async fn claim_overlay(&mut self) -> Result<(), RunError> {
+        let path = self.s.overlay.path.clone();
+        let (name, allow) = (self.s.name.clone(), self.s.overlay.allow_local_locks);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let p = path.clone();
+        // A claim that comes after we gave up is dropped with the failed send: its fd
+        // closes and its record goes.
+        std::thread::spawn(move || {
+            let _ = tx.send(crate::host::overlay_lock::claim(&p, &name, allow));
+        });
+        let secs = self.s.timeouts.start_sec;
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut rx = std::pin::pin!(rx);
+        loop {
+            let waits = Waits {
+                call: Some(rx.as_mut()),
+                at: Some(deadline),
+                ..Waits::default()
+            };
+            match event_loop::next(&mut self.signals, waits).await {
+                Wake::Done(Ok(claim)) => {
+                    self.claim = claim?;
+                    return Ok(());
+                }
+                Wake::Done(Err(_)) => {
+                    return Err(RunError::Os {
+                        what: format!("taking the lock on {}", path.display()),
+                        source: std::io::Error::other("the lock thread ended without an answer"),
+                    })
+                }
+                Wake::Deadline => return Err(RunError::ClaimTimeout { path, secs }),
+                Wake::Signal(sig) => {
+                    self.signals.note(sig, "the overlay's lock was taken");
+                    return Ok(());
+                }
+                _ => {}
+            }
         }
     }
 
@@ -119,7 +168,9 @@ impl Supervisor<'_> {
             );
         }
         if sb.needs_recovery {
-            info!(overlay = %path.display(), "the overlay's journal needs recovery; the kernel replays it at mount");
+            // Also what a crash leaves and what a live mount elsewhere looks like: only a
+            // hint, after the claim said nobody holds it.
+            info!(overlay = %path.display(), "the overlay's journal needs recovery (a crash, or a host that lost it while mounted); the kernel replays it at mount");
         }
         if overlay::unclean_without_journal(path) {
             warn!(overlay = %path.display(), "the overlay has no journal and was not cleanly unmounted; the kernel mounts it unchecked");

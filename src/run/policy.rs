@@ -71,6 +71,9 @@ pub(crate) enum Event {
     WatchdogTick,
     /// The inner manager answered the last ping (or not, within its bound).
     PingAnswered(bool),
+    /// What the probe of the overlay's claim found (see `host::overlay_lock`); `None`: it
+    /// did not answer within its bound (a cut-off NFS client's call hangs).
+    LockProbe(Option<crate::host::overlay_lock::Probe>),
 }
 
 /// How the run ends.
@@ -90,6 +93,8 @@ pub(crate) enum End {
     ShutDownInside(Shutdown),
     /// The master died; its cleanup did not run.
     MasterDied { container_alive: bool },
+    /// The overlay's lock was lost (and why): halted at once, exit 74.
+    LockLost { why: String },
 }
 
 /// What to do, in order.
@@ -120,6 +125,9 @@ pub(crate) enum Action {
     PingUnanswered,
     /// The inner manager did not answer within the bound: no WATCHDOG=1.
     PingTimedOut,
+    /// The overlay's lock could not be probed (why), or the probe did not answer (`None`):
+    /// a warning and a status; the run goes on.
+    LockUnknown(Option<String>),
     /// Halt what runs (unless it ended) and end the run so.
     End(End),
     /// The run already ends; it ends as this instead (a SIGABRT seen while stopping).
@@ -257,6 +265,18 @@ impl Policy {
                 self.ping_pending = true;
                 vec![Action::Ping]
             }
+            // A lost lock: another host may mount the image now. Better a stopped service
+            // than a corrupted overlay; no more WATCHDOG=1 from here.
+            Event::LockProbe(Some(crate::host::overlay_lock::Probe::Lost(why))) => {
+                self.end(End::LockLost { why })
+            }
+            Event::LockProbe(Some(crate::host::overlay_lock::Probe::Held)) => Vec::new(),
+            Event::LockProbe(Some(crate::host::overlay_lock::Probe::Failed(why))) => {
+                vec![Action::LockUnknown(Some(why))]
+            }
+            // Unanswered: the container's own I/O is stalled too, and halting needs it; the
+            // kernel refuses its writes once it learns of a loss. Only the status says so.
+            Event::LockProbe(None) => vec![Action::LockUnknown(None)],
             Event::PingAnswered(answered) => {
                 self.ping_pending = false;
                 if answered {
@@ -419,6 +439,7 @@ mod tests {
                         Action::Watchdog => "WATCHDOG=1".to_owned(),
                         Action::PingUnanswered => "ping-unanswered".to_owned(),
                         Action::PingTimedOut => "ping-timed-out".to_owned(),
+                        Action::LockUnknown(why) => format!("lock-unknown {why:?}"),
                         Action::End(e) => format!("end {e:?}"),
                         Action::EndAs(e) => format!("end-as {e:?}"),
                     })
@@ -600,6 +621,37 @@ mod tests {
                 vec!["WATCHDOG=1"],
             ]
         );
+    }
+
+    /// The overlay's lock (issue 16): lost → halted at once (exit 74, and no WATCHDOG=1
+    /// after); a probe that failed or did not answer only says so; a SIGABRT while
+    /// halting for a lost lock keeps the lost lock as the reason.
+    #[test]
+    fn a_lost_lock_ends_the_run_and_an_unanswered_probe_only_says_so() {
+        use crate::host::overlay_lock::Probe;
+        let mut p = p(OnFailure::RestartUnit, 3);
+        let got = run(
+            &mut p,
+            vec![
+                (0, Event::LockProbe(Some(Probe::Held))),
+                (1, Event::LockProbe(None)),
+                (2, Event::LockProbe(Some(Probe::Failed("EACCES".into())))),
+                (3, Event::LockProbe(Some(Probe::Lost("EIO".into())))),
+                (4, Event::Signal(Sig::Abrt)),
+                (5, Event::WatchdogTick),
+                (6, Event::PingAnswered(true)),
+            ],
+        );
+        let want: Vec<Vec<String>> = vec![
+            vec![],
+            vec!["lock-unknown None".into()],
+            vec!["lock-unknown Some(\"EACCES\")".into()],
+            vec!["end LockLost { why: \"EIO\" }".into()],
+            vec![],
+            vec![],
+            vec![],
+        ];
+        assert_eq!(got, want);
     }
 
     #[test]

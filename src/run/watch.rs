@@ -53,6 +53,15 @@ impl Supervisor<'_> {
         let mut inner: Option<Inner> = None;
         let mut events: Option<InnerEvents> = None;
         let mut ping: Option<oneshot::Receiver<bool>> = None;
+        // The overlay lock's probe, at each watchdog tick (one in flight at most: a hung NFS
+        // read cannot be cancelled), and when its answer is due.
+        let prober = self
+            .claim
+            .as_ref()
+            .and_then(|c| c.prober())
+            .map(std::sync::Arc::new);
+        let mut lock: Option<oneshot::Receiver<crate::host::overlay_lock::Probe>> = None;
+        let mut lock_due: Option<Instant> = None;
         // When the pending ping was sent (Unix ms), for the live state file.
         let mut ping_sent_ms = 0;
         let start_deadline = self.started_at + Duration::from_secs(self.s.timeouts.start_sec);
@@ -126,6 +135,7 @@ impl Supervisor<'_> {
             // then its master's, then the rest.
             let at = earliest([
                 (!policy.is_ready()).then_some(start_deadline),
+                lock_due,
                 self.live.due(),
                 output.deadline(),
             ]);
@@ -134,6 +144,7 @@ impl Supervisor<'_> {
                 master: Some(&t.master_fd),
                 inner: events.as_mut(),
                 ping: ping.as_mut(),
+                lock: lock.as_mut(),
                 watchdog: watchdog.as_ref(),
                 output: Some(&output),
                 at,
@@ -160,7 +171,30 @@ impl Supervisor<'_> {
                     events = None;
                     continue;
                 }
-                Wake::WatchdogTick => Event::WatchdogTick,
+                Wake::WatchdogTick => {
+                    if let (Some(p), None) = (&prober, &lock) {
+                        let (tx, rx) = oneshot::channel();
+                        let p = p.clone();
+                        // A thread, not a task: the read blocks, and on a cut-off NFS client
+                        // it may block for good.
+                        std::thread::spawn(move || {
+                            let _ = tx.send(p.probe());
+                        });
+                        lock = Some(rx);
+                        let bound = self
+                            .notify
+                            .watchdog_interval
+                            .unwrap_or(Duration::from_secs(1))
+                            / 2;
+                        lock_due = Some(Instant::now() + bound);
+                    }
+                    Event::WatchdogTick
+                }
+                Wake::Lock(probe) => {
+                    lock = None;
+                    lock_due = None;
+                    Event::LockProbe(Some(probe))
+                }
                 Wake::Ping(answered) => {
                     ping = None;
                     if !answered {
@@ -175,16 +209,22 @@ impl Supervisor<'_> {
                 }
                 Wake::Deadline => {
                     let now = Instant::now();
-                    if self.live.due().is_some_and(|d| d <= now) {
-                        self.live.flush();
+                    if lock_due.is_some_and(|d| d <= now) {
+                        // Said once; the probe stays in flight, its late answer still counts.
+                        lock_due = None;
+                        Event::LockProbe(None)
+                    } else {
+                        if self.live.due().is_some_and(|d| d <= now) {
+                            self.live.flush();
+                        }
+                        if output.deadline().is_some_and(|d| d <= now) {
+                            output.pump();
+                        }
+                        if policy.is_ready() || start_deadline > now {
+                            continue;
+                        }
+                        Event::StartDeadline
                     }
-                    if output.deadline().is_some_and(|d| d <= now) {
-                        output.pump();
-                    }
-                    if policy.is_ready() || start_deadline > now {
-                        continue;
-                    }
-                    Event::StartDeadline
                 }
                 Wake::ChildExited | Wake::Stderr | Wake::Done(()) => continue,
             };
@@ -432,6 +472,14 @@ impl Supervisor<'_> {
                         }
                     }
                     return Some(r);
+                }
+                Action::LockUnknown(why) => {
+                    let status = match &why {
+                        Some(e) => format!("running: the overlay's lock cannot be probed ({e}); its state is unknown"),
+                        None => "running: the NFS server is not answering; the overlay's lock state is unknown".to_owned(),
+                    };
+                    warn!(INSTANCE_PID = pid, "{status}");
+                    self.status(&status);
                 }
                 // Only seen after an End, handled there.
                 Action::EndAs(_) => {}

@@ -54,6 +54,9 @@ pub struct OverlayUse {
     pub fs_size_bytes: Option<u64>,
     /// Why the filesystem could not be read (missing image, not ext3 …).
     pub fs_error: Option<String>,
+    /// Its lock (issue 16): `free`, `held by HOST (supervisor pid, unit, boot, since)`,
+    /// `held, holder unknown …` or `unknown: …`; None when the image is missing.
+    pub lock: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -229,6 +232,24 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
         st.image = Some(i);
     }
     if let Some(o) = &st.overlay {
+        // Held while the service runs here is its own claim; held otherwise is someone
+        // else (another host, a hand-started Apptainer): a start here would be refused.
+        let here = matches!(
+            st.phase.as_str(),
+            "starting"
+                | "creating-overlay"
+                | "starting-instance"
+                | "booting"
+                | "ready"
+                | "degraded"
+                | "stopping"
+        );
+        if let Some(l) = &o.lock {
+            if (l.starts_with("held") && !here) || l.starts_with("unknown") {
+                st.warnings
+                    .push(format!("overlay {}: {l}", o.path.display()));
+            }
+        }
         if let Some(p) = o.fs_used_percent {
             if p >= OVERLAY_WARN_PERCENT {
                 st.warnings.push(format!(
@@ -313,6 +334,7 @@ pub fn overlay_use(path: &Path) -> OverlayUse {
         fs_used_percent,
         fs_size_bytes,
         fs_error,
+        lock: crate::host::overlay_lock::describe(path, Duration::from_secs(2)),
     }
 }
 
@@ -535,6 +557,7 @@ mod tests {
         r.phase = "ready".into();
         r.overlay = Some(OverlayUse {
             path: "/x/overlay.img".into(),
+            lock: None,
             apparent_bytes: 100_000 * 1024 * 1024,
             allocated_bytes: 3 * 1024 * 1024 * 1024,
             fs_used_percent: Some(93.0),

@@ -137,6 +137,9 @@ pub struct World {
     /// The container pid of the last state file read at drop, for cgroup cleanup.
     container_pid_seen: Option<i32>,
     children: Vec<Child>,
+    /// The host name the world's commands see (set by [`World::as_host`]); Apptainer's
+    /// state file path has it.
+    pub hostname: Option<String>,
 }
 
 impl World {
@@ -197,6 +200,7 @@ impl World {
             apptainer_conf: write_apptainer_conf(&root.join("apptainer-etc"), "file"),
             container_pid_seen: None,
             children: Vec::new(),
+            hostname: None,
             dir,
         };
         w.write_config("");
@@ -222,6 +226,38 @@ impl World {
             .replace("size_mib = 64", "size_mib = 256");
         std::fs::write(w.config_path(), cfg).unwrap();
         w
+    }
+
+    /// Makes the world a simulated core host: what it runs (the supervisor, the double)
+    /// runs in mount and UTS namespaces of its own, with host name `name` and
+    /// `/proc/sys/kernel/random/boot_id` reading `boot_id` (issue 16). File locks are the
+    /// kernel's, so two such hosts see each other's locks, as hosts do over NFS.
+    pub fn as_host(&mut self, name: &str, boot_id: &str) {
+        let file = self.root().join("boot_id");
+        std::fs::write(&file, format!("{boot_id}\n")).unwrap();
+        let script = r#"set -e
+hostname "$1"
+mount --bind "$2" /proc/sys/kernel/random/boot_id
+shift 2
+exec "$@""#;
+        self.wrap = [
+            "unshare",
+            "--mount",
+            "--uts",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            name,
+        ]
+        .iter()
+        .map(Into::into)
+        .collect();
+        self.wrap.push(file.into());
+        self.hostname = Some(name.to_owned());
     }
 
     /// Runs a command inside the container (its namespaces), as `apptainer exec` would.
@@ -381,7 +417,10 @@ exec "$@""#;
     }
 
     pub fn state_file(&self) -> PathBuf {
-        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let host = self
+            .hostname
+            .clone()
+            .unwrap_or_else(|| nix::unistd::gethostname().unwrap().into_string().unwrap());
         self.apptainer_dir
             .join("instances/app")
             .join(host)
