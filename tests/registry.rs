@@ -7,8 +7,9 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+use support::names_in;
 use support::registry::{
-    files_under, names_in, require_registry, sha256_file, sif_bytes, GatedRelay, Registry,
+    files_under, require_registry, sha256_file, sif_bytes, GatedRelay, Registry,
 };
 
 /// The double's `pull`, with its cache, config dir and temporary directory in `root` (so

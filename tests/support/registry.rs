@@ -452,16 +452,6 @@ fn pipe(
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// Files directly in `dir` (names), sorted: what a test compares before and after.
-pub fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// Every file under `dir`, recursively (paths).
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
