@@ -936,15 +936,6 @@ fn tiny_tmpfs(pages: u64, free: u64) -> tempfile::TempDir {
     d
 }
 
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn full_tmpfs_keeps_previous_files_intact() {
     if !require_root() {

@@ -7,8 +7,9 @@ mod support;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+use support::names_in;
 use support::registry::{
-    files_under, names_in, require_registry, sha256_file, sif_bytes, GatedRelay, Registry,
+    files_under, require_registry, sha256_file, sif_bytes, GatedRelay, Registry,
 };
 
 /// The double's `pull`, with its cache, config dir and temporary directory in `root` (so
@@ -99,6 +100,39 @@ fn a_pushed_sif_pulls_through_the_double_and_its_sha256_is_the_layer_digest() {
         text(&out.stderr)
     );
     assert!(!dest3.exists());
+}
+
+/// Apptainer fetches the config blob too (layout.WriteImage through AppendImage), and
+/// verifies it: a manifest whose config the registry no longer has fails the pull, and
+/// nothing is created under the final name.
+#[test]
+fn a_pull_whose_config_blob_is_gone_fails_and_creates_nothing() {
+    if !require_registry() {
+        return;
+    }
+    let reg = Registry::start();
+    let pushed = reg.push_sif("svc/ood009", "v1", "ood009.sif", &sif_bytes(b"nine\n"));
+    reg.delete_blob("svc/ood009", &pushed.config_digest);
+    let root = tempfile::tempdir().unwrap();
+    let dest = root.path().join("new.sif");
+    for cache in [&[][..], &["--disable-cache"][..]] {
+        let mut args: Vec<&str> = cache.to_vec();
+        let url = reg.oras_url("svc/ood009", "v1");
+        args.extend([dest.to_str().unwrap(), url.as_str()]);
+        let out = pull(root.path(), &args);
+        assert_eq!(
+            out.status.code(),
+            Some(255),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(&pushed.config_digest),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(!dest.exists(), "{args:?}: nothing under the final name");
+    }
 }
 
 #[test]

@@ -11,7 +11,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -143,11 +142,7 @@ fn flock(kind: libc::c_short, start: i64) -> libc::flock {
 /// `F_OFD_SETLK F_WRLCK` on [start, ∞).
 fn set_lock(file: &File, start: i64) -> std::io::Result<()> {
     let fl = flock(libc::F_WRLCK as libc::c_short, start);
-    // SAFETY: a valid fd and a pointer to a live flock for the call's duration.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    if r == -1 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl))?;
     Ok(())
 }
 
@@ -155,11 +150,7 @@ fn set_lock(file: &File, start: i64) -> std::io::Result<()> {
 fn is_locked(file: &File, len: i64) -> std::io::Result<bool> {
     let mut fl = flock(libc::F_WRLCK as libc::c_short, 0);
     fl.l_len = len;
-    // SAFETY: a valid fd and a pointer to a live flock the kernel fills in.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if r == -1 {
-        return Err(std::io::Error::last_os_error());
-    }
+    nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))?;
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
@@ -230,12 +221,11 @@ impl Claim {
         if hook.is_none() {
             // Shared with the claim's description (F_SETFL acts on it): only on NFS, where
             // O_DIRECT is supported.
-            let fd = file.as_raw_fd();
-            // SAFETY: a valid fd; F_GETFL/F_SETFL take and return plain flags.
-            let ok = unsafe {
-                let fl = libc::fcntl(fd, libc::F_GETFL);
-                fl != -1 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_DIRECT) != -1
-            };
+            use nix::fcntl::{fcntl, FcntlArg, OFlag};
+            let ok = fcntl(&file, FcntlArg::F_GETFL).is_ok_and(|fl| {
+                let fl = OFlag::from_bits_retain(fl) | OFlag::O_DIRECT;
+                fcntl(&file, FcntlArg::F_SETFL(fl)).is_ok()
+            });
             if !ok {
                 tracing::warn!(
                     "cannot set O_DIRECT on the overlay's claim; the lost-lock probe is off"
@@ -532,11 +522,7 @@ mod tests {
             .unwrap();
         let mut fl = flock(libc::F_WRLCK as libc::c_short, 0);
         fl.l_len = 8192;
-        // SAFETY: a valid fd and a live flock.
-        assert_eq!(
-            unsafe { libc::fcntl(apptainer.as_raw_fd(), libc::F_OFD_SETLK, &fl) },
-            0
-        );
+        nix::fcntl::fcntl(&apptainer, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).unwrap();
         match claim(&img, "svc", false) {
             Err(e @ ClaimError::Held { holder: None, .. }) => {
                 assert!(e.to_string().contains("holder unknown"), "{e}")

@@ -825,3 +825,13 @@ pub fn accepted(listener: &std::os::unix::net::UnixListener) -> Vec<(i32, Vec<u8
     }
     got
 }
+
+/// Files directly in `dir` (names), sorted: what a test compares before and after.
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -40,6 +40,7 @@ pub struct Registry {
 pub struct Pushed {
     pub manifest_digest: String,
     pub layer_digest: String,
+    pub config_digest: String,
 }
 
 /// The package is a test prerequisite (tests/setup.sh): missing, the test fails when
@@ -213,7 +214,22 @@ impl Registry {
         Pushed {
             manifest_digest,
             layer_digest,
+            config_digest,
         }
+    }
+
+    /// DELETE /v2/<name>/blobs/<digest> (the registry's storage allows deletes): the blob
+    /// is gone while manifests still name it, as after a registry's garbage collection.
+    pub fn delete_blob(&self, name: &str, digest: &str) {
+        let r = request(
+            &self.addr,
+            "DELETE",
+            &format!("/v2/{name}/blobs/{digest}"),
+            &[],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 202, "DELETE blob: {}", r.text());
     }
 
     /// A monolithic blob upload: POST /v2/<name>/blobs/uploads/ (202 + Location), then
@@ -434,16 +450,6 @@ fn pipe(
         passed += n;
     }
     let _ = to.shutdown(Shutdown::Write);
-}
-
-/// Files directly in `dir` (names), sorted: what a test compares before and after.
-pub fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// Every file under `dir`, recursively (paths).
