@@ -42,6 +42,32 @@ mod events;
 #[cfg(test)]
 mod flood_tests;
 mod verdict;
+
+/// The states the inner modules' tests build.
+#[cfg(test)]
+mod fixtures {
+    use super::{InnerState, UnitState};
+
+    pub(super) fn unit(active: &str, sub: &str, result: &str) -> UnitState {
+        UnitState {
+            load_state: "loaded".into(),
+            active_state: active.into(),
+            sub_state: sub.into(),
+            result: result.into(),
+        }
+    }
+
+    pub(super) fn state(system: &str, jobs: u32, units: &[(&str, UnitState)]) -> InnerState {
+        InnerState {
+            system_state: system.into(),
+            jobs,
+            units: units
+                .iter()
+                .map(|(n, u)| (n.to_string(), u.clone()))
+                .collect(),
+        }
+    }
+}
 pub use events::{events, InnerEvents, InnerSender};
 pub use verdict::verdict;
 

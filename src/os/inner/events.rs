@@ -234,28 +234,9 @@ fn only_jobs_differ(a: &InnerState, b: &InnerState) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{state, unit};
     use super::super::Shutdown;
     use super::*;
-
-    fn unit(active: &str, sub: &str, result: &str) -> UnitState {
-        UnitState {
-            load_state: "loaded".into(),
-            active_state: active.into(),
-            sub_state: sub.into(),
-            result: result.into(),
-        }
-    }
-
-    fn state(system: &str, jobs: u32, units: &[(&str, UnitState)]) -> InnerState {
-        InnerState {
-            system_state: system.into(),
-            jobs,
-            units: units
-                .iter()
-                .map(|(n, u)| (n.to_string(), u.clone()))
-                .collect(),
-        }
-    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

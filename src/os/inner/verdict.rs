@@ -109,27 +109,8 @@ fn or<'a>(s: &'a str, d: &'a str) -> &'a str {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{state, unit};
     use super::*;
-
-    fn unit(active: &str, sub: &str, result: &str) -> UnitState {
-        UnitState {
-            load_state: "loaded".into(),
-            active_state: active.into(),
-            sub_state: sub.into(),
-            result: result.into(),
-        }
-    }
-
-    fn state(system: &str, jobs: u32, units: &[(&str, UnitState)]) -> InnerState {
-        InnerState {
-            system_state: system.into(),
-            jobs,
-            units: units
-                .iter()
-                .map(|(n, u)| (n.to_string(), u.clone()))
-                .collect(),
-        }
-    }
 
     fn req(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
