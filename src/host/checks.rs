@@ -339,19 +339,13 @@ const MAX_SETTINGS_FILE: u64 = 1024 * 1024;
 /// regular file, and at most [`MAX_SETTINGS_FILE`] — `/dev/zero` or a FIFO named as an env
 /// file would otherwise be read for ever.
 fn read_small_file(f: std::fs::File) -> std::io::Result<String> {
-    use std::io::{Error, ErrorKind, Read};
-    if !f.metadata()?.is_file() {
-        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
-    }
-    let mut t = String::new();
-    f.take(MAX_SETTINGS_FILE + 1).read_to_string(&mut t)?;
-    if t.len() as u64 > MAX_SETTINGS_FILE {
-        return Err(Error::new(
-            ErrorKind::InvalidData,
-            format!("larger than {} KiB", MAX_SETTINGS_FILE / 1024),
-        ));
-    }
-    Ok(t)
+    let data = crate::os::fsutil::read_regular(f, MAX_SETTINGS_FILE)?;
+    String::from_utf8(data).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
 }
 
 /// The rule the service file and the env file themselves have always followed.

@@ -114,18 +114,13 @@ pub fn record_path(image: &Path) -> PathBuf {
 /// without blocking (a FIFO planted there must not hang a start or `status`), read up to
 /// 64 KiB.
 pub fn read_record(path: &Path) -> Option<Holder> {
-    use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
-    }
-    let mut text = Vec::new();
-    f.take(64 * 1024).read_to_end(&mut text).ok()?;
+    let text = crate::os::fsutil::read_regular(f, 64 * 1024).ok()?;
     serde_json::from_slice(&text).ok()
 }
 

@@ -1,9 +1,30 @@
-//! File writes that never leave a half-written file in place.
+//! File writes that never leave a half-written file in place, and bounded reads of small
+//! files a hostile hand may have replaced.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+/// The content of `f`, an opened file that must be a regular one (a FIFO or a device in its
+/// place would be read for as long as it gives), of at most `max` bytes.
+pub fn read_regular(f: File, max: u64) -> io::Result<Vec<u8>> {
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut data = Vec::new();
+    f.take(max + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {} KiB", max / 1024),
+        ));
+    }
+    Ok(data)
+}
 
 /// Writes `data` to a temporary file beside `path`, fsyncs it, renames it over `path` and
 /// fsyncs the directory. A crash or a full disk leaves the previous file intact.
