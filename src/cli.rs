@@ -1,4 +1,4 @@
-//! The command line: `check`, `run`, `status`, `migrate` and `completions`.
+//! The command line: `check`, `run`, `status`, `update`, `migrate` and `completions`.
 
 use std::path::PathBuf;
 
@@ -53,6 +53,23 @@ pub enum Command {
         /// Leave out the header line; warnings go to stderr (for scripts, as systemctl's).
         #[arg(long, conflicts_with = "json")]
         no_legend: bool,
+        /// Where the supervisors publish their state [default: as for run].
+        #[arg(long, value_name = "DIR")]
+        run_dir: Option<PathBuf>,
+    },
+    /// Pull a new image for a service running here, switch to it, roll back image and overlay if it fails.
+    Update {
+        #[command(flatten)]
+        target: Target,
+        /// Pull this URL instead of the service file's image_url.
+        #[arg(long, value_name = "URL")]
+        image: Option<String>,
+        /// Pull to learn the registry's digest and say what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not snapshot the overlay: a rollback then restores the image only.
+        #[arg(long)]
+        no_overlay_snapshot: bool,
         /// Where the supervisors publish their state [default: as for run].
         #[arg(long, value_name = "DIR")]
         run_dir: Option<PathBuf>,
@@ -123,7 +140,7 @@ pub fn completions(shell: CompletionShell) -> Vec<u8> {
 /// clap_complete's separator between the command path's words in the bash script's state.
 const BASH_CMD_SEP: &str = "__subcmd__";
 /// The subcommands whose positional argument is a service name.
-const NAMED_SERVICE_SUBCOMMANDS: &[&str] = &["check", "run", "status"];
+const NAMED_SERVICE_SUBCOMMANDS: &[&str] = &["check", "run", "status", "update"];
 
 /// Two repairs to clap_complete's bash script:
 ///

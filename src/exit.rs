@@ -21,6 +21,12 @@ pub const NOT_ALL_UP: i32 = 3;
 /// `status NAME`: no such service (neither a service file nor a supervisor's state file),
 /// as systemctl says 4 for a unit it cannot find.
 pub const NO_SUCH_SERVICE: i32 = 4;
+/// `update`: the new image failed (its start, or a required unit during probation) and
+/// was rolled back: the previous image (and overlay) run again, READY.
+pub const ROLLED_BACK: i32 = 5;
+/// `update`: the new image failed and the rollback did not bring the service back up:
+/// look at it now (`status`, the journal); the failed image and overlay are kept aside.
+pub const ROLLBACK_FAILED: i32 = 6;
 /// `migrate`: an input (start.sh, host_vars) cannot be parsed.
 pub const DATAERR: i32 = 65;
 /// `migrate`: an input file cannot be read.
@@ -47,6 +53,8 @@ pub const NOPERM: i32 = 77;
 /// Invalid service file or host setup (including an image without a D-Bus system bus
 /// when readiness needs one).
 pub const CONFIG: i32 = 78;
+/// `update` was interrupted (SIGINT, SIGTERM, SIGHUP) before anything was switched.
+pub const INTERRUPTED: i32 = 130;
 /// The container was rebooted from inside: the unit restarts it
 /// (`RestartForceExitStatus=133`, as systemd-nspawn's unit does).
 pub const REBOOTED: i32 = 133;

@@ -19,3 +19,4 @@ pub mod os;
 pub mod plan;
 pub mod run;
 pub mod status;
+pub mod update;

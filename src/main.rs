@@ -10,7 +10,7 @@ use apptainer_supervisor::config::{self, Service};
 use apptainer_supervisor::host::unit_names::{self, UnitClash};
 use apptainer_supervisor::os::InstancePaths;
 use apptainer_supervisor::plan::{self, Plan};
-use apptainer_supervisor::{cli, exit, host, logging, migrate, run, status};
+use apptainer_supervisor::{cli, exit, host, logging, migrate, run, status, update};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -151,6 +151,25 @@ fn real_main(cli: Cli) -> i32 {
                 plan::render_text(&plan)
             };
             emit(&text).map_or_else(|code| code, |()| exit::OK)
+        }
+        Command::Update {
+            target,
+            image,
+            dry_run,
+            no_overlay_snapshot,
+            run_dir,
+        } => {
+            let s = match load(&cli, target) {
+                Ok(s) => host::canonicalize(&s),
+                Err(code) => return code,
+            };
+            let o = update::Options {
+                image: image.clone(),
+                dry_run: *dry_run,
+                no_overlay_snapshot: *no_overlay_snapshot,
+                run_dir: run_dir.clone().unwrap_or_else(run::default_run_dir),
+            };
+            update::main(&s, &o)
         }
         Command::Status {
             names,

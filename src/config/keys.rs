@@ -75,6 +75,9 @@ pub const SECURITY: &str = "security";
 pub const SECURITY_KEEP_CAPABILITIES: &str = "security.keep_capabilities";
 pub const SECURITY_TRUSTED_OWNERS: &str = "security.trusted_owners";
 pub const SECURITY_STRICT_PATHS: &str = "security.strict_paths";
+pub const UPDATE: &str = "update";
+pub const UPDATE_PROBATION_SEC: &str = "update.probation_sec";
+pub const UPDATE_KEEP: &str = "update.keep";
 
 /// Every key a service file may set, in the order the man page documents them.
 /// `tests/docs.rs` fails when one of them is missing from
@@ -136,4 +139,6 @@ pub const ALL: &[&str] = &[
     SECURITY_KEEP_CAPABILITIES,
     SECURITY_TRUSTED_OWNERS,
     SECURITY_STRICT_PATHS,
+    UPDATE_PROBATION_SEC,
+    UPDATE_KEEP,
 ];

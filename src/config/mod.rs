@@ -82,6 +82,8 @@ pub struct Service {
     /// `[install]`: the `.wants/` and `.requires/` links the generator writes.
     pub install: Install,
     pub security: Security,
+    /// `[update]`: how `update` judges and keeps images.
+    pub update: Update,
     /// Line of each key the file sets explicitly (absent: the default was used), so host
     /// checks that fail later can still point at the line.
     pub lines: BTreeMap<&'static str, usize>,
@@ -367,6 +369,33 @@ impl Timeouts {
             self.overlay_create_sec
                 .unwrap_or(60 + size_mib.div_ceil(1024)),
         )
+    }
+}
+
+/// `[update]`: what `apptainer-supervisor update` does after the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Update {
+    /// After READY on the new image, how long the unit must stay active (no restart, no
+    /// failed required unit ending the run) before the update counts as good and the
+    /// overlay snapshot is removed.
+    pub probation_sec: u64,
+    /// How many earlier images `update` keeps in `images/` besides the running one and the
+    /// rollback target (which are never removed).
+    pub keep: u64,
+}
+
+/// `update.probation_sec` by default: long enough for a portal's first requests or a
+/// login node's first logins after the boot, short enough that an operator waits for it.
+pub const DEFAULT_PROBATION_SEC: u64 = 180;
+/// `update.keep` by default.
+pub const DEFAULT_KEEP: u64 = 2;
+
+impl Default for Update {
+    fn default() -> Self {
+        Update {
+            probation_sec: DEFAULT_PROBATION_SEC,
+            keep: DEFAULT_KEEP,
+        }
     }
 }
 

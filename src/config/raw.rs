@@ -34,6 +34,8 @@ pub(super) struct RawService {
     pub(super) install: RawInstall,
     #[serde(default)]
     pub(super) security: RawSecurity,
+    #[serde(default)]
+    pub(super) update: RawUpdate,
 }
 
 pub(super) fn yes() -> bool {
@@ -114,6 +116,13 @@ pub(super) struct RawTimeouts {
     pub(super) kill_sec: Option<Spanned<u64>>,
     pub(super) watchdog_sec: Option<Spanned<u64>>,
     pub(super) overlay_create_sec: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpdate {
+    pub(super) probation_sec: Option<Spanned<u64>>,
+    pub(super) keep: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

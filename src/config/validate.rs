@@ -213,6 +213,18 @@ impl Validator<'_> {
         };
 
         let timeouts = self.timeouts(&raw.timeouts);
+        let update = Update {
+            probation_sec: raw
+                .update
+                .probation_sec
+                .as_ref()
+                .map_or(DEFAULT_PROBATION_SEC, |v| *v.get_ref()),
+            keep: raw
+                .update
+                .keep
+                .as_ref()
+                .map_or(DEFAULT_KEEP, |v| *v.get_ref()),
+        };
         let security = Security {
             keep_capabilities: raw
                 .security
@@ -300,6 +312,7 @@ impl Validator<'_> {
             unit,
             install,
             security,
+            update,
             lines,
         }
     }

@@ -189,6 +189,40 @@ pub fn classify(image: &Path, resolved: &Path) -> ImageSource {
     }
 }
 
+/// The link text of a managed pointer to the image of sha256 `hex`.
+pub fn link_text(hex: &str) -> PathBuf {
+    Path::new(IMAGES_DIR).join(format!("sha256-{hex}.sif"))
+}
+
+/// The hex of a `sha256:<64 hex>` digest.
+pub fn hex_of(digest: &str) -> Option<&str> {
+    let hex = digest.strip_prefix("sha256:")?;
+    content_address(&format!("sha256-{hex}.sif")).map(|_| hex)
+}
+
+/// Points `pointer` at `images/sha256-<hex>.sif` in one step: a new link beside it, renamed
+/// over it (rename(2) replaces the name atomically, so a start in between runs either the
+/// old image or the new one, never none), then the directory synced so that the switch
+/// survives a crash of the host.
+pub fn switch(pointer: &Path, hex: &str) -> std::io::Result<()> {
+    let dir = pointer.parent().unwrap_or(Path::new("/"));
+    let name = pointer
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.switch-{}", std::process::id()));
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::os::unix::fs::symlink(link_text(hex), &tmp)?;
+    if let Err(e) = std::fs::rename(&tmp, pointer) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,12 +1,13 @@
 //! Thin wrappers over the world the supervisor talks to: Apptainer's CLI and files
 //! ([`apptainer`]), the processes it tracks ([`instance`]: pidfds, subreaper, signals), the
-//! host's systemd ([`notify`]), journald ([`journal`], [`output`]), the container's own
+//! host's systemd ([`notify`], and as `update` drives it, [`host_systemd`]), journald ([`journal`], [`output`]), the container's own
 //! systemd ([`inner`]), paths resolved inside the container's root ([`in_root`]), crash-safe
 //! file writes ([`fsutil`]) and the checked form of text that may come from inside the
 //! container ([`sanitize`]). None of them decides anything; `run` does.
 
 pub(crate) mod apptainer;
 pub(crate) mod fsutil;
+pub(crate) mod host_systemd;
 pub(crate) mod in_root;
 pub(crate) mod inner;
 pub(crate) mod instance;

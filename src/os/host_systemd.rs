@@ -1,0 +1,308 @@
+//! The host's systemd (PID 1), as `update` drives it: which unit runs a service here, a
+//! stop or start job waited for to its end, and the unit's state while an update is on
+//! probation. Over D-Bus, as systemctl does: root talks to PID 1 on its private socket
+//! (`/run/systemd/private`, peer to peer, no bus daemon needed: what `systemctl` uses as
+//! root, sd-bus `bus_connect_system_systemd`), anyone else through the system bus.
+//!
+//! What PID 1 says is the host's own word (not the container's): still, every text that
+//! reaches a terminal or the journal goes through [`crate::os::sanitize`] where it is
+//! shown, as for any state read from outside this process.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use zbus::OwnedObjectPath;
+
+/// PID 1's private socket: root only, served by systemd itself.
+pub const PRIVATE_SOCKET: &str = "/run/systemd/private";
+
+/// Property changes queued for a probation's watch (only "something changed" matters).
+const WATCH_QUEUE: std::num::NonZeroUsize =
+    std::num::NonZeroUsize::new(64).expect("64 is not zero");
+
+/// Each D-Bus call gets an answer within this (sd-bus's default method timeout).
+const CALL_TIMEOUT: Duration = Duration::from_secs(25);
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait HostManager {
+    fn subscribe(&self) -> zbus::Result<()>;
+    fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String);
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait HostUnit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "InvocationID")]
+    fn invocation_id(&self) -> zbus::Result<Vec<u8>>;
+}
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait HostService {
+    #[zbus(property)]
+    fn result(&self) -> zbus::Result<String>;
+    #[zbus(property, name = "NRestarts")]
+    fn n_restarts(&self) -> zbus::Result<u32>;
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn status_text(&self) -> zbus::Result<String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostBusError {
+    #[error("cannot reach the host's systemd ({PRIVATE_SOCKET}, then the system bus): {0}")]
+    Connect(zbus::Error),
+    #[error("the host's systemd: {what} {unit}: {source}")]
+    Call {
+        what: &'static str,
+        unit: String,
+        source: zbus::Error,
+    },
+    #[error("the host's systemd: the {what} job of {unit} did not end within {} s", .within.as_secs())]
+    JobTimeout {
+        what: &'static str,
+        unit: String,
+        within: Duration,
+    },
+}
+
+/// A unit's state as `update` judges it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitState {
+    pub active_state: String,
+    pub sub_state: String,
+    /// The service's `Result` (`success`, `exit-code`, `timeout`, `watchdog` …).
+    pub result: String,
+    pub n_restarts: u32,
+    pub main_pid: u32,
+    /// Changes with each start of the unit (a restart included).
+    pub invocation_id: Vec<u8>,
+    pub status_text: String,
+}
+
+/// A connection to the host's systemd, subscribed to its job signals.
+pub struct HostSystemd {
+    conn: zbus::Connection,
+    manager: HostManagerProxy<'static>,
+}
+
+impl HostSystemd {
+    /// The private socket when it can be used (root), else the system bus.
+    pub async fn connect() -> Result<HostSystemd, HostBusError> {
+        let conn = match private().await {
+            Ok(c) => c,
+            Err(private_err) => zbus::connection::Builder::system()
+                .method_timeout(CALL_TIMEOUT)
+                .build()
+                .await
+                .map_err(|e| {
+                    HostBusError::Connect(zbus::Error::Failure(format!(
+                        "{PRIVATE_SOCKET}: {private_err}; system bus: {e}"
+                    )))
+                })?,
+        };
+        let manager = HostManagerProxy::builder(&conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(HostBusError::Connect)?;
+        // Without Subscribe() PID 1 sends a private connection no JobRemoved.
+        manager.subscribe().await.map_err(HostBusError::Connect)?;
+        Ok(HostSystemd { conn, manager })
+    }
+
+    /// Which unit runs service `name` here: the generated `NAME.service` or the template's
+    /// `apptainer-supervisor@NAME.service`, whichever is active or activating (they conflict,
+    /// so at most one is). `None`: neither.
+    pub async fn running_unit(&self, name: &str) -> Result<Option<String>, HostBusError> {
+        for unit in unit_names(name) {
+            if let Some(s) = self.state(&unit).await? {
+                if matches!(
+                    s.active_state.as_str(),
+                    "active" | "activating" | "reloading"
+                ) {
+                    return Ok(Some(unit));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The unit's state; `None` when it is not loaded.
+    pub async fn state(&self, unit: &str) -> Result<Option<UnitState>, HostBusError> {
+        let path = match self.manager.get_unit(unit).await {
+            Ok(p) => p,
+            Err(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
+            {
+                return Ok(None)
+            }
+            Err(source) => return Err(call("GetUnit", unit, source)),
+        };
+        let err = |source| call("reading the state of", unit, source);
+        let u = HostUnitProxy::builder(&self.conn)
+            .path(path.clone())
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(err)?;
+        let s = HostServiceProxy::builder(&self.conn)
+            .path(path)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(err)?;
+        Ok(Some(UnitState {
+            active_state: u.active_state().await.map_err(err)?,
+            sub_state: u.sub_state().await.map_err(err)?,
+            invocation_id: u.invocation_id().await.map_err(err)?,
+            result: s.result().await.map_err(err)?,
+            n_restarts: s.n_restarts().await.map_err(err)?,
+            main_pid: s.main_pid().await.map_err(err)?,
+            status_text: s.status_text().await.map_err(err)?,
+        }))
+    }
+
+    /// `StopUnit(unit, "replace")`, waited for until its job is removed; the job's result
+    /// (`done`, `canceled`, `timeout`, `failed` …).
+    pub async fn stop(&self, unit: &str, within: Duration) -> Result<String, HostBusError> {
+        self.job("stop", unit, within).await
+    }
+
+    /// `StartUnit(unit, "replace")`, waited for until its job is removed. For a
+    /// `Type=notify` service the job ends when READY=1 came (`done`) or the start failed.
+    pub async fn start(&self, unit: &str, within: Duration) -> Result<String, HostBusError> {
+        // A unit left failed by an earlier attempt starts as well; reset so that its
+        // Result and NRestarts speak of this start only.
+        let _ = self.manager.reset_failed_unit(unit).await;
+        self.job("start", unit, within).await
+    }
+
+    async fn job(
+        &self,
+        what: &'static str,
+        unit: &str,
+        within: Duration,
+    ) -> Result<String, HostBusError> {
+        // The stream first: the job can end before the call's reply is read.
+        let mut removed = self
+            .manager
+            .receive_job_removed()
+            .await
+            .map_err(|source| call(what, unit, source))?;
+        let job = match what {
+            "stop" => self.manager.stop_unit(unit, "replace").await,
+            _ => self.manager.start_unit(unit, "replace").await,
+        }
+        .map_err(|source| call(what, unit, source))?;
+        let ended = tokio::time::timeout(within, async {
+            while let Some(signal) = removed.next().await {
+                if let Ok(args) = signal.args() {
+                    if args.job == job {
+                        return Some(args.result);
+                    }
+                }
+            }
+            None
+        })
+        .await;
+        match ended {
+            Ok(Some(result)) => Ok(result),
+            Ok(None) => Err(call(
+                what,
+                unit,
+                zbus::Error::Failure("the connection to PID 1 ended".into()),
+            )),
+            Err(_) => Err(HostBusError::JobTimeout {
+                what,
+                unit: unit.to_owned(),
+                within,
+            }),
+        }
+    }
+
+    /// A watch on the unit's properties (`PropertiesChanged` on its object, sent to
+    /// subscribers), so that a probation reacts when the unit does instead of polling it.
+    /// Made before the state is first read, so no change falls between the two.
+    pub async fn watch(&self, unit: &str) -> Result<UnitWatch, HostBusError> {
+        let path = self
+            .manager
+            .load_unit(unit)
+            .await
+            .map_err(|source| call("LoadUnit", unit, source))?;
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.freedesktop.DBus.Properties")
+            .member("PropertiesChanged")
+            .path(path)
+            .build()
+            .map_err(|source| call("watching", unit, source))?;
+        let stream = zbus::MessageStream::for_match_rule(rule, &self.conn, Some(WATCH_QUEUE))
+            .await
+            .map_err(|source| call("watching", unit, source))?;
+        Ok(UnitWatch { stream })
+    }
+}
+
+/// See [`HostSystemd::watch`].
+pub struct UnitWatch {
+    stream: zbus::MessageStream,
+}
+
+impl UnitWatch {
+    /// Until the next change of the unit, or `within`.
+    pub async fn changed(&mut self, within: Duration) {
+        let _ = tokio::time::timeout(within, self.stream.next()).await;
+    }
+}
+
+/// The two units a service can run as, the generated one first.
+pub fn unit_names(name: &str) -> [String; 2] {
+    [
+        format!("{name}.service"),
+        format!("apptainer-supervisor@{name}.service"),
+    ]
+}
+
+fn call(what: &'static str, unit: &str, source: zbus::Error) -> HostBusError {
+    HostBusError::Call {
+        what,
+        unit: unit.to_owned(),
+        source,
+    }
+}
+
+/// PID 1's private socket, peer to peer. Refused by systemd unless the peer is root (and,
+/// inside a PID namespace, visible to it).
+async fn private() -> zbus::Result<zbus::Connection> {
+    let stream = tokio::net::UnixStream::connect(PRIVATE_SOCKET)
+        .await
+        .map_err(|e| zbus::Error::InputOutput(std::sync::Arc::new(e)))?;
+    let stream = stream
+        .into_std()
+        .map_err(|e| zbus::Error::InputOutput(std::sync::Arc::new(e)))?;
+    zbus::connection::Builder::unix_stream(stream)
+        .p2p()
+        .method_timeout(CALL_TIMEOUT)
+        .build()
+        .await
+}
