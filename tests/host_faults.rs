@@ -26,7 +26,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use apptainer_supervisor::host::privilege;
-use support::host::{HostSystemd, BOOT_TARGET};
+use support::host::{stand_in_units, HostSystemd, BOOT_TARGET};
 use support::netns::TestNetns;
 use support::{
     dropin_environment, loops_for, own_bounding, require_root, rootfs, stderr, support,
@@ -41,27 +41,6 @@ const PROPS: &[&str] = &[
     "NRestarts",
     "StatusText",
 ];
-
-/// Stand-ins for the targets the unit names (as in tests/host_unit.rs).
-fn stand_in_units() -> Vec<(String, String)> {
-    [
-        "asv-host",
-        "sysinit",
-        "basic",
-        "shutdown",
-        "network-online",
-        "time-sync",
-        "remote-fs",
-    ]
-    .iter()
-    .map(|n| {
-        (
-            format!("{n}.target"),
-            format!("# Test stand-in\n[Unit]\nDescription=test stand-in for {n}.target\n"),
-        )
-    })
-    .collect()
-}
 
 /// One service under the shared host.
 struct Svc {

@@ -22,7 +22,7 @@
 //! (`apptainer-<pid>.scope`), outside this unit, so systemd's `KillMode` never reaches it:
 //! stopping it is our job, here.
 
-mod backoff;
+pub(crate) mod backoff;
 mod child;
 mod end;
 mod event_loop;

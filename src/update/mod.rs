@@ -507,8 +507,15 @@ async fn update(
     if r != "done" {
         return Err(UpdateError::Stop { unit, result: r });
     }
+    // An operator's update is a new cause: the back-off of earlier failed starts
+    // (run/backoff.rs) must not delay the start of the new image or of the rollback.
+    let backoff = crate::run::backoff::path(&o.run_dir, &s.name);
+    let clear_backoff = || {
+        let _ = std::fs::remove_file(&backoff);
+    };
     // Back on the image it ran, for the failures below that switched nothing.
     let restart_old = |e: UpdateError| async {
+        clear_backoff();
         let _ = host.start(&unit, start_within).await;
         e
     };
@@ -597,6 +604,7 @@ async fn update(
         None,
     );
     let t0 = Instant::now();
+    clear_backoff();
     let verdict = match intr.or(host.start(&unit, start_within)).await {
         None => Err("interrupted while the new image started".to_owned()),
         Some(Err(e)) => Err(e.to_string()),
@@ -708,6 +716,7 @@ async fn update(
         }
     }
     if why.is_none() {
+        clear_backoff();
         match host.start(&unit, start_within).await {
             Ok(r) if r == "done" => {}
             Ok(r) => {

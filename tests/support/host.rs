@@ -85,6 +85,39 @@ exec env -i container=asv-host \
   --log-level=info --show-status=no </dev/null
 "#;
 
+/// Units that stand in for the boot targets. Only these and the service are loaded, so
+/// nothing of the machine's own image starts (see `support::host`).
+pub fn stand_in_units() -> Vec<(String, String)> {
+    let target = |name: &str, why: &str| {
+        (
+            format!("{name}.target"),
+            format!(
+                "# Test stand-in: {why}\n[Unit]\nDescription=test stand-in for {name}.target\n"
+            ),
+        )
+    };
+    vec![
+        target(
+            "asv-host",
+            "what the host systemd boots into (--unit=); wants nothing",
+        ),
+        // A service's default dependencies: Requires=/After= sysinit.target, After=
+        // basic.target, Conflicts=/Before= shutdown.target (systemd.service(5)).
+        target("sysinit", "a service's default dependency; empty here"),
+        target("basic", "a service's default dependency; empty here"),
+        target("shutdown", "a service's default dependency"),
+        // Named by the shipped unit: Wants=/After=network-online.target (pulled in, and
+        // reached at once: nothing provides it here), After=time-sync.target
+        // remote-fs.target (ordering only).
+        target(
+            "network-online",
+            "named by the shipped unit; no provider here",
+        ),
+        target("time-sync", "named by the shipped unit; no provider here"),
+        target("remote-fs", "named by the shipped unit; no provider here"),
+    ]
+}
+
 /// A running host systemd. Dropping it ends everything made in it (see the module docs).
 pub struct HostSystemd {
     /// PID 1 of the namespaces, as the machine sees it.

@@ -3,6 +3,7 @@
 //! (`tests/support/apptainer`, see DOUBLE.md) with the light init (`fake-init`).
 #![allow(dead_code)]
 pub mod host;
+pub mod journal_native;
 pub mod netns;
 pub mod registry;
 
