@@ -4,9 +4,11 @@
 //!   image (the double runs `truncate` + `mkfs.ext3 -d`, as Apptainer's
 //!   internal/app/apptainer/overlay_create.go does), and the disk space it really uses;
 //! - the time `overlay::read_superblock` takes on it (the start-up check, a few reads
-//!   whatever the size).
+//!   whatever the size);
+//! - the time `update`'s overlay snapshot takes on it (`update::snapshot::take`: a
+//!   reflink, else a sparse copy after a free-space check) and the rollback's restore.
 //!
-//! Needs root (the double's config dir) and ~700 MB free in `BENCH_DIR` (default the
+//! Needs root (the double's config dir) and ~1.2 GB free in `BENCH_DIR` (default the
 //! system temp dir). `BENCH_OVERLAY_MIB` (default 100000) and `BENCH_RUNS` (default 1)
 //! adjust it. The figures are the double's and mkfs's, not ours: `cargo bench --bench
 //! overlay --profile dev` gives the same ones without a release build.
@@ -71,6 +73,29 @@ fn main() {
             sb.block_size,
             sb.fill_percent(),
             sb.has_journal
+        );
+        // `update`'s overlay snapshot of it (the unit stopped): a reflink where the
+        // filesystem can, else a sparse copy of the allocated blocks; then the rollback's
+        // restore (two renames). What an update adds to the service's downtime.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let t = Instant::now();
+        let snap = rt
+            .block_on(apptainer_supervisor::update::snapshot::take(&img))
+            .expect("the snapshot");
+        let took = t.elapsed();
+        let sm = std::fs::metadata(&snap.path).expect("the snapshot file");
+        let t = Instant::now();
+        apptainer_supervisor::update::snapshot::restore(&img, &snap.path, 0).expect("restore");
+        let restore = t.elapsed();
+        println!(
+            "run {run}: update's overlay snapshot of {mib} MiB: {:.2} s wall ({}), {} MiB allocated by the copy; rollback restore {} us",
+            took.as_secs_f64(),
+            if snap.reflinked { "reflink" } else { "sparse copy" },
+            (sm.blocks() * 512) >> 20,
+            restore.as_micros()
         );
     }
 }
