@@ -5,6 +5,7 @@
 pub mod host;
 pub mod netns;
 pub mod registry;
+pub mod sif;
 
 use std::collections::VecDeque;
 use std::io::Read;
