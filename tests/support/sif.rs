@@ -5,7 +5,8 @@
 //! as pseudo-file definitions (`-p`), so the 200 MB rootfs is never copied.
 //!
 //! The layout is the one the SIF library writes (github.com/apptainer/sif/v2, v2.20.2, the
-//! version Apptainer 1.4.5 vendors; v2.15.2 for 1.3.6 has the same layout):
+//! version Apptainer 1.4.5 vendors; v2.15.2, 1.3.6's, has the same layout, its `create.go`
+//! lines being :274, :222 and :82 for the ones cited here):
 //! `pkg/sif/sif.go` `header` (:325-339), `pkg/sif/descriptor.go` `rawDescriptor` (:32-48) and
 //! `partition` (:51-55), `pkg/sif/create.go` `CreateContainer` (descriptors at 4096, room for
 //! 48, :313-318; the data right after them, :252-264), `addObject` (the primary partition
@@ -74,7 +75,7 @@ fn check_name(what: &str, s: &str) {
 
 /// The compression for the squashfs: lz4 (fast to make) when this kernel's squashfs reads
 /// it, else gzip, which every squashfs kernel reads (Apptainer accepts both,
-/// pkg/image/squashfs.go:81-106).
+/// pkg/image/squashfs.go `CheckSquashfsHeader`, v1.3.6:80-105, v1.4.5:81-106).
 fn compression() -> &'static str {
     let out = Command::new("zcat").arg("/proc/config.gz").output();
     match out {
