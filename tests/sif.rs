@@ -8,18 +8,16 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use support::sif::{build, Variant};
+use support::sif::{build, place, Variant};
 use support::*;
 
 const REQUIRED: &str = "required_units = [\"asv-simple.service\", \"asv-slow.service\"]";
 
-/// Puts `image` (a cached SIF) into the world's service directory, hard-linked where the
-/// file system allows (else copied), and makes the service file use it.
+/// Puts `image` (a cached SIF) into the world's service directory and makes the service
+/// file use it.
 fn use_image(w: &World, image: &Path, name: &str) -> PathBuf {
     let dest = w.service_dir.join("containers").join(name);
-    if std::fs::hard_link(image, &dest).is_err() {
-        std::fs::copy(image, &dest).unwrap();
-    }
+    place(image, &dest);
     let cfg = std::fs::read_to_string(w.config_path()).unwrap();
     let rootfs = rootfs();
     let line = format!("image = \"{}\"", rootfs.display());

@@ -84,8 +84,8 @@ fn compression() -> &'static str {
     }
 }
 
-/// The cached SIF for `v`, built on first use (read-only, mode 0444: copy or hard-link it
-/// into a test's service directory; never write to it).
+/// The cached SIF for `v`, built on first use (read-only, mode 0444: [`place`] it into a
+/// test's service directory; never write to it). Its sha256 differs per variant and marker.
 pub fn build(v: &Variant) -> PathBuf {
     check_name("marker", v.marker());
     if let Variant::FailingUnit { unit, .. } = v {
@@ -197,6 +197,16 @@ pub fn build(v: &Variant) -> PathBuf {
         squashed.as_secs_f64()
     );
     path
+}
+
+/// Puts the cached `image` at `dest` (a test's service directory): a hard link where the
+/// file systems allow, else a copy. A hard link shares the cache's inode, and `losetup -j`
+/// (`loops_for`) matches loop devices by inode: a test that counts the loop devices of its
+/// image uses a marker no other test uses.
+pub fn place(image: &Path, dest: &Path) {
+    if std::fs::hard_link(image, dest).is_err() {
+        std::fs::copy(image, dest).unwrap();
+    }
 }
 
 /// SIF header fields (pkg/sif/sif.go:325-339), little endian, no padding: 128 bytes.
