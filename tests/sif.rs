@@ -120,7 +120,7 @@ fn a_sif_whose_required_unit_fails_ends_the_run_unit_failed() {
 /// container's system bus has not appeared in time, and the init, which ignores the halt
 /// signal, is forced down.
 #[test]
-fn a_sif_that_never_boots_times_out() {
+fn a_sif_whose_init_never_boots_fails_the_start() {
     if !require_root() {
         return;
     }
@@ -153,7 +153,8 @@ fn a_sif_that_never_boots_times_out() {
 
 /// What Apptainer refuses, the double refuses with Apptainer's words: the registry tests'
 /// stand-in SIF (`sif_bytes`: shorter than the 2048 bytes image.Init reads), one with a
-/// header but a wrong version, and a real SIF header with no system partition.
+/// header but a wrong version, "SIF_MAGIC" away from its place, and a real SIF header with
+/// no system partition.
 #[test]
 fn a_sif_without_a_system_partition_is_refused_at_start() {
     if !require_root() {
@@ -167,13 +168,22 @@ fn a_sif_without_a_system_partition_is_refused_at_start() {
     // The good image with its one descriptor marked unused: a SIF with no objects.
     let mut empty = std::fs::read(&image).unwrap()[..32768].to_vec();
     empty[4096 + 4] = 0;
-    let cases: [(&str, Vec<u8>, String); 3] = [
+    // "SIF_MAGIC" among the first 2048 bytes makes image.Init load it as a SIF, whose
+    // header then has no magic where it belongs.
+    let mut moved_magic = vec![0u8; 2048];
+    moved_magic[100..109].copy_from_slice(b"SIF_MAGIC");
+    let cases: [(&str, Vec<u8>, String); 4] = [
         (
             "fake.sif",
             support::registry::sif_bytes(b"fake\n"),
             "image format not recognized".into(),
         ),
         ("fake-big.sif", fake_big, "incompatible SIF version".into()),
+        (
+            "moved-magic.sif",
+            moved_magic,
+            "could not open image".into(),
+        ),
         (
             "empty.sif",
             empty,
@@ -206,6 +216,9 @@ fn a_sif_without_a_system_partition_is_refused_at_start() {
                 )),
                 "{err}"
             );
+        }
+        if name == "moved-magic.sif" {
+            assert!(err.contains("invalid SIF magic"), "{err}");
         }
         if name == "empty.sif" {
             assert!(err.contains("no root filesystem found"), "{err}");
