@@ -44,7 +44,8 @@ pub enum Variant<'a> {
 }
 
 impl Variant<'_> {
-    fn marker(&self) -> &str {
+    /// What `/etc/asv-image` holds (without its newline).
+    pub fn marker(&self) -> &str {
         match self {
             Variant::Good { marker }
             | Variant::FailingUnit { marker, .. }
