@@ -80,9 +80,11 @@ fn a_sif_boots_to_ready_and_leaves_no_loop_device() {
         "s-good2",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(loops_for(&sif).len(), 1);
-    let out = w.apptainer(&["instance", "stop", "s-good2"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    // Stopped before anything is asserted, so a failure leaves no instance behind.
+    let running = loops_for(&sif).len();
+    let stop = w.apptainer(&["instance", "stop", "s-good2"]);
+    assert_eq!(running, 1, "one loop device while it runs");
+    assert!(stop.status.success(), "{}", stderr(&stop));
     assert_eq!(loops_for(&sif), Vec::<String>::new(), "after instance stop");
 }
 
