@@ -6,6 +6,7 @@ pub mod host;
 pub mod journal_native;
 pub mod netns;
 pub mod registry;
+pub mod sif;
 
 use std::collections::VecDeque;
 use std::io::Read;
