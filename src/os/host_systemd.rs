@@ -1,8 +1,13 @@
 //! The host's systemd (PID 1), as `update` drives it: which unit runs a service here, a
 //! stop or start job waited for to its end, and the unit's state while an update is on
-//! probation. Over D-Bus, as systemctl does: root talks to PID 1 on its private socket
-//! (`/run/systemd/private`, peer to peer, no bus daemon needed: what `systemctl` uses as
-//! root, sd-bus `bus_connect_system_systemd`), anyone else through the system bus.
+//! probation. Over the system bus (dbus-daemon or dbus-broker, on every EL host), as
+//! `status` asks it.
+//!
+//! Not PID 1's private socket (`/run/systemd/private`, which systemctl uses as root): on
+//! it systemd sets the messages' sender to `org.freedesktop.systemd1`
+//! (`sd_bus_set_sender()` on private connections), a well-known name where the D-Bus
+//! specification has a unique name, and zbus refuses such a message ("Invalid unique
+//! name") — its reply to the first call already.
 //!
 //! What PID 1 says is the host's own word (not the container's): still, every text that
 //! reaches a terminal or the journal goes through [`crate::os::sanitize`] where it is
@@ -12,9 +17,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use zbus::OwnedObjectPath;
-
-/// PID 1's private socket: root only, served by systemd itself.
-pub const PRIVATE_SOCKET: &str = "/run/systemd/private";
 
 /// Property changes queued for a probation's watch (only "something changed" matters).
 const WATCH_QUEUE: std::num::NonZeroUsize =
@@ -69,7 +71,7 @@ trait HostService {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostBusError {
-    #[error("cannot reach the host's systemd ({PRIVATE_SOCKET}, then the system bus): {0}")]
+    #[error("cannot reach the host's systemd on the system bus: {0}")]
     Connect(zbus::Error),
     #[error("the host's systemd: {what} {unit}: {source}")]
     Call {
@@ -106,26 +108,19 @@ pub struct HostSystemd {
 }
 
 impl HostSystemd {
-    /// The private socket when it can be used (root), else the system bus.
+    /// On the system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured).
     pub async fn connect() -> Result<HostSystemd, HostBusError> {
-        let conn = match private().await {
-            Ok(c) => c,
-            Err(private_err) => zbus::connection::Builder::system()
-                .method_timeout(CALL_TIMEOUT)
-                .build()
-                .await
-                .map_err(|e| {
-                    HostBusError::Connect(zbus::Error::Failure(format!(
-                        "{PRIVATE_SOCKET}: {private_err}; system bus: {e}"
-                    )))
-                })?,
-        };
+        let conn = zbus::connection::Builder::system()
+            .method_timeout(CALL_TIMEOUT)
+            .build()
+            .await
+            .map_err(HostBusError::Connect)?;
         let manager = HostManagerProxy::builder(&conn)
             .cache_properties(zbus::proxy::CacheProperties::No)
             .build()
             .await
             .map_err(HostBusError::Connect)?;
-        // Without Subscribe() PID 1 sends a private connection no JobRemoved.
+        // Without Subscribe() PID 1 sends no JobRemoved (nor PropertiesChanged).
         manager.subscribe().await.map_err(HostBusError::Connect)?;
         Ok(HostSystemd { conn, manager })
     }
@@ -289,20 +284,4 @@ fn call(what: &'static str, unit: &str, source: zbus::Error) -> HostBusError {
         unit: unit.to_owned(),
         source,
     }
-}
-
-/// PID 1's private socket, peer to peer. Refused by systemd unless the peer is root (and,
-/// inside a PID namespace, visible to it).
-async fn private() -> zbus::Result<zbus::Connection> {
-    let stream = tokio::net::UnixStream::connect(PRIVATE_SOCKET)
-        .await
-        .map_err(|e| zbus::Error::InputOutput(std::sync::Arc::new(e)))?;
-    let stream = stream
-        .into_std()
-        .map_err(|e| zbus::Error::InputOutput(std::sync::Arc::new(e)))?;
-    zbus::connection::Builder::unix_stream(stream)
-        .p2p()
-        .method_timeout(CALL_TIMEOUT)
-        .build()
-        .await
 }

@@ -243,9 +243,15 @@ struct Report {
 }
 
 impl Report {
+    /// A step: a line on stderr and an entry in the journal.
     fn say(&self, step: &str, text: &str, digest: Option<&str>, result: Option<&str>) {
+        eprintln!("{}: {}", self.name, sanitize::one_line(text, 4096));
+        self.journal(step, text, digest, result);
+    }
+
+    /// The journal's entry only (the end, which the command prints in its own words).
+    fn journal(&self, step: &str, text: &str, digest: Option<&str>, result: Option<&str>) {
         let text = sanitize::one_line(text, 4096);
-        eprintln!("{}: {text}", self.name);
         let Some(j) = &self.journal else { return };
         let mut fields: Vec<(&str, &[u8])> = vec![
             ("MESSAGE", text.as_bytes()),
@@ -312,7 +318,7 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
                 exit::OK
             }
             Ok(Done::Updated { from, to, timings }) => {
-                rep.say(
+                rep.journal(
                     "end",
                     &format!("updated from {from} to {to} ({timings})"),
                     Some(&to),
@@ -322,7 +328,7 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
                 exit::OK
             }
             Err(e) => {
-                rep.say("end", &e.to_string(), None, Some(e.result()));
+                rep.journal("end", &e.to_string(), None, Some(e.result()));
                 eprintln!("error: {e}");
                 e.exit_code()
             }
@@ -408,13 +414,14 @@ async fn update(
     };
     rep.unit = Some(unit.clone());
 
-    // One update (or dry run) of a service at a time.
-    std::fs::create_dir_all(&images).map_err(|source| UpdateError::Io {
+    // One update (or dry run) of a service at a time: a lock beside the supervisor's own
+    // runtime files (tmpfs), so that nothing is left in the service's directories.
+    std::fs::create_dir_all(&o.run_dir).map_err(|source| UpdateError::Io {
         what: "creating",
-        path: images.clone(),
+        path: o.run_dir.clone(),
         source,
     })?;
-    let lock_path = images.join(".update.lock");
+    let lock_path = o.run_dir.join(format!("{}.update.lock", s.name));
     let lock = std::fs::File::create(&lock_path).map_err(|source| UpdateError::Io {
         what: "opening",
         path: lock_path.clone(),
@@ -626,19 +633,11 @@ async fn update(
                     t.add("probation", t0);
                     v
                 }
-                st => Err(format!(
-                    "the start of {unit} ended with job result `{job}`{}",
-                    st.map_or_else(String::new, |st| format!(
-                        ", the unit {}/{} (Result={}){}",
-                        st.active_state,
-                        st.sub_state,
-                        st.result,
-                        if st.status_text.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", status: {}", st.status_text)
-                        }
-                    ))
+                st => Err(start_failed(
+                    &unit,
+                    &job,
+                    st.as_ref(),
+                    &live::path(&o.run_dir, &s.name),
                 )),
             }
         }
@@ -769,6 +768,34 @@ async fn update(
             why,
         }),
     }
+}
+
+/// Why a start of the new image failed, in words: the supervisor's own last error (its live
+/// state file, e.g. "required unit asv-slow.service failed (exit-code)"), else the unit's
+/// state and STATUS= text.
+fn start_failed(
+    unit: &str,
+    job: &str,
+    st: Option<&crate::os::host_systemd::UnitState>,
+    live_path: &Path,
+) -> String {
+    let mut s = format!("the start of {unit} ended with job result `{job}`");
+    if let Some(e) = LiveState::read(live_path)
+        .ok()
+        .flatten()
+        .and_then(|l| l.last_error)
+    {
+        s.push_str(&format!(": {e}"));
+    } else if let Some(st) = st {
+        s.push_str(&format!(
+            ", the unit {}/{} (Result={})",
+            st.active_state, st.sub_state, st.result
+        ));
+        if !st.status_text.is_empty() {
+            s.push_str(&format!(", status: {}", st.status_text));
+        }
+    }
+    s
 }
 
 /// The new image on probation: the unit must stay active, in the same invocation, with no

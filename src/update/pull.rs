@@ -3,10 +3,18 @@
 //! name that a pointer could name.
 //!
 //! Why a private name: with `--disable-cache` Apptainer writes the pull's target path
-//! itself while the transfer runs (the ORAS path downloads into the destination, see
+//! itself (the ORAS path downloads the blob into a temporary OCI layout, then copies it
+//! into the destination in place: internal/pkg/client/oras/oras.go `DownloadImage`, see
 //! tests/support/DOUBLE.md rows 36–41), so a pull straight to `sha256-<hex>.sif` could
 //! leave a partial file under a final name. `--disable-cache` keeps Apptainer's cache (in
 //! root's home) from growing by a copy of every image.
+//!
+//! The whole pull happens in a private directory beside the images
+//! (`images/.pull-<pid>-<ms>/`), which is also its temporary directory (`TMPDIR`, which
+//! Apptainer 1.3's `os.MkdirTemp("", "oras-tmp-")` uses, and `APPTAINER_TMPDIR`, which
+//! 1.4's `--tmpdir` reads): a multi-GB layer is never downloaded into a small `/tmp`,
+//! and an interrupted pull (Apptainer killed before its deferred clean-up runs) leaves
+//! nothing but that directory, which is removed.
 //!
 //! Why a pull, and not a registry query, to learn the digest (also for `--dry-run`): the
 //! pull is Apptainer's own, with the site's registry logins (`apptainer registry login`),
@@ -15,6 +23,7 @@
 //! would still disagree with Apptainer about credentials. The cost is one transfer per
 //! `--dry-run`, which a site's update cadence (hours to weeks) affords.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
@@ -57,10 +66,10 @@ pub struct Pulled {
     pub existed: bool,
 }
 
-/// The private name a pull writes to: hidden, never `sha256-*`, unique to this process.
-fn private_name(images: &Path) -> PathBuf {
+/// The private directory a pull works in: hidden, never `sha256-*`, unique to this process.
+fn private_dir(images: &Path) -> PathBuf {
     images.join(format!(
-        ".pull-{}-{}.sif",
+        ".pull-{}-{}",
         std::process::id(),
         crate::os::live::unix_now_ms()
     ))
@@ -80,12 +89,19 @@ pub async fn pull(
         move |source| PullError::Io { what, path, source }
     };
     std::fs::create_dir_all(images).map_err(io("creating", images))?;
-    let tmp = private_name(images);
-    let _guard = RemoveOnDrop(tmp.clone());
+    let work = private_dir(images);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&work)
+        .map_err(io("creating", &work))?;
+    let _guard = RemoveOnDrop(work.clone());
+    let tmp = work.join("image.sif");
     let child = tokio::process::Command::new(apptainer)
         .args(["pull", "--disable-cache"])
         .arg(&tmp)
         .arg(url)
+        .env("TMPDIR", &work)
+        .env("APPTAINER_TMPDIR", &work)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -187,17 +203,18 @@ async fn sha256(path: &Path) -> Result<String, PullError> {
     Ok(hex.to_owned())
 }
 
-/// The private file goes whatever happens: placed (a second name exists), failed or
-/// interrupted (partial).
+/// The private directory goes whatever happens: placed (the image has a second name),
+/// failed or interrupted (partial files).
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
-/// Private files of pulls that never finished (a host crash, SIGKILL): ours to remove.
+/// Private directories of pulls that never finished (a host crash, SIGKILL): ours to
+/// remove (the update lock is held, so no pull of this service runs).
 pub fn remove_stale(images: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(images) else {
@@ -207,9 +224,8 @@ pub fn remove_stale(images: &Path) -> Vec<PathBuf> {
         let name = e.file_name();
         let name = name.to_string_lossy();
         if name.starts_with(".pull-")
-            && name.ends_with(".sif")
-            && e.file_type().is_ok_and(|t| t.is_file())
-            && std::fs::remove_file(e.path()).is_ok()
+            && e.file_type().is_ok_and(|t| t.is_dir())
+            && std::fs::remove_dir_all(e.path()).is_ok()
         {
             removed.push(e.path());
         }

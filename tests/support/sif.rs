@@ -27,7 +27,7 @@ use std::process::Command;
 use std::time::Instant;
 
 /// Changes whenever what [`build`] writes changes, so a stale cached image is never used.
-pub const BUILDER_VERSION: u32 = 1;
+pub const BUILDER_VERSION: u32 = 2;
 
 /// What the image does when booted; every variant carries `/etc/asv-image` holding its
 /// marker and a newline, so a test can tell images apart from inside
@@ -138,6 +138,22 @@ pub fn build(v: &Variant) -> PathBuf {
         &format!("{}\n", v.marker()),
         &mut pseudo,
     );
+    // Every boot leaves `/var/lib/asv-booted-<marker>` in the overlay (a oneshot unit, or
+    // NeverBoots' init itself): what a rollback's restored overlay must not hold.
+    let booted = format!("/var/lib/asv-booted-{}", v.marker());
+    if !matches!(v, Variant::NeverBoots { .. }) {
+        file(
+            "etc/systemd/system/asv-boot-mark.service",
+            "644",
+            &format!(
+                "# sif.rs: a boot of this image writes into the overlay\n[Unit]\nDescription=test: boot mark\n[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo booted > {booted}'\n"
+            ),
+            &mut pseudo,
+        );
+        pseudo.push(
+            "etc/systemd/system/multi-user.target.wants/asv-boot-mark.service s 777 0 0 /etc/systemd/system/asv-boot-mark.service".to_owned(),
+        );
+    }
     match v {
         Variant::Good { .. } => {}
         Variant::FailingUnit { unit, .. } => {
@@ -159,7 +175,7 @@ pub fn build(v: &Variant) -> PathBuf {
             file(
                 "usr/sbin/init",
                 "755",
-                "#!/bin/sh\n# sif.rs NeverBoots: no systemd, no bus\nexec sleep infinity\n",
+                &format!("#!/bin/sh\n# sif.rs NeverBoots: no systemd, no bus\necho booted > {booted}\nexec sleep infinity\n"),
                 &mut pseudo,
             );
         }
