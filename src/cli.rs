@@ -100,6 +100,9 @@ pub struct MigrateArgs {
     /// Service directory (start.sh's $DIRNAME) [default: the directory above start.sh's bin/].
     #[arg(long, value_name = "DIR")]
     pub service_dir: Option<String>,
+    /// Name the managed image pointer (containers/current.sif beside the image) as `image`, for `update`.
+    #[arg(long)]
+    pub image_pointer: bool,
     /// Write the service file here (never over an existing file) instead of to stdout.
     #[arg(short, long, value_name = "OUT")]
     pub output: Option<PathBuf>,

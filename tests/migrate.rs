@@ -374,3 +374,74 @@ fn boot_without_network_keeps_apptainers_bridge_explicitly() {
         "external: Apptainer's own file"
     );
 }
+
+/// `--image-pointer`: `image` is the managed pointer beside the start.sh's image, and the
+/// note's one-time command, run in a copy of the layout, makes a pointer `check` calls
+/// managed (the digest of the very file the service ran before).
+#[test]
+fn image_pointer_names_the_managed_pointer_and_its_note_makes_it() {
+    let d = tempfile::tempdir().unwrap();
+    let svc = d.path().join("ood001");
+    std::fs::create_dir_all(svc.join("bin")).unwrap();
+    std::fs::create_dir_all(svc.join("containers")).unwrap();
+    std::fs::copy(fixture("ood001", "start.sh"), svc.join("bin/start.sh")).unwrap();
+    let mut sif = b"#!/usr/bin/env run-singularity\n".to_vec();
+    sif.resize(32, 0);
+    sif.extend_from_slice(b"SIF_MAGIC\0ood001 image");
+    std::fs::write(svc.join("containers/container.sif"), &sif).unwrap();
+    let out = migrate(&[
+        "--start-sh",
+        svc.join("bin/start.sh").to_str().unwrap(),
+        "--image-pointer",
+    ]);
+    let (toml, err) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        toml.contains("image = \"${service_dir}/containers/current.sif\""),
+        "{toml}"
+    );
+    // On stderr in one line (the file's comment folds it).
+    let cmd = err
+        .lines()
+        .find_map(|l| {
+            l.split_once("make it once: ")
+                .map(|(_, c)| c.trim().to_owned())
+        })
+        .unwrap_or_else(|| panic!("the note with the command: {err}"));
+    assert!(
+        toml.contains("# migrate (note): image is the managed pointer"),
+        "{toml}"
+    );
+    let sh = Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+    assert!(
+        sh.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&sh.stderr)
+    );
+    let file = d.path().join("ood001.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let check = Command::new(BIN)
+        .args(["check", "--json", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&check.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&check.stderr)));
+    let hex = {
+        let o = Command::new("sha256sum")
+            .arg(svc.join("containers/container.sif"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)[..64].to_owned()
+    };
+    assert_eq!(
+        v["image"]["state"],
+        "managed",
+        "{}",
+        serde_json::to_string_pretty(&v["image"]).unwrap()
+    );
+    assert_eq!(v["image"]["digest"], format!("sha256:{hex}"));
+}

@@ -511,13 +511,89 @@ fn a_bad_image_is_rolled_back_with_its_overlay() {
             "the failed image is kept"
         );
     }
+    // Without the snapshot: rolled back all the same, the image only, and said so; what the
+    // failed boot wrote stays in the overlay.
+    let bad = Variant::FailingUnit {
+        unit: "asv-slow.service",
+        marker: "G",
+    };
+    up.push(&bad);
+    let out = up.update(&["--no-overlay-snapshot"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}\n{}", up.logs());
+    assert!(
+        err.contains("a rollback restores the image only")
+            && err.contains("the old image runs on the overlay as the new one left it"),
+        "{err}"
+    );
+    assert_eq!(up.marker(), "A");
+    assert_eq!(
+        up.inside(&["cat", "/var/lib/asv-booted-G"]),
+        "booted",
+        "the overlay is as the failed boot left it"
+    );
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(up.images().join("update.json")).unwrap()).unwrap();
+    assert_eq!(rec["last"]["snapshot"], false);
+    assert!(rec["last"].get("failed_overlay").is_none());
+
     let rolled = up.entries(|e| e.get("UPDATE_RESULT").is_some_and(|r| r == "rolled-back"));
     assert_eq!(
         rolled.len(),
-        2,
-        "both attempts in the journal\n{}",
+        3,
+        "every attempt in the journal\n{}",
         up.logs()
     );
+}
+
+/// A snapshot that does not fit (no reflink on tmpfs, allocated size + margin above the
+/// free space) is refused before anything is copied: the overlay untouched, no partial
+/// file, the message naming the sizes and --no-overlay-snapshot.
+#[test]
+fn a_snapshot_that_does_not_fit_is_refused_before_copying() {
+    if !require_root() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mnt = d.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=300m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "mount a 300 MiB tmpfs");
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let ov = mnt.join("overlay.img");
+    std::fs::write(&ov, vec![7u8; 100 << 20]).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = rt
+        .block_on(apptainer_supervisor::update::snapshot::take(&ov))
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(
+            e,
+            apptainer_supervisor::update::snapshot::SnapshotError::NoSpace { .. }
+        ) && msg.contains("100 MiB allocated")
+            && msg.contains("--no-overlay-snapshot"),
+        "{msg}"
+    );
+    assert_eq!(
+        files(&mnt),
+        vec!["overlay.img".to_owned()],
+        "nothing left beside it"
+    );
+    assert_eq!(std::fs::metadata(&ov).unwrap().len(), 100 << 20);
 }
 
 /// The registry stops in the middle of the transfer and the operator sends SIGTERM:

@@ -122,6 +122,8 @@ pub struct Inputs {
     pub service_env: Option<Input>,
     pub name: Option<String>,
     pub service_dir: Option<String>,
+    /// `--image-pointer`: `image` is the managed pointer `update` switches.
+    pub image_pointer: bool,
 }
 
 /// One input file: its path (for messages) and its text.
@@ -270,6 +272,7 @@ pub fn run(args: &crate::cli::MigrateArgs) -> Result<(), MigrateError> {
         service_env,
         name: args.name.clone(),
         service_dir: args.service_dir.clone(),
+        image_pointer: args.image_pointer,
     };
     let m = migrate(&inputs)?;
     for line in &m.messages {

@@ -115,8 +115,35 @@ pub(super) fn name(inputs: &Inputs, read: &Read) -> Result<Setting<String>, Migr
 
 /// `image` and `image_url`: start.sh's image is the local one unless it is a URL, which
 /// the supervisor never pulls; host_vars' `container_url` (already in `m.image_url`) is
-/// kept for image updates.
-pub(super) fn image(m: &mut Model, read: &Read) {
+/// kept for image updates. With `pointer` (`--image-pointer`), `image` is the managed
+/// pointer beside that local image, and a note says how to make it once.
+pub(super) fn image(m: &mut Model, read: &Read, pointer: bool) {
+    image_from_inputs(m, read);
+    if !pointer {
+        return;
+    }
+    use crate::host::image_pointer::{IMAGES_DIR, POINTER_NAME};
+    let local = m
+        .image
+        .as_ref()
+        .map_or_else(|| config::DEFAULT_IMAGE.to_owned(), |s| s.value.clone());
+    let (dir, file) = local.rsplit_once('/').unwrap_or((".", local.as_str()));
+    let mut s = Setting::bare(format!("{dir}/{POINTER_NAME}"));
+    let real_dir = dir.replace("${service_dir}", &m.service_dir.value);
+    s.notes.push(Note {
+        level: Level::Note,
+        at: Origin {
+            file: "--image-pointer".into(),
+            line: 0,
+        },
+        text: format!(
+            "image is the managed pointer that `update` switches; make it once: cd {real_dir} && mkdir -p {IMAGES_DIR} && h=$(sha256sum {file} | cut -c1-64) && ln {file} {IMAGES_DIR}/sha256-$h.sif && ln -s {IMAGES_DIR}/sha256-$h.sif {POINTER_NAME}"
+        ),
+    });
+    m.image = Some(s);
+}
+
+fn image_from_inputs(m: &mut Model, read: &Read) {
     if let Some(img) = read.sh.as_ref().and_then(|s| s.image.clone()) {
         if img.value.contains("://") {
             let mut url = img.clone();

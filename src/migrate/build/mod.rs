@@ -87,7 +87,7 @@ pub(super) fn build(inputs: &Inputs) -> Result<Model, MigrateError> {
         readiness: None,
         dropped: Vec::new(),
     };
-    identity::image(&mut m, &read);
+    identity::image(&mut m, &read, inputs.image_pointer);
     m.boot = identity::boot(&read);
     m.hostname = read.sh.as_ref().and_then(|s| s.hostname.clone());
     m.binds = binds(&read);
