@@ -3,7 +3,9 @@
 //! now, and the failed overlays a rollback kept aside. Read only: nothing here takes the
 //! update's lock or touches a file (apptainer-supervisor(8), UPDATE and STATUS JSON).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -107,16 +109,35 @@ pub fn kept_aside(overlay: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// Whether someone holds the flock(2) of `lock`: read from /proc/locks, never by taking
-/// the lock, so that a `status` at that moment cannot make an update that starts then
-/// fail as busy. /proc/locks names a lock's file as `MAJOR:MINOR:INODE` (hex, hex,
-/// decimal: fs/locks.c `lock_get_status`).
+/// How long the question to another host's lock may take (a cut-off NFS client hangs).
+const ASK_WITHIN: Duration = Duration::from_secs(2);
+
+/// Whether an update holds the flock(2) of `lock`, found without ever taking the lock (a
+/// `status` at that moment must not make an update that starts then fail as busy).
+/// On this host: /proc/locks, which names a lock's file as `MAJOR:MINOR:INODE` (hex, hex,
+/// decimal: fs/locks.c `lock_get_status`). On another host sharing the directory over
+/// NFS: there flock(2) is a whole-file byte-range lock at the server (flock(2), NOTES),
+/// which a test for a conflicting lock sees; asked on a thread, for at most
+/// [`ASK_WITHIN`].
 fn lock_held(lock: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::metadata(lock) else {
         return false;
     };
-    std::fs::read_to_string("/proc/locks").is_ok_and(|locks| flock_listed(&locks, m.dev(), m.ino()))
+    if std::fs::read_to_string("/proc/locks").is_ok_and(|l| flock_listed(&l, m.dev(), m.ino())) {
+        return true;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = lock.to_owned();
+    std::thread::spawn(move || {
+        let held = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .and_then(|f| crate::host::overlay_lock::is_locked(&f, 0));
+        let _ = tx.send(held);
+    });
+    matches!(rx.recv_timeout(ASK_WITHIN), Ok(Ok(true)))
 }
 
 fn flock_listed(locks: &str, dev: u64, ino: u64) -> bool {
@@ -336,6 +357,29 @@ mod tests {
             w[0],
             "update in-progress: sha256:111111111111 -> sha256:222222222222, started 1m00s ago"
         );
+    }
+
+    /// An update on another host shows here as a byte-range lock (NFS emulates flock(2)
+    /// so): stood in for by an OFD lock of another open file description.
+    #[test]
+    fn a_byte_range_lock_on_the_lock_file_counts_as_an_update_running() {
+        let d = tempfile::tempdir().unwrap();
+        let lock = d.path().join(LOCK);
+        assert!(!lock_held(&lock), "no file, no update");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+            .unwrap();
+        assert!(!lock_held(&lock));
+        // SAFETY: flock is plain data; all-zero is a valid value, then filled in.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_OFD_SETLK(&fl)).unwrap();
+        assert!(lock_held(&lock));
     }
 
     #[test]
