@@ -253,9 +253,10 @@ mod tests {
             s.contains("\n        apptainer__supervisor__subcmd__status)\n"),
             "{s}"
         );
+        // One arm per subcommand that takes a service NAME.
         assert_eq!(
             s.matches("$(_apptainer_supervisor_services)").count(),
-            3,
+            NAMED_SERVICE_SUBCOMMANDS.len(),
             "{s}"
         );
     }

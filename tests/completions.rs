@@ -203,9 +203,13 @@ fn bash_completes_the_options_of_a_subcommand() {
     assert!(got.iter().any(|g| g == "--host"), "check --h<TAB>: {got:?}");
     let got = tab(&s, "apptainer-supervisor st");
     assert_eq!(got, ["status"], "st<TAB>");
+    let got = tab(&s, "apptainer-supervisor update --");
+    for want in ["--image", "--dry-run", "--no-overlay-snapshot", "--run-dir"] {
+        assert!(got.iter().any(|g| g == want), "update --<TAB>: {got:?}");
+    }
 }
 
-/// The NAME of `check`, `run` and `status` completes to the service files of the config
+/// The NAME of `check`, `run`, `status` and `update` completes to the service files of the config
 /// directory (here given with --config-dir, as the default is the host's).
 #[test]
 fn bash_completes_service_names_from_the_config_directory() {
@@ -240,4 +244,9 @@ fn bash_completes_service_names_from_the_config_directory() {
     assert_eq!(got, ["ood001", "ood002"], "check oo<TAB>");
     let got = tab(&s, &format!("apptainer-supervisor run --config-dir {d} w"));
     assert_eq!(got, ["ww001"], "run w<TAB>");
+    let got = tab(
+        &s,
+        &format!("apptainer-supervisor --config-dir {d} update ww"),
+    );
+    assert_eq!(got, ["ww001"], "update ww<TAB>");
 }

@@ -5,8 +5,9 @@
 //!   and no other;
 //! - every exit code of `exit` is in the EXIT STATUS section of
 //!   apptainer-supervisor(8), and nothing else is;
-//! - every field of the tracing events and spans in `src/` is in the JOURNAL FIELDS section
-//!   of apptainer-supervisor(8), and nothing else is;
+//! - every field of the tracing events and spans in `src/`, and of the entries sent with
+//!   journald's native protocol directly, is in the JOURNAL FIELDS section of
+//!   apptainer-supervisor(8), and nothing else is;
 //! - the pages (and apptainer-supervisor-generator(8)) pass `mandoc -T lint -W warning`;
 //! - the template unit passes `systemd-analyze verify`, its timeouts cover the defaults of
 //!   `timeouts.*`, and its restart rules match the exit codes (133 restarts, 78 does not).
@@ -36,6 +37,8 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("USAGE", exit::USAGE),
     ("NOT_ALL_UP", exit::NOT_ALL_UP),
     ("NO_SUCH_SERVICE", exit::NO_SUCH_SERVICE),
+    ("ROLLED_BACK", exit::ROLLED_BACK),
+    ("ROLLBACK_FAILED", exit::ROLLBACK_FAILED),
     ("DATAERR", exit::DATAERR),
     ("NOINPUT", exit::NOINPUT),
     ("UNAVAILABLE", exit::UNAVAILABLE),
@@ -46,6 +49,7 @@ const EXIT_CODES: &[(&str, i32)] = &[
     ("TEMPFAIL", exit::TEMPFAIL),
     ("NOPERM", exit::NOPERM),
     ("CONFIG", exit::CONFIG),
+    ("INTERRUPTED", exit::INTERRUPTED),
     ("REBOOTED", exit::REBOOTED),
 ];
 
@@ -419,6 +423,41 @@ fn journal_fields(src: &str) -> BTreeSet<String> {
     fields
 }
 
+/// journald's own fields, which every entry has and the page describes apart.
+const JOURNALD_OWN: &[&str] = &["MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER"];
+
+/// The fields of entries that a file sends with journald's native protocol itself
+/// (`j.send(&fields)`: the instance's output lines, `update`'s steps): each
+/// `("NAME", value)` tuple of a file that sends, less [`JOURNALD_OWN`].
+fn native_fields(src: &str) -> BTreeSet<String> {
+    let mut fields = BTreeSet::new();
+    if !src.contains(".send(&") {
+        return fields;
+    }
+    for (i, _) in src.match_indices('"') {
+        let rest = &src[i + 1..];
+        let Some(end) = rest.find('"') else { break };
+        let name = &rest[..end];
+        // A tuple's `(`, not a call's (`f("X", 1)`, `info!("X", …)`).
+        let opens_pair = src[..i].trim_end().strip_suffix('(').is_some_and(|b| {
+            !b.ends_with(|c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '!' | '>'))
+        });
+        let then_comma = rest[end + 1..].trim_start().starts_with(',');
+        if opens_pair
+            && then_comma
+            && name.len() > 1
+            && name.starts_with(|c: char| c.is_ascii_uppercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            && !JOURNALD_OWN.contains(&name)
+        {
+            fields.insert(name.to_owned());
+        }
+    }
+    fields
+}
+
 /// The field names that JOURNAL FIELDS lists as items (`.It Va OVERLAY , SIZE_MIB`).
 fn documented_fields(lines: &[&str]) -> BTreeSet<String> {
     lines
@@ -462,6 +501,14 @@ fn journal_field_names_are_read_from_macros() {
             "UNIT"
         ]
     );
+    let native = r#"
+        let _ = j.send(&[("MESSAGE", b"x"), (
+            "UPDATE_STEP", b"pull"), ("lower", b""), ("A", b"")]);
+        let v = vec![("UNIT", x)]; f("NOT_A_PAIR", 1);
+    "#;
+    let got: Vec<String> = native_fields(native).into_iter().collect();
+    assert_eq!(got, ["UNIT", "UPDATE_STEP"]);
+    assert!(native_fields(r#"let v = [("PATH", "/bin")];"#).is_empty());
     let doc = ".It Va OVERLAY , SIZE_MIB\n.It Va ERROR\nthe Va NOT_AN_ITEM\n.It Dv STATUS=\n";
     let lines: Vec<&str> = doc.lines().collect();
     let got: Vec<String> = documented_fields(&lines).into_iter().collect();
@@ -482,8 +529,8 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Every field a tracing event or span in `src/` sets is an item of JOURNAL FIELDS, and
-/// every item there is a field some event sets: `journalctl FIELD=…` is only as good as
+/// Every field a tracing event or span in `src/` sets, or an entry sent natively carries,
+/// is an item of JOURNAL FIELDS, and every item there is a field some entry carries: `journalctl FIELD=…` is only as good as
 /// the list.
 #[test]
 fn journal_fields_match_the_source() {
@@ -492,6 +539,7 @@ fn journal_fields_match_the_source() {
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         in_source.extend(journal_fields(&text));
+        in_source.extend(native_fields(&text));
     }
     assert!(
         in_source.contains("SERVICE") && in_source.contains("INSTANCE_PID"),

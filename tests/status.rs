@@ -564,3 +564,82 @@ fn status_shows_the_managed_images_digest_and_keeps_the_running_one_after_a_swit
     assert!(row["image"]["digest"].is_null(), "{row:#}");
     assert_eq!(image_cell(&u), ("-".to_owned(), "0d".to_owned()));
 }
+
+/// After a rolled-back update (apptainer-supervisor(8), UPDATE): `status --json` shows the
+/// rollback target, the last update with its cause, and the overlay of the failed boot
+/// kept aside; the table warns about both on one line each, with what the record says
+/// escaped (a cause could carry a container's text). No update runs, so nothing is
+/// `in-progress`.
+#[test]
+fn status_shows_a_rolled_back_update_and_the_overlay_kept_aside() {
+    if !require_root() {
+        return;
+    }
+    let w = World::new("t-upd-status");
+    let old = content_addressed(&w, b"old\n");
+    let new = content_addressed(&w, b"new\n");
+    point_at(&w, &old);
+    let text = std::fs::read_to_string(w.config_path()).unwrap();
+    let text = text.replace("containers/sandbox\"", "containers/current.sif\"");
+    std::fs::write(w.config_path(), text).unwrap();
+    let failed = w.service_dir.join("overlay/overlay.img.failed-123");
+    std::fs::write(&failed, "").unwrap();
+    let record = serde_json::json!({
+        "schema": 1,
+        "previous": old,
+        "images": [{"digest": new, "at": 1300, "note": "failed: httpd.service failed"}],
+        "last": {
+            "result": "rolled-back", "from": old, "to": new,
+            "url": "oras://127.0.0.1:5000/t:latest",
+            "started_at": 1000, "ended_at": 1300,
+            "cause": "required units failed inside during the probation: httpd.service\u{1b}[2J\nforged: row",
+            "failed_overlay": failed, "snapshot": true,
+            "timings_ms": {"pull": 1200, "rollback": 4000}
+        }
+    });
+    std::fs::write(
+        w.service_dir.join("containers/images/update.json"),
+        serde_json::to_vec(&record).unwrap(),
+    )
+    .unwrap();
+
+    let row = status_json(&w);
+    let u = &row["update"];
+    assert_eq!(u["previous"], old.as_str(), "{row:#}");
+    assert_eq!(u["running"], false, "{row:#}");
+    assert_eq!(u["last"]["result"], "rolled-back", "{row:#}");
+    assert_eq!(u["last"]["to"], new.as_str(), "{row:#}");
+    assert_eq!(u["last"]["timings_ms"]["rollback"], 4000, "{row:#}");
+    assert_eq!(
+        u["kept_aside"],
+        serde_json::json!([failed.to_str().unwrap()]),
+        "{row:#}"
+    );
+
+    let out = status(&w, &[]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("warning: {}: ", w.name)))
+        .collect();
+    let rolled = lines
+        .iter()
+        .find(|l| l.contains("was rolled back"))
+        .unwrap_or_else(|| panic!("no rollback warning in {text}"));
+    assert!(
+        rolled.contains(&new[..7 + 12]) && rolled.contains("\\x1b[2J\\nforged: row"),
+        "{text}"
+    );
+    assert!(!text.contains('\u{1b}'), "{text:?}");
+    assert!(!text.lines().any(|l| l.starts_with("forged")), "{text}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("kept aside") && l.contains(failed.to_str().unwrap())),
+        "{text}"
+    );
+
+    // An unmanaged image has no update view.
+    let u = World::new("t-upd-status-u");
+    assert!(status_json(&u)["update"].is_null());
+}

@@ -142,7 +142,7 @@ fn set_lock(file: &File, start: i64) -> std::io::Result<()> {
 }
 
 /// Whether a write lock of another open file description covers [0, len).
-fn is_locked(file: &File, len: i64) -> std::io::Result<bool> {
+pub(crate) fn is_locked(file: &File, len: i64) -> std::io::Result<bool> {
     let mut fl = flock(libc::F_WRLCK as libc::c_short, 0);
     fl.l_len = len;
     nix::fcntl::fcntl(file, nix::fcntl::FcntlArg::F_OFD_GETLK(&mut fl))?;

@@ -6,13 +6,16 @@
 //! live state files the supervisors publish (`state.rs`), the host's systemd over the system
 //! bus (the unit's ActiveState; `unknown` when there is no bus or no answer within a
 //! second), the container's own systemd over its bus for failed units (root only, bounded),
-//! the overlay image's superblock (fill, warning at 90 %) and the image file's age.
+//! the overlay image's superblock (fill, warning at 90 %), the image file's age, and for a
+//! managed image the record of its updates (`update.rs`).
 //! `collect` gathers, `render_table` and serde render; the JSON schema is documented in
 //! apptainer-supervisor(8), section STATUS JSON.
 
 mod render;
+mod update;
 
 pub use render::{human_bytes, human_duration, render_table, render_warnings};
+pub use update::{LastUpdate, UpdateInfo};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -110,6 +113,8 @@ pub struct ServiceStatus {
     pub exit_code: Option<i32>,
     pub overlay: Option<OverlayUse>,
     pub image: Option<ImageInfo>,
+    /// The updates of a managed image (None for an unmanaged one, or no service file).
+    pub update: Option<UpdateInfo>,
     pub warnings: Vec<String>,
 }
 
@@ -191,6 +196,7 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
         exit_code: None,
         overlay: None,
         image: None,
+        update: None,
         warnings: Vec::new(),
     };
     let mut running_digest = None;
@@ -218,7 +224,13 @@ pub fn collect_local(config_dir: &Path, run_dir: &Path, name: &str) -> ServiceSt
     }
     if let Some(s) = &service {
         st.overlay = Some(overlay_use(&s.overlay.path));
-        let mut i = image_info(s);
+        let source =
+            crate::host::image_pointer::classify(&s.image, &crate::host::canonical_path(&s.image));
+        st.update = update::info(&source, &s.overlay.path);
+        if let Some(u) = &st.update {
+            st.warnings.extend(update::warnings(u, live::unix_now()));
+        }
+        let mut i = image_info(s, &source);
         i.running_digest = running_digest;
         if let (Some(now), Some(runs)) = (&i.digest, &i.running_digest) {
             if now != runs {
@@ -338,7 +350,7 @@ pub fn overlay_use(path: &Path) -> OverlayUse {
     }
 }
 
-fn image_info(s: &Service) -> ImageInfo {
+fn image_info(s: &Service, source: &crate::host::image_pointer::ImageSource) -> ImageInfo {
     let mtime = std::fs::metadata(&s.image)
         .and_then(|m| m.modified())
         .ok()
@@ -350,12 +362,7 @@ fn image_info(s: &Service) -> ImageInfo {
         mtime,
         age_days: mtime.map(|t| live::unix_now().saturating_sub(t) / 86_400),
         // From the name only (never hashed): see apptainer-supervisor(8), IMAGE POINTER.
-        digest: crate::host::image_pointer::classify(
-            &s.image,
-            &crate::host::canonical_path(&s.image),
-        )
-        .digest()
-        .map(str::to_owned),
+        digest: source.digest().map(str::to_owned),
         running_digest: None,
     }
 }
@@ -489,6 +496,7 @@ mod tests {
             exit_code: None,
             overlay: None,
             image: None,
+            update: None,
             warnings: vec![],
         }
     }
