@@ -122,6 +122,26 @@ pub(super) fn earliest(at: impl IntoIterator<Item = Option<Instant>>) -> Option<
     at.into_iter().flatten().min()
 }
 
+/// For `update`, a command of its own with no run loop: `fire` is called on each SIGINT,
+/// SIGTERM or SIGHUP (from tasks on the current runtime). Here so that every signal
+/// handler of the crate is installed in this one file (the source scan below).
+pub(crate) fn on_interrupt(fire: impl Fn() + Clone + Send + 'static) -> io::Result<()> {
+    for kind in [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+    ] {
+        let mut s = signal(kind)?;
+        let fire = fire.clone();
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                fire();
+            }
+        });
+    }
+    Ok(())
+}
+
 impl Signals {
     /// Installs the handlers; from here on these signals no longer kill us by default.
     pub(super) fn install(notify: Notifier) -> Result<Self, (&'static str, io::Error)> {

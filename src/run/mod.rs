@@ -25,7 +25,7 @@
 pub(crate) mod backoff;
 mod child;
 mod end;
-mod event_loop;
+pub(crate) mod event_loop;
 mod halt;
 mod leftovers;
 mod overlay;

@@ -211,26 +211,6 @@ impl Interrupt {
             futures_util::future::Either::Right(_) => None,
         }
     }
-
-    /// Fires on SIGINT, SIGTERM or SIGHUP (tokio's handlers replace the default action,
-    /// so the process is never killed half-way by them).
-    fn listen(self: &Arc<Self>) -> std::io::Result<()> {
-        use tokio::signal::unix::{signal, SignalKind};
-        for kind in [
-            SignalKind::interrupt(),
-            SignalKind::terminate(),
-            SignalKind::hangup(),
-        ] {
-            let mut s = signal(kind)?;
-            let me = Arc::clone(self);
-            tokio::spawn(async move {
-                while s.recv().await.is_some() {
-                    me.fire();
-                }
-            });
-        }
-        Ok(())
-    }
 }
 
 /// Each step, on stderr for the operator and in the journal (when there is one) with the
@@ -295,7 +275,10 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
     };
     rt.block_on(async {
         let interrupt = Interrupt::new();
-        if let Err(e) = interrupt.listen() {
+        // Handled (tokio's handlers replace the default action), so an interrupt never
+        // kills the update half-way.
+        let me = Arc::clone(&interrupt);
+        if let Err(e) = crate::run::event_loop::on_interrupt(move || me.fire()) {
             eprintln!("error: {}: signal handlers: {e}", s.name);
             return exit::OSERR;
         }
@@ -304,6 +287,7 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
             unit: None,
             journal: Journal::connect().ok(),
         };
+        let began = unix_now();
         match update(s, o, &mut rep, &interrupt).await {
             Ok(Done::Unchanged { digest }) => {
                 let text = format!(
@@ -328,6 +312,7 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
                 exit::OK
             }
             Err(e) => {
+                close_record(s, &e, began);
                 rep.journal("end", &e.to_string(), None, Some(e.result()));
                 eprintln!("error: {e}");
                 e.exit_code()
@@ -414,14 +399,14 @@ async fn update(
     };
     rep.unit = Some(unit.clone());
 
-    // One update (or dry run) of a service at a time: a lock beside the supervisor's own
-    // runtime files (tmpfs), so that nothing is left in the service's directories.
-    std::fs::create_dir_all(&o.run_dir).map_err(|source| UpdateError::Io {
+    // One update (or dry run) of a service at a time, on whichever host: the lock lives
+    // beside the images (`status` reads it, here or over NFS, without taking it).
+    std::fs::create_dir_all(&images).map_err(|source| UpdateError::Io {
         what: "creating",
-        path: o.run_dir.clone(),
+        path: images.clone(),
         source,
     })?;
-    let lock_path = o.run_dir.join(format!("{}.update.lock", s.name));
+    let lock_path = images.join(".update.lock");
     let lock = std::fs::File::create(&lock_path).map_err(|source| UpdateError::Io {
         what: "opening",
         path: lock_path.clone(),
@@ -617,8 +602,9 @@ async fn update(
         Some(Err(e)) => Err(e.to_string()),
         Some(Ok(job)) => {
             t.add("start", t0);
-            match host.state(&unit).await? {
-                Some(st) if job == "done" && st.active_state == "active" => {
+            match host.state(&unit).await {
+                Err(e) => Err(format!("reading the state of {unit} after its start: {e}")),
+                Ok(Some(st)) if job == "done" && st.active_state == "active" => {
                     rep.say(
                         "probation",
                         &format!(
@@ -633,7 +619,7 @@ async fn update(
                     t.add("probation", t0);
                     v
                 }
-                st => Err(start_failed(
+                Ok(st) => Err(start_failed(
                     &unit,
                     &job,
                     st.as_ref(),
@@ -890,6 +876,29 @@ fn last(
         snapshot,
         timings_ms: t.map(),
     }
+}
+
+/// An update that ended with an error before its own last word (a stop that failed, an
+/// interrupt, a snapshot that did not fit …) leaves `in-progress` in the record: the
+/// result and cause go there now. Only this update's own entry (begun at `began` or later,
+/// under the update lock) is changed.
+fn close_record(s: &Canonical, e: &UpdateError, began: u64) {
+    let ImageSource::Managed { pointer, .. } = s.image_source() else {
+        return;
+    };
+    let images = pointer
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(image_pointer::IMAGES_DIR);
+    let mut rec = record::read(&images);
+    let Some(l) = rec.last.as_mut() else { return };
+    if l.result != "in-progress" || l.started_at < began {
+        return;
+    }
+    l.result = e.result().to_owned();
+    l.cause = Some(sanitize::one_line(&e.to_string(), 2048).into_owned());
+    l.ended_at = Some(unix_now());
+    let _ = record::write(&images, &rec);
 }
 
 fn write_record(images: &Path, r: &record::Record, rep: &Report) {

@@ -97,8 +97,8 @@ impl Record {
 
 /// Retention after an update: of the images the record lists, all but the running one,
 /// the rollback target and the newest `keep` others are removed from `images/` and from
-/// the record. Only files the record names (placed by `update`) are ever removed, and only
-/// by their content address. Returns what was removed.
+/// the record. Only files the record names (placed by `update`, or switched away from by
+/// it) are ever removed, and only by their content address. Returns what was removed.
 pub fn retain(images: &Path, r: &mut Record, running: &str, keep: u64) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let mut others = 0u64;
