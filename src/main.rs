@@ -168,6 +168,7 @@ fn real_main(cli: Cli) -> i32 {
                 dry_run: *dry_run,
                 no_overlay_snapshot: *no_overlay_snapshot,
                 run_dir: run_dir.clone().unwrap_or_else(run::default_run_dir),
+                config_dir: cli.config_dir.clone(),
             };
             update::main(&s, &o)
         }

@@ -40,7 +40,7 @@ const STATIC_CASES: &[(&str, &str, &str)] = &[
     (
         "unknown key",
         "service_dir = \"/x\"\nbot = true\n",
-        "error: @:2:1: bot: unknown field `bot`, expected one of `name`, `service_dir`, `image`, `image_url`, `boot`, `hostname`, `binds`, `env_file`, `env`, `network`, `overlay`, `apptainer`, `readiness`, `timeouts`, `unit`, `install`, `security`
+        "error: @:2:1: bot: unknown field `bot`, expected one of `name`, `service_dir`, `image`, `image_url`, `boot`, `hostname`, `binds`, `env_file`, `env`, `network`, `overlay`, `apptainer`, `readiness`, `timeouts`, `unit`, `install`, `security`, `update`
    2 | bot = true
      | ^
 ",

@@ -716,3 +716,58 @@ fn an_unmanaged_image_is_refused_with_the_change_to_make() {
     );
     assert!(!svc.join("containers/images").exists(), "nothing made");
 }
+
+/// A URL that Apptainer builds into a SIF on this host (a new digest at every pull), and
+/// two services whose pointers share one `images/` directory (one record, lock and
+/// retention for both), are refused before anything is asked of the host (78).
+#[test]
+fn a_built_image_url_and_a_shared_images_directory_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let etc = d.path().join("etc");
+    let shared = d.path().join("shared/containers");
+    std::fs::create_dir_all(shared.join("images")).unwrap();
+    std::fs::create_dir_all(&etc).unwrap();
+    let hex = "ab".repeat(32);
+    std::fs::write(shared.join(format!("images/sha256-{hex}.sif")), b"x").unwrap();
+    std::os::unix::fs::symlink(format!("images/sha256-{hex}.sif"), shared.join("a.sif")).unwrap();
+    std::os::unix::fs::symlink(format!("images/sha256-{hex}.sif"), shared.join("b.sif")).unwrap();
+    let write = |name: &str, pointer: &str, url: &str| {
+        let svc = d.path().join(name);
+        std::fs::create_dir_all(&svc).unwrap();
+        std::fs::write(
+            etc.join(format!("{name}.toml")),
+            format!(
+                "service_dir = \"{}\"\nimage = \"{}\"\nimage_url = \"{url}\"\n",
+                svc.display(),
+                shared.join(pointer).display()
+            ),
+        )
+        .unwrap();
+    };
+    let update = |name: &str| {
+        Command::new(support::BIN)
+            .arg("--config-dir")
+            .arg(&etc)
+            .args(["update", name])
+            .output()
+            .unwrap()
+    };
+    write("web1", "a.sif", "docker://example.org/web:latest");
+    let out = update("web1");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("web1.toml:3: image_url") && err.contains("cannot follow docker://"),
+        "{err}"
+    );
+    write("web1", "a.sif", "oras://127.0.0.1:1/web:latest");
+    write("web2", "b.sif", "oras://127.0.0.1:1/web:latest");
+    let out = update("web1");
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("holds the images of web2 too"), "{err}");
+    assert!(
+        !shared.join("images/update.json").exists(),
+        "nothing written"
+    );
+}

@@ -9,7 +9,7 @@ pub(super) struct RawService {
     pub(super) name: Option<Spanned<String>>,
     pub(super) service_dir: Spanned<String>,
     pub(super) image: Option<Spanned<String>>,
-    pub(super) image_url: Option<String>,
+    pub(super) image_url: Option<Spanned<String>>,
     #[serde(default = "yes")]
     pub(super) boot: bool,
     pub(super) hostname: Option<Spanned<String>>,

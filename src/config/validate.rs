@@ -283,6 +283,7 @@ impl Validator<'_> {
         }
         for (key, v) in [
             (keys::IMAGE, raw.image.as_ref()),
+            (keys::IMAGE_URL, raw.image_url.as_ref()),
             (keys::ENV_FILE, raw.env_file.as_ref()),
             (keys::OVERLAY_PATH, raw.overlay.path.as_ref()),
             (keys::APPTAINER_BINARY, raw.apptainer.binary.as_ref()),
@@ -298,7 +299,7 @@ impl Validator<'_> {
             name,
             service_dir,
             image,
-            image_url: raw.image_url,
+            image_url: raw.image_url.map(Spanned::into_inner),
             boot: raw.boot,
             hostname,
             binds,

@@ -20,7 +20,11 @@ use zbus::OwnedObjectPath;
 
 /// Property changes queued for a probation's watch (only "something changed" matters).
 const WATCH_QUEUE: std::num::NonZeroUsize =
-    std::num::NonZeroUsize::new(64).expect("64 is not zero");
+    std::num::NonZeroUsize::new(1024).expect("1024 is not zero");
+
+/// JobRemoved signals queued while a stop or start call's reply is awaited.
+const JOB_QUEUE: std::num::NonZeroUsize =
+    std::num::NonZeroUsize::new(4096).expect("4096 is not zero");
 
 /// Each D-Bus call gets an answer within this (sd-bus's default method timeout).
 const CALL_TIMEOUT: Duration = Duration::from_secs(25);
@@ -37,8 +41,6 @@ trait HostManager {
     fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn reset_failed_unit(&self, name: &str) -> zbus::Result<()>;
-    #[zbus(signal)]
-    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String);
 }
 
 #[zbus::proxy(
@@ -146,11 +148,7 @@ impl HostSystemd {
     pub async fn state(&self, unit: &str) -> Result<Option<UnitState>, HostBusError> {
         let path = match self.manager.get_unit(unit).await {
             Ok(p) => p,
-            Err(zbus::Error::MethodError(name, _, _))
-                if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit" =>
-            {
-                return Ok(None)
-            }
+            Err(e) if no_such_unit(&e) => return Ok(None),
             Err(source) => return Err(call("GetUnit", unit, source)),
         };
         let err = |source| call("reading the state of", unit, source);
@@ -186,10 +184,19 @@ impl HostSystemd {
     /// `StartUnit(unit, "replace")`, waited for until its job is removed. For a
     /// `Type=notify` service the job ends when READY=1 came (`done`) or the start failed.
     pub async fn start(&self, unit: &str, within: Duration) -> Result<String, HostBusError> {
-        // A unit left failed by an earlier attempt starts as well; reset so that its
-        // Result and NRestarts speak of this start only.
-        let _ = self.manager.reset_failed_unit(unit).await;
         self.job("start", unit, within).await
+    }
+
+    /// `ResetFailedUnit`: a unit left failed by an earlier attempt loses that state, and
+    /// its `NRestarts` goes back to 0, so that what follows speaks of the next start only.
+    /// A unit that is not loaded (systemd unloads a stopped unit nothing refers to) has
+    /// nothing to reset.
+    pub async fn reset_failed(&self, unit: &str) -> Result<(), HostBusError> {
+        match self.manager.reset_failed_unit(unit).await {
+            Ok(()) => Ok(()),
+            Err(e) if no_such_unit(&e) => Ok(()),
+            Err(source) => Err(call("ResetFailedUnit", unit, source)),
+        }
     }
 
     async fn job(
@@ -198,10 +205,17 @@ impl HostSystemd {
         unit: &str,
         within: Duration,
     ) -> Result<String, HostBusError> {
-        // The stream first: the job can end before the call's reply is read.
-        let mut removed = self
-            .manager
-            .receive_job_removed()
+        // The stream first: the job can end before the call's reply is read. Its own queue,
+        // large: while the call's reply is awaited nothing reads the stream, and a full
+        // queue would stall the connection's reader (a busy host's other jobs).
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.freedesktop.systemd1.Manager")
+            .member("JobRemoved")
+            .path("/org/freedesktop/systemd1")
+            .build()
+            .map_err(|source| call(what, unit, source))?;
+        let mut removed = zbus::MessageStream::for_match_rule(rule, &self.conn, Some(JOB_QUEUE))
             .await
             .map_err(|source| call(what, unit, source))?;
         let job = match what {
@@ -210,10 +224,14 @@ impl HostSystemd {
         }
         .map_err(|source| call(what, unit, source))?;
         let ended = tokio::time::timeout(within, async {
-            while let Some(signal) = removed.next().await {
-                if let Ok(args) = signal.args() {
-                    if args.job == job {
-                        return Some(args.result);
+            while let Some(msg) = removed.next().await {
+                let Ok(msg) = msg else { continue };
+                if let Ok((_id, removed_job, _unit, result)) =
+                    msg.body()
+                        .deserialize::<(u32, OwnedObjectPath, String, String)>()
+                {
+                    if removed_job == job {
+                        return Some(result);
                     }
                 }
             }
@@ -264,9 +282,16 @@ pub struct UnitWatch {
 }
 
 impl UnitWatch {
-    /// Until the next change of the unit, or `within`.
+    /// Until the next change of the unit, or `within`; every change queued by then is
+    /// taken too (one look at the state covers them all).
     pub async fn changed(&mut self, within: Duration) {
-        let _ = tokio::time::timeout(within, self.stream.next()).await;
+        use futures_util::FutureExt;
+        if tokio::time::timeout(within, self.stream.next())
+            .await
+            .is_ok()
+        {
+            while let Some(Some(_)) = self.stream.next().now_or_never() {}
+        }
     }
 }
 
@@ -276,6 +301,12 @@ pub fn unit_names(name: &str) -> [String; 2] {
         format!("{name}.service"),
         format!("apptainer-supervisor@{name}.service"),
     ]
+}
+
+/// systemd's answer for a unit that is not loaded.
+fn no_such_unit(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::MethodError(name, _, _)
+        if name.as_str() == "org.freedesktop.systemd1.NoSuchUnit")
 }
 
 fn call(what: &'static str, unit: &str, source: zbus::Error) -> HostBusError {

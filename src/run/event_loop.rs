@@ -122,15 +122,12 @@ pub(super) fn earliest(at: impl IntoIterator<Item = Option<Instant>>) -> Option<
     at.into_iter().flatten().min()
 }
 
-/// For `update`, a command of its own with no run loop: `fire` is called on each SIGINT,
-/// SIGTERM or SIGHUP (from tasks on the current runtime). Here so that every signal
+/// For `update`, a command of its own with no run loop: `fire` is called on each SIGINT
+/// or SIGTERM (from tasks on the current runtime); SIGHUP is handled and ignored (a
+/// terminal that went away does not end an update half-way). Here so that every signal
 /// handler of the crate is installed in this one file (the source scan below).
 pub(crate) fn on_interrupt(fire: impl Fn() + Clone + Send + 'static) -> io::Result<()> {
-    for kind in [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-    ] {
+    for kind in [SignalKind::interrupt(), SignalKind::terminate()] {
         let mut s = signal(kind)?;
         let fire = fire.clone();
         tokio::spawn(async move {
@@ -139,6 +136,8 @@ pub(crate) fn on_interrupt(fire: impl Fn() + Clone + Send + 'static) -> io::Resu
             }
         });
     }
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move { while hup.recv().await.is_some() {} });
     Ok(())
 }
 

@@ -12,17 +12,20 @@
 //! journal (UPDATE_STEP=, IMAGE_DIGEST=, UPDATE_RESULT=); the outcome is kept in
 //! `images/update.json` ([`record`]) for `status`.
 //!
-//! Interrupts (SIGINT, SIGTERM, SIGHUP): before the stop, the update ends and nothing is
-//! switched (a pull's partial file is removed); after it, the service is never left down
-//! by an interrupt: the update rolls back and then exits.
+//! Interrupts (SIGINT, SIGTERM; [`interrupt`]): before the stop, the update ends and
+//! nothing is switched (a pull's partial download is removed); after it, the service is
+//! never left down by an interrupt: the update starts it again (or rolls back) and then
+//! exits. SIGHUP is ignored. While the unit is down the update holds the overlay's claim,
+//! so nothing can mount it while it is copied, restored or its image switched.
 
+pub mod interrupt;
+mod probation;
 pub mod pull;
 pub mod record;
+mod report;
 pub mod snapshot;
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,9 +35,10 @@ use crate::host::image_pointer::{self, ImageSource};
 use crate::host::overlay_lock;
 use crate::host::Canonical;
 use crate::os::host_systemd::{HostBusError, HostSystemd};
-use crate::os::journal::Journal;
-use crate::os::live::{self, unix_now, LiveState};
+use crate::os::live::{self, unix_now};
 use crate::os::sanitize;
+use interrupt::Interrupt;
+use report::{err_line, out_line, Report, Timings};
 
 /// `update`'s command line, past the service.
 #[derive(Debug, Clone)]
@@ -45,6 +49,8 @@ pub struct Options {
     pub no_overlay_snapshot: bool,
     /// Where the supervisors publish their live state (for the probation).
     pub run_dir: PathBuf,
+    /// The service files' directory (no two services may share an images directory).
+    pub config_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +65,10 @@ pub enum UpdateError {
     Dangling { at: String, reason: String },
     #[error("{file}: no image_url to pull from\n  hint: set image_url = \"oras://…\" in the service file, or give --image URL")]
     NoUrl { file: String },
+    #[error("{at}: `update` cannot follow {url}: only a URL whose file is the registry's (oras://, library://, https://, http://) has a digest that stays the same; a docker:// or oci:// image is built into a SIF on this host, a new file at every pull\n  hint: push the SIF with `apptainer push IMAGE oras://…` and name that")]
+    UrlScheme { at: String, url: String },
+    #[error("{} holds the images of {others} too: `update` keeps one record, lock and retention per images directory, and would remove their images\n  hint: give each service a directory of its own (its image pointer and images/ under its service_dir)", .images.display())]
+    SharedImages { images: PathBuf, others: String },
     #[error(transparent)]
     Bus(#[from] HostBusError),
     #[error("{name} does not run on this host (neither {name}.service nor apptainer-supervisor@{name}.service is active here){elsewhere}\n  hint: run `update` on the host that runs it")]
@@ -67,17 +77,23 @@ pub enum UpdateError {
     Busy { name: String, lock: PathBuf },
     #[error(transparent)]
     Pull(#[from] pull::PullError),
-    #[error("stopping {unit} ended with job result `{result}`: nothing was switched")]
-    Stop { unit: String, result: String },
-    #[error("the overlay {} is held after {unit} stopped ({holder}): nothing was switched; {unit} was started again", .overlay.display())]
+    #[error("stopping {unit} ended with {result}: nothing was switched; {after}")]
+    Stop {
+        unit: String,
+        result: String,
+        after: String,
+    },
+    #[error("the overlay {} is held after {unit} stopped: {why}", .overlay.display())]
     OverlayHeld {
         overlay: PathBuf,
         unit: String,
-        holder: String,
+        why: String,
     },
-    #[error("{0}\n  nothing was switched; the unit was started again on its image")]
+    #[error("{unit} was started by someone else while the update had it stopped: nothing was switched, it runs its image")]
+    StartedMeanwhile { unit: String },
+    #[error(transparent)]
     Snapshot(snapshot::SnapshotError),
-    #[error("switching {} to {digest}: {source}; the unit was started again on its image", .pointer.display())]
+    #[error("switching {} to {digest}: {source}", .pointer.display())]
     Switch {
         pointer: PathBuf,
         digest: String,
@@ -85,6 +101,14 @@ pub enum UpdateError {
     },
     #[error("interrupted before anything was switched: {0}")]
     Interrupted(String),
+    /// A failure after the stop that switched nothing: the unit was started again on
+    /// its image (`restart` None), or that start failed too.
+    #[error("{first}\n  nothing was switched; {}", match .restart { None => format!("{unit} was started again on its image"), Some(why) => format!("starting {unit} again on its image failed ({why}): it is down\n  hint: look at it now: systemctl status {unit}; journalctl -u {unit}") })]
+    AfterStop {
+        first: Box<UpdateError>,
+        unit: String,
+        restart: Option<String>,
+    },
     #[error("the update to {to} failed and was rolled back to {from}: {cause}{}", .aside.as_ref().map_or(String::new(), |p| format!("\n  the overlay as the failed boot left it: {}", p.display())))]
     RolledBack {
         from: String,
@@ -112,9 +136,17 @@ impl UpdateError {
     pub fn exit_code(&self) -> i32 {
         use UpdateError::*;
         match self {
-            Unmanaged { .. } | Dangling { .. } | NoUrl { .. } => exit::CONFIG,
+            Unmanaged { .. }
+            | Dangling { .. }
+            | NoUrl { .. }
+            | UrlScheme { .. }
+            | SharedImages { .. } => exit::CONFIG,
             Bus(_) | NotHere { .. } | Stop { .. } => exit::UNAVAILABLE,
-            Busy { .. } | OverlayHeld { .. } => exit::TEMPFAIL,
+            Busy { .. } | OverlayHeld { .. } | StartedMeanwhile { .. } => exit::TEMPFAIL,
+            AfterStop {
+                restart: Some(_), ..
+            } => exit::ROLLBACK_FAILED,
+            AfterStop { first, .. } => first.exit_code(),
             Pull(pull::PullError::Interrupted { .. }) | Interrupted(_) => exit::INTERRUPTED,
             Pull(pull::PullError::Io { .. }) => exit::CANTCREAT,
             Pull(_) => exit::UNAVAILABLE,
@@ -131,9 +163,14 @@ impl UpdateError {
     fn result(&self) -> &'static str {
         use UpdateError::*;
         match self {
-            Unmanaged { .. } | Dangling { .. } | NoUrl { .. } | NotHere { .. } | Busy { .. } => {
-                "refused"
-            }
+            Unmanaged { .. }
+            | Dangling { .. }
+            | NoUrl { .. }
+            | UrlScheme { .. }
+            | SharedImages { .. }
+            | NotHere { .. }
+            | Busy { .. } => "refused",
+            AfterStop { first, .. } => first.result(),
             Pull(pull::PullError::Interrupted { .. }) | Interrupted(_) => "interrupted",
             RolledBack { .. } => "rolled-back",
             RollbackFailed { .. } => "rollback-failed",
@@ -160,106 +197,6 @@ pub enum Done {
     },
 }
 
-/// The interrupt signals, seen by every wait of the update. An interrupt during a pull
-/// ends Apptainer's process group at once.
-pub struct Interrupt {
-    fired: AtomicBool,
-    /// The process group of the running pull (0: none).
-    pub(crate) child_group: AtomicI32,
-    notify: tokio::sync::Notify,
-}
-
-impl Interrupt {
-    fn new() -> Arc<Interrupt> {
-        Arc::new(Interrupt {
-            fired: AtomicBool::new(false),
-            child_group: AtomicI32::new(0),
-            notify: tokio::sync::Notify::new(),
-        })
-    }
-
-    pub fn fired(&self) -> bool {
-        self.fired.load(Ordering::SeqCst)
-    }
-
-    fn fire(&self) {
-        self.fired.store(true, Ordering::SeqCst);
-        self.notify.notify_waiters();
-        let group = self.child_group.load(Ordering::SeqCst);
-        if group > 0 {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(group),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-    }
-
-    async fn wait(&self) {
-        let n = self.notify.notified();
-        if self.fired() {
-            return;
-        }
-        n.await;
-    }
-
-    /// `f`, or `None` when an interrupt comes first.
-    async fn or<T>(&self, f: impl Future<Output = T>) -> Option<T> {
-        let f = std::pin::pin!(f);
-        let w = std::pin::pin!(self.wait());
-        match futures_util::future::select(f, w).await {
-            futures_util::future::Either::Left((v, _)) => Some(v),
-            futures_util::future::Either::Right(_) => None,
-        }
-    }
-}
-
-/// Each step, on stderr for the operator and in the journal (when there is one) with the
-/// service's fields, under the unit (`OBJECT_SYSTEMD_UNIT=`, which `journalctl -u` shows
-/// for entries of root's processes).
-struct Report {
-    name: String,
-    unit: Option<String>,
-    journal: Option<Journal>,
-}
-
-impl Report {
-    /// A step: a line on stderr and an entry in the journal.
-    fn say(&self, step: &str, text: &str, digest: Option<&str>, result: Option<&str>) {
-        eprintln!("{}: {}", self.name, sanitize::one_line(text, 4096));
-        self.journal(step, text, digest, result);
-    }
-
-    /// The journal's entry only (the end, which the command prints in its own words).
-    fn journal(&self, step: &str, text: &str, digest: Option<&str>, result: Option<&str>) {
-        let text = sanitize::one_line(text, 4096);
-        let Some(j) = &self.journal else { return };
-        let mut fields: Vec<(&str, &[u8])> = vec![
-            ("MESSAGE", text.as_bytes()),
-            (
-                "PRIORITY",
-                if result.is_some_and(|r| r != "updated" && r != "unchanged") {
-                    b"3"
-                } else {
-                    b"6"
-                },
-            ),
-            ("SYSLOG_IDENTIFIER", b"apptainer-supervisor"),
-            ("SERVICE", self.name.as_bytes()),
-            ("UPDATE_STEP", step.as_bytes()),
-        ];
-        if let Some(u) = &self.unit {
-            fields.push(("OBJECT_SYSTEMD_UNIT", u.as_bytes()));
-        }
-        if let Some(d) = digest {
-            fields.push(("IMAGE_DIGEST", d.as_bytes()));
-        }
-        if let Some(r) = result {
-            fields.push(("UPDATE_RESULT", r.as_bytes()));
-        }
-        let _ = j.send(&fields);
-    }
-}
-
 /// Runs `update` for the service; the exit code.
 pub fn main(s: &Canonical, o: &Options) -> i32 {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -269,7 +206,7 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: {}: starting the runtime: {e}", s.name);
+            err_line(&format!("error: {}: starting the runtime: {e}", s.name));
             return exit::OSERR;
         }
     };
@@ -279,26 +216,24 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
         // kills the update half-way.
         let me = Arc::clone(&interrupt);
         if let Err(e) = crate::run::event_loop::on_interrupt(move || me.fire()) {
-            eprintln!("error: {}: signal handlers: {e}", s.name);
+            err_line(&format!("error: {}: signal handlers: {e}", s.name));
             return exit::OSERR;
         }
-        let mut rep = Report {
-            name: s.name.clone(),
-            unit: None,
-            journal: Journal::connect().ok(),
-        };
+        let mut rep = Report::new(&s.name);
         let began = unix_now();
-        match update(s, o, &mut rep, &interrupt).await {
+        // The update lock, held until the record has its last word.
+        let mut lock = None;
+        match update(s, o, &mut rep, &interrupt, &mut lock).await {
             Ok(Done::Unchanged { digest }) => {
                 let text = format!(
                     "{digest} is the image the registry has and the one that runs: nothing to do"
                 );
-                rep.say("end", &text, Some(&digest), Some("unchanged"));
-                println!("{}: up to date ({digest})", s.name);
+                rep.journal("end", &text, Some(&digest), Some("unchanged"));
+                out_line(&format!("{}: up to date ({digest})", s.name));
                 exit::OK
             }
             Ok(Done::Would { from, to, plan }) => {
-                println!("{}: {from} -> {to} available\n{plan}", s.name);
+                out_line(&format!("{}: {from} -> {to} available\n{plan}", s.name));
                 exit::OK
             }
             Ok(Done::Updated { from, to, timings }) => {
@@ -308,43 +243,43 @@ pub fn main(s: &Canonical, o: &Options) -> i32 {
                     Some(&to),
                     Some("updated"),
                 );
-                println!("{}: updated {from} -> {to} ({timings})", s.name);
+                out_line(&format!("{}: updated {from} -> {to} ({timings})", s.name));
                 exit::OK
             }
             Err(e) => {
                 close_record(s, &e, began);
                 rep.journal("end", &e.to_string(), None, Some(e.result()));
-                eprintln!("error: {e}");
+                err_line(&format!("error: {e}"));
                 e.exit_code()
             }
         }
     })
 }
 
-/// The step timings of one update, in the order they happen.
-#[derive(Default)]
-struct Timings(Vec<(&'static str, u64)>);
+/// The accepted URL schemes: those whose pulled file is the registry's own bytes.
+const SCHEMES: &[&str] = &["oras://", "library://", "https://", "http://"];
 
-impl Timings {
-    fn add(&mut self, step: &'static str, since: Instant) {
-        self.0.push((
-            step,
-            u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
-        ));
-    }
-    fn text(&self) -> String {
-        self.0
-            .iter()
-            .map(|(s, ms)| format!("{s} {}.{:01} s", ms / 1000, (ms % 1000) / 100))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-    fn map(&self) -> std::collections::BTreeMap<String, u64> {
-        self.0
-            .iter()
-            .map(|(s, ms)| ((*s).to_owned(), *ms))
-            .collect()
-    }
+/// Other services of the config directory whose managed pointer shares `images`.
+fn sharing(s: &Canonical, o: &Options, images: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(&o.config_dir) else {
+        return Vec::new();
+    };
+    let mut others: Vec<String> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && *p != s.file)
+        .filter_map(|p| crate::config::load(&p, None).ok())
+        .filter(|other| other.name != s.name)
+        .filter(|other| {
+            matches!(crate::host::canonicalize(other).image_source(),
+                ImageSource::Managed { pointer, .. }
+                    if pointer.parent().map(|d| d.join(image_pointer::IMAGES_DIR)).as_deref()
+                        == Some(images))
+        })
+        .map(|other| other.name)
+        .collect();
+    others.sort();
+    others
 }
 
 /// Everything between the pointer's digest and the end of the probation (or rollback).
@@ -353,6 +288,7 @@ async fn update(
     o: &Options,
     rep: &mut Report,
     intr: &Interrupt,
+    lock_slot: &mut Option<std::fs::File>,
 ) -> Result<Done, UpdateError> {
     let (pointer, from) = match s.image_source() {
         ImageSource::Managed {
@@ -380,10 +316,27 @@ async fn update(
             })
         }
     };
+    if !SCHEMES.iter().any(|p| url.starts_with(p)) {
+        return Err(UpdateError::UrlScheme {
+            at: if o.image.is_some() {
+                "--image".to_owned()
+            } else {
+                s.locate(keys::IMAGE_URL)
+            },
+            url,
+        });
+    }
     let images = pointer
         .parent()
         .unwrap_or(Path::new("/"))
         .join(image_pointer::IMAGES_DIR);
+    let others = sharing(s, o, &images);
+    if !others.is_empty() {
+        return Err(UpdateError::SharedImages {
+            images,
+            others: others.join(", "),
+        });
+    }
 
     let host = HostSystemd::connect().await?;
     let Some(unit) = host.running_unit(&s.name).await? else {
@@ -418,16 +371,22 @@ async fn update(
             lock: lock_path,
         });
     }
+    *lock_slot = Some(lock);
     for p in pull::remove_stale(&images) {
         rep.say(
             "pull",
-            &format!(
-                "removed the partial file of an earlier pull: {}",
-                p.display()
-            ),
+            &format!("removed the remains of an earlier pull: {}", p.display()),
             None,
             None,
         );
+    }
+    let overlay = s.overlay.path.clone();
+    let snapshot_wanted = !o.no_overlay_snapshot && overlay.exists();
+    // Refusals that can be known now cost no downtime.
+    if snapshot_wanted && !o.dry_run {
+        snapshot::precheck(&overlay)
+            .await
+            .map_err(UpdateError::Snapshot)?;
     }
 
     let mut t = Timings::default();
@@ -454,8 +413,13 @@ async fn update(
         return Ok(Done::Unchanged { digest: to });
     }
     if o.dry_run {
+        let refusal = if snapshot_wanted {
+            snapshot::precheck(&overlay).await.err()
+        } else {
+            None
+        };
         return Ok(Done::Would {
-            plan: dry_plan(s, &unit, &pointer, &pulled, o),
+            plan: dry_plan(s, &unit, &pointer, &pulled, o, refusal),
             from,
             to,
         });
@@ -489,38 +453,38 @@ async fn update(
         )));
     }
 
+    let w = Window {
+        host: &host,
+        unit: &unit,
+        backoff: crate::run::backoff::path(&o.run_dir, &s.name),
+        stop_within: Duration::from_secs(s.timeouts.stop_sec + 2 * s.timeouts.kill_sec + 30),
+        start_within: Duration::from_secs(s.timeouts.start_sec + 90),
+        overlay: &overlay,
+        name: &s.name,
+        allow_local_locks: s.overlay.allow_local_locks,
+    };
+    let before_stop = host
+        .state(&unit)
+        .await?
+        .map(|st| st.invocation_id)
+        .unwrap_or_default();
+
     // From here the unit is down until it is started again, on one image or the other.
-    let stop_within = Duration::from_secs(s.timeouts.stop_sec + 2 * s.timeouts.kill_sec + 30);
-    let start_within = Duration::from_secs(s.timeouts.start_sec + 90);
     rep.say("stop", &format!("stopping {unit}"), Some(&from), None);
     let t0 = Instant::now();
-    let r = host.stop(&unit, stop_within).await?;
+    w.stop().await?;
     t.add("stop", t0);
-    if r != "done" {
-        return Err(UpdateError::Stop { unit, result: r });
+    if intr.fired() {
+        return Err(w
+            .restart_old(UpdateError::Interrupted(format!("{unit} was stopped")))
+            .await);
     }
-    // An operator's update is a new cause: the back-off of earlier failed starts
-    // (run/backoff.rs) must not delay the start of the new image or of the rollback.
-    let backoff = crate::run::backoff::path(&o.run_dir, &s.name);
-    let clear_backoff = || {
-        let _ = std::fs::remove_file(&backoff);
+    // Nothing may mount the overlay while it is copied and the pointer switched: the
+    // update holds the overlay's claim (host/overlay_lock.rs) until the start.
+    let claim = match w.claim() {
+        Ok(c) => c,
+        Err(e) => return Err(w.restart_old(e).await),
     };
-    // Back on the image it ran, for the failures below that switched nothing.
-    let restart_old = |e: UpdateError| async {
-        clear_backoff();
-        let _ = host.start(&unit, start_within).await;
-        e
-    };
-    if let Ok(overlay_lock::Seen::Held(h)) = overlay_lock::look(&s.overlay.path) {
-        let holder = h.map_or_else(|| "holder unknown".to_owned(), |h| format!("held by {h}"));
-        return Err(restart_old(UpdateError::OverlayHeld {
-            overlay: s.overlay.path.clone(),
-            unit: unit.clone(),
-            holder,
-        })
-        .await);
-    }
-    let overlay = s.overlay.path.clone();
     let mut snap = None;
     if o.no_overlay_snapshot {
         rep.say(
@@ -552,29 +516,44 @@ async fn update(
                 );
                 snap = Some(sn);
             }
-            Err(e) => return Err(restart_old(UpdateError::Snapshot(e)).await),
+            Err(e) => {
+                drop(claim);
+                return Err(w.restart_old(UpdateError::Snapshot(e)).await);
+            }
         }
     }
-    if intr.fired() {
-        if let Some(sn) = &snap {
+    let discard = |snap: &Option<snapshot::Snapshot>| {
+        if let Some(sn) = snap {
             let _ = snapshot::discard(&sn.path);
         }
-        return Err(restart_old(UpdateError::Interrupted(format!(
-            "{unit} was started again on {from}"
-        )))
-        .await);
+    };
+    if intr.fired() {
+        discard(&snap);
+        drop(claim);
+        return Err(w
+            .restart_old(UpdateError::Interrupted(format!("{unit} was stopped")))
+            .await);
+    }
+    // Started by someone else meanwhile (it could not have mounted the overlay while the
+    // claim was held, but its start job may be queued or have failed): never switch under
+    // a unit that is not down.
+    // (Not loaded counts as down: systemd unloads a stopped unit nothing refers to.)
+    if !is_down(host.state(&unit).await?.as_ref()) {
+        discard(&snap);
+        drop(claim);
+        return Err(UpdateError::StartedMeanwhile { unit });
     }
     let t0 = Instant::now();
     if let Err(source) = image_pointer::switch(&pointer, &pulled.hex) {
-        if let Some(sn) = &snap {
-            let _ = snapshot::discard(&sn.path);
-        }
-        return Err(restart_old(UpdateError::Switch {
-            pointer,
-            digest: to,
-            source,
-        })
-        .await);
+        discard(&snap);
+        drop(claim);
+        return Err(w
+            .restart_old(UpdateError::Switch {
+                pointer,
+                digest: to,
+                source,
+            })
+            .await);
     }
     t.add("switch", t0);
     rep.say(
@@ -587,6 +566,7 @@ async fn update(
         Some(&to),
         None,
     );
+    drop(claim);
 
     // The new image: started, READY, then on probation.
     rep.say(
@@ -596,36 +576,33 @@ async fn update(
         None,
     );
     let t0 = Instant::now();
-    clear_backoff();
-    let verdict = match intr.or(host.start(&unit, start_within)).await {
+    let live_path = live::path(&o.run_dir, &s.name);
+    let verdict = match intr.or(w.start_judged(&before_stop, &live_path, &to)).await {
         None => Err("interrupted while the new image started".to_owned()),
-        Some(Err(e)) => Err(e.to_string()),
-        Some(Ok(job)) => {
+        Some(Err(cause)) => Err(cause),
+        Some(Ok(())) => {
             t.add("start", t0);
-            match host.state(&unit).await {
-                Err(e) => Err(format!("reading the state of {unit} after its start: {e}")),
-                Ok(Some(st)) if job == "done" && st.active_state == "active" => {
-                    rep.say(
-                        "probation",
-                        &format!(
-                            "{unit} is ready on {to}; on probation for {} s",
-                            s.update.probation_sec
-                        ),
-                        Some(&to),
-                        None,
-                    );
-                    let t0 = Instant::now();
-                    let v = probation(s, o, &host, &unit, intr).await;
-                    t.add("probation", t0);
-                    v
-                }
-                Ok(st) => Err(start_failed(
-                    &unit,
-                    &job,
-                    st.as_ref(),
-                    &live::path(&o.run_dir, &s.name),
-                )),
-            }
+            rep.say(
+                "probation",
+                &format!(
+                    "{unit} is ready on {to}; on probation for {} s",
+                    s.update.probation_sec
+                ),
+                Some(&to),
+                None,
+            );
+            let t0 = Instant::now();
+            let v = probation::probation(
+                &host,
+                &unit,
+                &live_path,
+                &to,
+                Duration::from_secs(s.update.probation_sec),
+                intr,
+            )
+            .await;
+            t.add("probation", t0);
+            v
         }
     };
     let cause = match verdict {
@@ -673,45 +650,7 @@ async fn update(
         None,
     );
     let t0 = Instant::now();
-    let stopped = host.stop(&unit, stop_within).await;
-    let mut aside = None;
-    let mut why = None;
-    if !matches!(stopped.as_deref(), Ok("done")) {
-        why = Some(format!(
-            "stopping {unit} for the rollback: {}",
-            match stopped {
-                Ok(r) => format!("job result `{r}`"),
-                Err(e) => e.to_string(),
-            }
-        ));
-    }
-    if why.is_none() {
-        if let Some(sn) = &snap {
-            match snapshot::restore(&overlay, &sn.path, unix_now()) {
-                Ok(a) => aside = a,
-                Err(e) => why = Some(e.to_string()),
-            }
-        }
-    }
-    if why.is_none() {
-        if let Some(hex) = image_pointer::hex_of(&from) {
-            if let Err(e) = image_pointer::switch(&pointer, hex) {
-                why = Some(format!("switching {} back: {e}", pointer.display()));
-            }
-        }
-    }
-    if why.is_none() {
-        clear_backoff();
-        match host.start(&unit, start_within).await {
-            Ok(r) if r == "done" => {}
-            Ok(r) => {
-                why = Some(format!(
-                    "starting {unit} on {from} ended with job result `{r}`"
-                ))
-            }
-            Err(e) => why = Some(e.to_string()),
-        }
-    }
+    let (aside, why) = w.roll_back(&pointer, &from, snap.as_ref()).await;
     t.add("rollback", t0);
     rec.keep(&to, unix_now(), &format!("failed: {cause}"));
     let mut l = last(
@@ -756,102 +695,181 @@ async fn update(
     }
 }
 
-/// Why a start of the new image failed, in words: the supervisor's own last error (its live
-/// state file, e.g. "required unit asv-slow.service failed (exit-code)"), else the unit's
-/// state and STATUS= text.
-fn start_failed(
-    unit: &str,
-    job: &str,
-    st: Option<&crate::os::host_systemd::UnitState>,
-    live_path: &Path,
-) -> String {
-    let mut s = format!("the start of {unit} ended with job result `{job}`");
-    if let Some(e) = LiveState::read(live_path)
-        .ok()
-        .flatten()
-        .and_then(|l| l.last_error)
-    {
-        s.push_str(&format!(": {e}"));
-    } else if let Some(st) = st {
-        s.push_str(&format!(
-            ", the unit {}/{} (Result={})",
-            st.active_state, st.sub_state, st.result
-        ));
-        if !st.status_text.is_empty() {
-            s.push_str(&format!(", status: {}", st.status_text));
-        }
-    }
-    s
+/// A unit that is not running: inactive, failed, or not loaded at all.
+fn is_down(st: Option<&crate::os::host_systemd::UnitState>) -> bool {
+    st.is_none_or(|st| matches!(st.active_state.as_str(), "inactive" | "failed"))
 }
 
-/// The new image on probation: the unit must stay active, in the same invocation, with no
-/// restart by systemd and none of a required unit by the supervisor, and no required unit
-/// failed inside, for `update.probation_sec`. Woken by every change of the unit (the
-/// supervisor's STATUS= changes with the inner state), not by polling.
-async fn probation(
-    s: &Canonical,
-    o: &Options,
-    host: &HostSystemd,
-    unit: &str,
-    intr: &Interrupt,
-) -> Result<(), String> {
-    let mut watch = host.watch(unit).await.map_err(|e| e.to_string())?;
-    let first = host
-        .state(unit)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{unit} is no longer loaded"))?;
-    let live_path = live::path(&o.run_dir, &s.name);
-    let restarts0 = LiveState::read(&live_path)
-        .ok()
-        .flatten()
-        .map_or(0, |l| l.restarts);
-    let deadline = Instant::now() + Duration::from_secs(s.update.probation_sec);
-    loop {
-        let st = host
-            .state(unit)
+/// The stopped window of an update: the unit's jobs, the overlay's claim, the back-off.
+struct Window<'a> {
+    host: &'a HostSystemd,
+    unit: &'a str,
+    name: &'a str,
+    overlay: &'a Path,
+    allow_local_locks: bool,
+    /// `<run dir>/NAME.backoff`: an operator's update is a new cause, so the back-off of
+    /// earlier failed starts (run/backoff.rs) must not delay the starts it makes.
+    backoff: PathBuf,
+    stop_within: Duration,
+    start_within: Duration,
+}
+
+impl Window<'_> {
+    /// The stop job, to `done`. Otherwise nothing is switched, and a unit left down by the
+    /// failed stop is started again.
+    async fn stop(&self) -> Result<(), UpdateError> {
+        let result = match self.host.stop(self.unit, self.stop_within).await {
+            Ok(r) if r == "done" => return Ok(()),
+            Ok(r) => format!("job result `{r}`"),
+            Err(e) => e.to_string(),
+        };
+        let state = self.host.state(self.unit).await;
+        let down = matches!(&state, Ok(st) if is_down(st.as_ref()));
+        let state = state.ok().flatten();
+        let e = UpdateError::Stop {
+            unit: self.unit.to_owned(),
+            result,
+            after: state.map_or_else(
+                || "it is not loaded".to_owned(),
+                |st| format!("it is {}/{}", st.active_state, st.sub_state),
+            ),
+        };
+        Err(if down { self.restart_old(e).await } else { e })
+    }
+
+    /// Starts the unit again on the image it ran, after a failure that switched nothing.
+    async fn restart_old(&self, first: UpdateError) -> UpdateError {
+        let _ = std::fs::remove_file(&self.backoff);
+        let _ = self.host.reset_failed(self.unit).await;
+        let restart = match self.host.start(self.unit, self.start_within).await {
+            Ok(r) if r == "done" => None,
+            Ok(r) => Some(format!("job result `{r}`")),
+            Err(e) => Some(e.to_string()),
+        };
+        UpdateError::AfterStop {
+            first: Box::new(first),
+            unit: self.unit.to_owned(),
+            restart,
+        }
+    }
+
+    /// The overlay's claim while the unit is down (`None`: no overlay yet, or locks not
+    /// supported and allowed).
+    fn claim(&self) -> Result<Option<overlay_lock::Claim>, UpdateError> {
+        if !self.overlay.exists() {
+            return Ok(None);
+        }
+        overlay_lock::claim(self.overlay, self.name, self.allow_local_locks).map_err(|e| {
+            UpdateError::OverlayHeld {
+                overlay: self.overlay.to_owned(),
+                unit: self.unit.to_owned(),
+                why: e.to_string(),
+            }
+        })
+    }
+
+    /// The start of the new image, judged (probation::judge_start).
+    async fn start_judged(
+        &self,
+        before_stop: &[u8],
+        live_path: &Path,
+        to: &str,
+    ) -> Result<(), String> {
+        let _ = std::fs::remove_file(&self.backoff);
+        self.host
+            .reset_failed(self.unit)
+            .await
+            .map_err(|e| e.to_string())?;
+        let n_restarts = self
+            .host
+            .state(self.unit)
             .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{unit} is no longer loaded"))?;
-        if st.active_state != "active"
-            || st.invocation_id != first.invocation_id
-            || st.n_restarts != first.n_restarts
+            .map_or(0, |st| st.n_restarts);
+        let job = self
+            .host
+            .start(self.unit, self.start_within)
+            .await
+            .map_err(|e| e.to_string())?;
+        let st = self
+            .host
+            .state(self.unit)
+            .await
+            .map_err(|e| format!("reading the state of {} after its start: {e}", self.unit))?;
+        probation::judge_start(
+            self.unit,
+            &job,
+            st.as_ref(),
+            &probation::Before {
+                invocation_id: before_stop.to_vec(),
+                n_restarts,
+            },
+            live_path,
+            to,
+        )
+    }
+
+    /// Stop, the snapshot put back (the failed overlay kept aside), the pointer switched
+    /// back, start. Returns where the failed overlay went and, if the rollback did not
+    /// bring the service back, why.
+    async fn roll_back(
+        &self,
+        pointer: &Path,
+        from: &str,
+        snap: Option<&snapshot::Snapshot>,
+    ) -> (Option<PathBuf>, Option<String>) {
+        match self.host.stop(self.unit, self.stop_within).await {
+            Ok(r) if r == "done" => {}
+            Ok(r) => {
+                return (
+                    None,
+                    Some(format!(
+                        "stopping {} for the rollback: job result `{r}`",
+                        self.unit
+                    )),
+                )
+            }
+            Err(e) => {
+                return (
+                    None,
+                    Some(format!("stopping {} for the rollback: {e}", self.unit)),
+                )
+            }
+        }
+        let mut aside = None;
         {
-            return Err(format!(
-                "{unit} did not stay up during the probation: {}/{} (Result={}){}",
-                st.active_state,
-                st.sub_state,
-                st.result,
-                if st.status_text.is_empty() {
-                    String::new()
-                } else {
-                    format!(", status: {}", st.status_text)
-                }
-            ));
-        }
-        if let Ok(Some(l)) = LiveState::read(&live_path) {
-            if let Some(inner) = &l.inner {
-                if !inner.failed_units.is_empty() {
-                    return Err(format!(
-                        "required units failed inside during the probation: {}",
-                        inner.failed_units.join(", ")
-                    ));
+            // Never rename an overlay that something has mounted.
+            let claim = match self.claim() {
+                Ok(c) => c,
+                Err(e) => return (None, Some(e.to_string())),
+            };
+            if let Some(sn) = snap {
+                match snapshot::restore(self.overlay, &sn.path, unix_now()) {
+                    Ok(a) => aside = a,
+                    Err(e) => return (None, Some(e.to_string())),
                 }
             }
-            if l.restarts > restarts0 {
-                return Err(format!(
-                    "the supervisor restarted a failed required unit during the probation ({} restarts)",
-                    l.restarts - restarts0
-                ));
+            if let Some(hex) = image_pointer::hex_of(from) {
+                if let Err(e) = image_pointer::switch(pointer, hex) {
+                    return (
+                        aside,
+                        Some(format!("switching {} back: {e}", pointer.display())),
+                    );
+                }
             }
+            drop(claim);
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(());
-        }
-        if intr.or(watch.changed(left)).await.is_none() {
-            return Err("interrupted during the probation".to_owned());
-        }
+        let _ = std::fs::remove_file(&self.backoff);
+        let _ = self.host.reset_failed(self.unit).await;
+        let why = match self.host.start(self.unit, self.start_within).await {
+            Ok(r) if r == "done" => None,
+            Ok(r) => Some(format!(
+                "starting {} on {from} ended with job result `{r}`",
+                self.unit
+            )),
+            Err(e) => Some(e.to_string()),
+        };
+        (aside, why)
     }
 }
 
@@ -919,7 +937,13 @@ fn dry_plan(
     pointer: &Path,
     pulled: &pull::Pulled,
     o: &Options,
+    refusal: Option<snapshot::SnapshotError>,
 ) -> String {
+    if let Some(e) = refusal {
+        return format!(
+            "would be refused before {unit} is stopped: {e}\nnothing was changed (--dry-run)"
+        );
+    }
     let overlay = &s.overlay.path;
     let snap = if o.no_overlay_snapshot {
         "no overlay snapshot (--no-overlay-snapshot): a rollback would restore the image only"

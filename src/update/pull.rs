@@ -26,7 +26,6 @@
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::Ordering;
 
 use super::Interrupt;
 use crate::os::sanitize;
@@ -113,11 +112,9 @@ pub async fn pull(
             binary: apptainer.to_owned(),
             source,
         })?;
-    interrupt
-        .child_group
-        .store(child.id().map_or(0, |p| p as i32), Ordering::SeqCst);
+    interrupt.set_group(child.id().map_or(0, |p| p as i32));
     let out = child.wait_with_output().await;
-    interrupt.child_group.store(0, Ordering::SeqCst);
+    interrupt.set_group(0);
     if interrupt.fired() {
         return Err(PullError::Interrupted {
             url: url.to_owned(),

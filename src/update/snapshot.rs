@@ -83,6 +83,38 @@ pub fn cost(overlay: &Path) -> Result<(u64, u64), SnapshotError> {
     Ok((m.blocks() * 512, free))
 }
 
+/// Whether `cp --reflink=always` works in `dir`: a 4 KiB probe file cloned and both
+/// removed (EOPNOTSUPP on ext4, works on XFS with reflink and Btrfs).
+pub async fn can_reflink(dir: &Path) -> bool {
+    let a = dir.join(format!(".reflink-probe-{}", std::process::id()));
+    let b = dir.join(format!(".reflink-probe-{}.copy", std::process::id()));
+    let ok = std::fs::write(&a, [0x5au8; 4096]).is_ok()
+        && cp(&["--reflink=always"], &a, &b).await.is_ok();
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    ok
+}
+
+/// Before the unit is stopped: would a snapshot of `overlay` be refused? (An earlier
+/// snapshot is still there, or it cannot be a reflink and does not fit.) Refusing here
+/// costs the service no downtime; [`take`] checks again after the stop.
+pub async fn precheck(overlay: &Path) -> Result<(), SnapshotError> {
+    let dest = path_for(overlay);
+    if dest.symlink_metadata().is_ok() {
+        return Err(SnapshotError::Exists(dest));
+    }
+    let dir = overlay.parent().unwrap_or(Path::new("/"));
+    let (allocated, free) = cost(overlay)?;
+    if free < allocated + MARGIN_BYTES && !can_reflink(dir).await {
+        return Err(SnapshotError::NoSpace {
+            dir: dir.to_owned(),
+            free,
+            allocated,
+        });
+    }
+    Ok(())
+}
+
 /// Copies `overlay` (the unit stopped) to [`path_for`] it: a reflink when the filesystem
 /// can, else a sparse copy if the free space allows. Written under a `.partial` name,
 /// synced, then renamed: a snapshot that exists is whole.
@@ -128,13 +160,32 @@ pub async fn take(overlay: &Path) -> Result<Snapshot, SnapshotError> {
 /// inspection), the snapshot renamed to the overlay's name. Returns where the failed one
 /// went (`None` when there was no overlay).
 pub fn restore(overlay: &Path, snapshot: &Path, at: u64) -> Result<Option<PathBuf>, SnapshotError> {
+    use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
     let aside = failed_path(overlay, at);
-    let moved = match std::fs::rename(overlay, &aside) {
+    // Never over an existing file: an earlier failed overlay of the same second stays.
+    let moved = match renameat2(
+        AT_FDCWD,
+        overlay,
+        AT_FDCWD,
+        &aside,
+        RenameFlags::RENAME_NOREPLACE,
+    ) {
         Ok(()) => Some(aside),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io("moving the failed overlay aside to", &aside)(e)),
+        Err(nix::errno::Errno::ENOENT) => None,
+        Err(e) => {
+            return Err(io("moving the failed overlay aside to", &aside)(
+                std::io::Error::from(e),
+            ))
+        }
     };
-    std::fs::rename(snapshot, overlay).map_err(io("restoring the snapshot to", overlay))?;
+    if let Err(e) = std::fs::rename(snapshot, overlay) {
+        // Put the failed overlay back rather than leave no overlay at the path (a later
+        // start would create an empty one).
+        if let Some(a) = &moved {
+            let _ = std::fs::rename(a, overlay);
+        }
+        return Err(io("restoring the snapshot to", overlay)(e));
+    }
     sync_dir(overlay)?;
     Ok(moved)
 }
