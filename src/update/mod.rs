@@ -396,18 +396,16 @@ async fn update(
     let pulled = pull::pull(&s.apptainer.binary, &url, &images, intr, !o.dry_run).await?;
     t.add("pull", t0);
     let to = format!("sha256:{}", pulled.hex);
+    let attempt = Attempt {
+        from: &from,
+        to: &to,
+        url: &url,
+        started_at,
+    };
     let mut rec = record::read(&images);
     if to == from {
         if !o.dry_run {
-            rec.last = Some(last(
-                "unchanged",
-                &from,
-                Some(&to),
-                &url,
-                started_at,
-                &t,
-                false,
-            ));
+            rec.last = Some(attempt.last("unchanged", &t, false));
             write_record(&images, &rec, rep);
         }
         return Ok(Done::Unchanged { digest: to });
@@ -436,15 +434,7 @@ async fn update(
         None,
     );
     rec.keep(&to, unix_now(), "pulled");
-    rec.last = Some(last(
-        "in-progress",
-        &from,
-        Some(&to),
-        &url,
-        started_at,
-        &t,
-        false,
-    ));
+    rec.last = Some(attempt.last("in-progress", &t, false));
     write_record(&images, &rec, rep);
     if intr.fired() {
         return Err(UpdateError::Interrupted(format!(
@@ -615,15 +605,7 @@ async fn update(
             rec.previous = Some(from.clone());
             rec.keep(&from, unix_now(), "ran");
             rec.keep(&to, unix_now(), "running");
-            rec.last = Some(last(
-                "updated",
-                &from,
-                Some(&to),
-                &url,
-                started_at,
-                &t,
-                snap.is_some(),
-            ));
+            rec.last = Some(attempt.last("updated", &t, snap.is_some()));
             for p in record::retain(&images, &mut rec, &to, s.update.keep) {
                 rep.say(
                     "retention",
@@ -653,16 +635,12 @@ async fn update(
     let (aside, why) = w.roll_back(&pointer, &from, snap.as_ref()).await;
     t.add("rollback", t0);
     rec.keep(&to, unix_now(), &format!("failed: {cause}"));
-    let mut l = last(
+    let mut l = attempt.last(
         if why.is_none() {
             "rolled-back"
         } else {
             "rollback-failed"
         },
-        &from,
-        Some(&to),
-        &url,
-        started_at,
         &t,
         snap.is_some(),
     );
@@ -873,26 +851,29 @@ impl Window<'_> {
     }
 }
 
-fn last(
-    result: &str,
-    from: &str,
-    to: Option<&str>,
-    url: &str,
+/// One update's identity in the record: what it switched from and to, from where, when.
+struct Attempt<'a> {
+    from: &'a str,
+    to: &'a str,
+    url: &'a str,
     started_at: u64,
-    t: &Timings,
-    snapshot: bool,
-) -> record::Last {
-    record::Last {
-        result: result.to_owned(),
-        from: from.to_owned(),
-        to: to.map(str::to_owned),
-        url: url.to_owned(),
-        started_at,
-        ended_at: (result != "in-progress").then(unix_now),
-        cause: None,
-        failed_overlay: None,
-        snapshot,
-        timings_ms: t.map(),
+}
+
+impl Attempt<'_> {
+    /// The record's `last` for this update, ended as `result` (`in-progress`: not yet).
+    fn last(&self, result: &str, t: &Timings, snapshot: bool) -> record::Last {
+        record::Last {
+            result: result.to_owned(),
+            from: self.from.to_owned(),
+            to: Some(self.to.to_owned()),
+            url: self.url.to_owned(),
+            started_at: self.started_at,
+            ended_at: (result != "in-progress").then(unix_now),
+            cause: None,
+            failed_overlay: None,
+            snapshot,
+            timings_ms: t.map(),
+        }
     }
 }
 
