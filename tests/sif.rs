@@ -153,16 +153,26 @@ fn a_sif_whose_init_never_boots_fails_the_start() {
     assert_eq!(loops_for(&sif), Vec::<String>::new());
 }
 
-/// What Apptainer refuses, the double refuses with Apptainer's words: the registry tests'
-/// stand-in SIF (`sif_bytes`: shorter than the 2048 bytes image.Init reads), one with a
-/// header but a wrong version, "SIF_MAGIC" away from its place, and a real SIF header with
-/// no system partition.
+/// A launch line, `SIF_MAGIC` and `payload`: what an older stand-in called a SIF, which
+/// image.Init does not take for one.
+fn magic_only(payload: &[u8]) -> Vec<u8> {
+    let mut b = b"#!/usr/bin/env run-singularity\n".to_vec();
+    b.resize(32, 0);
+    b.extend_from_slice(b"SIF_MAGIC\0");
+    b.extend_from_slice(payload);
+    b
+}
+
+/// What Apptainer refuses, the double refuses with Apptainer's words: a magic-only file
+/// shorter than the 2048 bytes image.Init reads, one with a header but a wrong version,
+/// "SIF_MAGIC" away from its place, a real SIF header with no system partition, and the
+/// registry tests' object-less SIF (`sif_bytes`), which loads but cannot boot.
 #[test]
 fn a_sif_without_a_system_partition_is_refused_at_start() {
     if !require_root() {
         return;
     }
-    let mut fake_big = support::registry::sif_bytes(&[0u8; 4096]);
+    let mut fake_big = magic_only(&[0u8; 4096]);
     fake_big.truncate(4096);
     let image = build(&Variant::Good {
         marker: "tests-sif-good",
@@ -174,11 +184,16 @@ fn a_sif_without_a_system_partition_is_refused_at_start() {
     // header then has no magic where it belongs.
     let mut moved_magic = vec![0u8; 2048];
     moved_magic[100..109].copy_from_slice(b"SIF_MAGIC");
-    let cases: [(&str, Vec<u8>, String); 4] = [
+    let cases: [(&str, Vec<u8>, String); 5] = [
         (
             "fake.sif",
-            support::registry::sif_bytes(b"fake\n"),
+            magic_only(b"fake\n"),
             "image format not recognized".into(),
+        ),
+        (
+            "objectless.sif",
+            support::registry::sif_bytes(b"no objects\n"),
+            "no root filesystem found".into(),
         ),
         ("fake-big.sif", fake_big, "incompatible SIF version".into()),
         (

@@ -294,14 +294,13 @@ pub fn sha256_file(path: &Path) -> String {
     format!("sha256:{}", hex.split_whitespace().next().unwrap())
 }
 
-/// A file Apptainer's image.Init takes for a SIF (pkg/image/sif.go: "SIF_MAGIC" at offset
-/// 32 after the launch script), followed by `payload`.
+/// A real SIF with no objects (every descriptor free), `payload` after its descriptors:
+/// what Apptainer's image.Init and pull's ensureSIF take for a SIF (sif.go:65-83: 2048
+/// bytes with `SIF_MAGIC`, a header and descriptors that load), cheap to push and pull.
+/// It cannot boot (no system partition: `no root filesystem found`); `support::sif`
+/// makes the images that boot.
 pub fn sif_bytes(payload: &[u8]) -> Vec<u8> {
-    let mut b = b"#!/usr/bin/env run-singularity\n".to_vec();
-    b.resize(32, 0);
-    b.extend_from_slice(b"SIF_MAGIC\0");
-    b.extend_from_slice(payload);
-    b
+    super::sif::objectless_sif(payload)
 }
 
 pub struct Response {

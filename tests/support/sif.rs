@@ -226,6 +226,35 @@ pub fn place(image: &Path, dest: &Path) {
     }
 }
 
+/// A SIF v2 file with no objects: the header, every descriptor free, and `payload` as
+/// data nothing refers to (`registry::sif_bytes`).
+pub fn objectless_sif(payload: &[u8]) -> Vec<u8> {
+    let data_offset = DESCRIPTORS_OFFSET + DESCRIPTOR_CAPACITY * DESCRIPTOR_LEN as u64;
+    let mut launch = b"#!/usr/bin/env run-singularity\n".to_vec();
+    launch.resize(32, 0);
+    let mut h = launch;
+    h.extend_from_slice(b"SIF_MAGIC\0");
+    h.extend_from_slice(b"01\0");
+    h.extend_from_slice(&sif_arch());
+    h.extend_from_slice(&[0x11; 16]);
+    for v in [
+        1_700_000_000i64,
+        1_700_000_000,
+        DESCRIPTOR_CAPACITY as i64, // DescriptorsFree: all
+        DESCRIPTOR_CAPACITY as i64, // DescriptorsTotal
+        DESCRIPTORS_OFFSET as i64,
+        (DESCRIPTOR_CAPACITY * DESCRIPTOR_LEN as u64) as i64,
+        data_offset as i64,
+        payload.len() as i64,
+    ] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(h.len(), HEADER_LEN);
+    h.resize(data_offset as usize, 0);
+    h.extend_from_slice(payload);
+    h
+}
+
 /// SIF header fields (pkg/sif/sif.go:325-339), little endian, no padding: 128 bytes.
 const HEADER_LEN: usize = 32 + 10 + 3 + 3 + 16 + 8 * 8;
 /// One `rawDescriptor` (pkg/sif/descriptor.go:32-48): 585 bytes.
