@@ -1195,8 +1195,8 @@ const HOST_BIND_SOURCES: &[&str] = &["/home", "/sys/fs/cgroup", "/dev/fuse"];
 ///   CNI config dir (the supervisor writes the examples' conflists there, not in
 ///   `/etc/apptainer/network`);
 /// * the image (the examples' `${service_dir}/containers/container.sif`) is a placeholder
-///   holding only SIF's magic: the double only checks an image's magic and the light init
-///   never opens it (DOUBLE.md, deviations 1 and 3);
+///   SIF with no objects (`support::registry::sif_bytes`): it loads as image.Init loads a
+///   SIF, and the light init never mounts it (DOUBLE.md, deviation 1);
 /// * the overlay is pre-created at the example's path with 64 MiB, so no 1 GiB or 100 GB
 ///   creation happens (an existing overlay is used as it is, never resized).
 ///
@@ -1299,9 +1299,7 @@ fn example_plan_is_what_runs(example: &Path) {
     // The image and the overlay where the plan (unchecked) puts them.
     let draft = argv_of(&plan_json(&w, &["check", "--json", &name], &at));
     let image = PathBuf::from(&draft[draft.len() - 2]);
-    let mut sif = vec![0u8; 64];
-    sif[32..41].copy_from_slice(b"SIF_MAGIC");
-    std::fs::write(&image, sif).unwrap();
+    std::fs::write(&image, support::registry::sif_bytes(name.as_bytes())).unwrap();
     let overlay = &draft[draft.iter().position(|a| a == "--overlay").unwrap() + 1];
     let out = w.apptainer(&["overlay", "create", "-S", "-s", "64", overlay]);
     assert!(out.status.success(), "{at}: {}", stderr(&out));
