@@ -26,10 +26,11 @@ fi
 # docker-registry: the CNCF distribution registry (/usr/bin/docker-registry), which
 # tests/registry.rs starts on 127.0.0.1 with its own config to push and pull ORAS SIF images
 # (the package's own service, on :5000, is not used); squashfs-tools: mksquashfs makes the
-# system partition of the real SIF images tests/support/sif.rs builds from the rootfs.
+# system partition of the real SIF images tests/support/sif.rs builds from the rootfs;
+# curl: `update` asks the registry for the manifest digest with it.
 pkgs=(e2fsprogs util-linux mandoc man-db systemd systemd-container python3 debootstrap
       containernetworking-plugins iproute2 iputils-ping zsh dbus-daemon dbus docker-registry
-      squashfs-tools)
+      squashfs-tools curl)
 missing=()
 for p in "${pkgs[@]}"; do
   # `dpkg -s` also lists removed-but-not-purged packages: ask for the installed state.

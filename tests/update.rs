@@ -200,12 +200,15 @@ impl Up {
         )
     }
 
-    /// Pushes the image of `v` as `REPO:latest`; its layer digest.
+    /// Pushes the image of `v` as `REPO:latest`; its layer digest (the SIF's).
     fn push(&self, v: &Variant) -> String {
+        self.push_manifest(v).layer_digest
+    }
+
+    /// Pushes the image of `v` as `REPO:latest`; what the registry stored.
+    fn push_manifest(&self, v: &Variant) -> support::registry::Pushed {
         let data = std::fs::read(sif::build(v)).unwrap();
-        self.reg
-            .push_sif(REPO, "latest", "ood.sif", &data)
-            .layer_digest
+        self.reg.push_sif(REPO, "latest", "ood.sif", &data)
     }
 
     /// `apptainer-supervisor update NAME ARGS` as the operator runs it on the host: its
@@ -332,7 +335,8 @@ fn a_good_image_is_switched_to_and_the_same_digest_restarts_nothing() {
     assert_eq!(up.marker(), "A");
     up.inside(&["sh", "-c", "echo kept > /var/lib/asv-marker"]);
     let before = up.show();
-    let new = up.push(&Variant::Good { marker: "B" });
+    let pushed = up.push_manifest(&Variant::Good { marker: "B" });
+    let new = pushed.layer_digest.clone();
 
     let t0 = Instant::now();
     let out = up.update(&[]);
@@ -376,6 +380,10 @@ fn a_good_image_is_switched_to_and_the_same_digest_restarts_nothing() {
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(up.images().join("update.json")).unwrap()).unwrap();
     assert_eq!(rec["last"]["result"], "updated");
+    assert_eq!(
+        rec["last"]["manifest_digest"], pushed.manifest_digest,
+        "the registry's manifest digest, asked through its API"
+    );
     assert_eq!(
         rec["previous"],
         sha256_file(&sif::build(&Variant::Good { marker: "A" }))

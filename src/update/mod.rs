@@ -19,6 +19,7 @@
 //! so nothing can mount it while it is copied, restored or its image switched.
 
 pub mod interrupt;
+mod manifest;
 mod probation;
 pub mod pull;
 pub mod record;
@@ -396,10 +397,28 @@ async fn update(
     let pulled = pull::pull(&s.apptainer.binary, &url, &images, intr, !o.dry_run).await?;
     t.add("pull", t0);
     let to = format!("sha256:{}", pulled.hex);
+    // The registry's manifest digest, for the record (the SIF's digest decides).
+    let manifest_digest = if url.starts_with("oras://") {
+        match manifest::digest(&url).await {
+            Ok(d) => Some(d),
+            Err(why) => {
+                rep.say(
+                    "pull",
+                    &format!("the manifest digest of {url} is not known: {why}"),
+                    Some(&to),
+                    None,
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let attempt = Attempt {
         from: &from,
         to: &to,
         url: &url,
+        manifest_digest: manifest_digest.clone(),
         started_at,
     };
     let mut rec = record::read(&images);
@@ -425,10 +444,13 @@ async fn update(
     rep.say(
         "pull",
         &format!(
-            "{} {} in {}",
+            "{} {} in {}{}",
             if pulled.existed { "found" } else { "pulled" },
             pulled.path.display(),
-            t.text()
+            t.text(),
+            manifest_digest
+                .as_deref()
+                .map_or_else(String::new, |d| format!(" (manifest {d})"))
         ),
         Some(&to),
         None,
@@ -856,6 +878,7 @@ struct Attempt<'a> {
     from: &'a str,
     to: &'a str,
     url: &'a str,
+    manifest_digest: Option<String>,
     started_at: u64,
 }
 
@@ -867,6 +890,7 @@ impl Attempt<'_> {
             from: self.from.to_owned(),
             to: Some(self.to.to_owned()),
             url: self.url.to_owned(),
+            manifest_digest: self.manifest_digest.clone(),
             started_at: self.started_at,
             ended_at: (result != "in-progress").then(unix_now),
             cause: None,

@@ -41,6 +41,10 @@ pub struct Last {
     pub from: String,
     pub to: Option<String>,
     pub url: String,
+    /// The manifest digest the registry gave for `url` when it was pulled (`oras://`
+    /// only; None when it did not say, see `update/manifest.rs`).
+    #[serde(default)]
+    pub manifest_digest: Option<String>,
     pub started_at: u64,
     pub ended_at: Option<u64>,
     /// Why it did not succeed.
