@@ -61,6 +61,15 @@ impl ImageSource {
         }
     }
 
+    /// The images directory beside a managed pointer (`update`'s record, lock and
+    /// content-addressed images live there); `None` for any other image.
+    pub fn images_dir(&self) -> Option<PathBuf> {
+        match self {
+            ImageSource::Managed { pointer, .. } => Some(images_dir(pointer)),
+            _ => None,
+        }
+    }
+
     /// Why nothing could run, for a dangling pointer: `check`, `check --host` and `run`
     /// refuse it (exit 78) at the `image` key.
     pub fn dangling(&self) -> Option<String> {
@@ -76,6 +85,11 @@ impl ImageSource {
     }
 }
 
+/// The images directory beside `pointer`.
+pub fn images_dir(pointer: &Path) -> PathBuf {
+    pointer.parent().unwrap_or(Path::new("/")).join(IMAGES_DIR)
+}
+
 /// `sha256:` and the first 12 hex digits, as `status` shows a digest.
 pub fn short_digest(digest: &str) -> &str {
     digest.get(..7 + 12).unwrap_or(digest)
@@ -88,8 +102,8 @@ fn content_address(name: &str) -> Option<&str> {
 }
 
 /// `a` as one word for sh(1), quoted only when it needs to be: the hints are commands an
-/// operator pastes.
-fn sh_quote(a: &str) -> String {
+/// operator pastes, and `check` shows the argv so (display only: it never runs a shell).
+pub(crate) fn sh_quote(a: &str) -> String {
     if !a.is_empty()
         && a.chars()
             .all(|c| c.is_ascii_alphanumeric() || "/._-,:=+@%".contains(c))

@@ -1,19 +1,7 @@
 //! `check`'s text rendering of a [`Plan`].
 
 use super::Plan;
-use crate::host::image_pointer::{short_digest, ImageSource};
-
-/// Quotes one argument for display only (the argv is never run through a shell).
-fn quote(a: &str) -> String {
-    if !a.is_empty()
-        && a.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "/._-,:=+@%".contains(c))
-    {
-        a.to_owned()
-    } else {
-        format!("'{}'", a.replace('\'', "'\\''"))
-    }
-}
+use crate::host::image_pointer::{sh_quote as quote, short_digest, ImageSource};
 
 /// `--flag value` pairs on one line each, for reading; the first three words together.
 fn group_flags(argv: &[String]) -> Vec<String> {

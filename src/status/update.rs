@@ -71,13 +71,7 @@ const LOCK: &str = ".update.lock";
 /// None for an image that is not a managed pointer (`update` refuses it, so there is no
 /// record to read).
 pub fn info(source: &ImageSource, overlay: &Path) -> Option<UpdateInfo> {
-    let ImageSource::Managed { pointer, .. } = source else {
-        return None;
-    };
-    let images = pointer
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(image_pointer::IMAGES_DIR);
+    let images = source.images_dir()?;
     let rec = record::read(&images);
     let running = lock_held(&images.join(LOCK));
     let snapshot = crate::update::snapshot::path_for(overlay);

@@ -272,10 +272,11 @@ fn sharing(s: &Canonical, o: &Options, images: &Path) -> Vec<String> {
         .filter_map(|p| crate::config::load(&p, None).ok())
         .filter(|other| other.name != s.name)
         .filter(|other| {
-            matches!(crate::host::canonicalize(other).image_source(),
-                ImageSource::Managed { pointer, .. }
-                    if pointer.parent().map(|d| d.join(image_pointer::IMAGES_DIR)).as_deref()
-                        == Some(images))
+            crate::host::canonicalize(other)
+                .image_source()
+                .images_dir()
+                .as_deref()
+                == Some(images)
         })
         .map(|other| other.name)
         .collect();
@@ -327,10 +328,7 @@ async fn update(
             url,
         });
     }
-    let images = pointer
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(image_pointer::IMAGES_DIR);
+    let images = image_pointer::images_dir(&pointer);
     let others = sharing(s, o, &images);
     if !others.is_empty() {
         return Err(UpdateError::SharedImages {
@@ -906,13 +904,9 @@ impl Attempt<'_> {
 /// result and cause go there now. Only this update's own entry (begun at `began` or later,
 /// under the update lock) is changed.
 fn close_record(s: &Canonical, e: &UpdateError, began: u64) {
-    let ImageSource::Managed { pointer, .. } = s.image_source() else {
+    let Some(images) = s.image_source().images_dir() else {
         return;
     };
-    let images = pointer
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(image_pointer::IMAGES_DIR);
     let mut rec = record::read(&images);
     let Some(l) = rec.last.as_mut() else { return };
     if l.result != "in-progress" || l.started_at < began {
