@@ -1052,12 +1052,7 @@ fn check_json_shows_the_argv_and_files_run_uses() {
             }
         }
         w.stop_ok(0);
-        let runs: Vec<Vec<String>> = std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<Vec<String>>(l).unwrap())
-            .filter(|a| a.get(1..3) == Some(&["instance".to_owned(), "start".to_owned()][..]))
-            .collect();
+        let runs = instance_starts(&log);
         assert_eq!(runs.len(), 1, "one instance start: {runs:?}");
         assert_eq!(runs[0][1..], planned[1..], "linked: {linked}");
         assert_eq!(
@@ -1377,12 +1372,7 @@ fn example_plan_is_what_runs(example: &Path) {
     }
     w.stop_ok(0);
 
-    let runs: Vec<Vec<String>> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Vec<String>>(l).unwrap())
-        .filter(|a| a.get(1..3) == Some(&["instance".to_owned(), "start".to_owned()][..]))
-        .collect();
+    let runs = instance_starts(&log);
     assert_eq!(runs.len(), 1, "{at}: one instance start: {runs:?}");
     assert_eq!(runs[0][1..], planned[1..], "{at}");
     assert_eq!(
@@ -1406,5 +1396,15 @@ fn argv_of(plan: &serde_json::Value) -> Vec<String> {
         .unwrap()
         .iter()
         .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The `instance start` argvs the double recorded in its argv log (one JSON array a line).
+fn instance_starts(log: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Vec<String>>(l).unwrap())
+        .filter(|a| a.get(1..3) == Some(&["instance".to_owned(), "start".to_owned()][..]))
         .collect()
 }

@@ -215,26 +215,15 @@ impl Up {
     /// mount and PID namespaces (the system bus), the machine's network (the registry),
     /// the double's environment.
     fn update_cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("nsenter");
-        c.args([
-            "-t",
-            &self.host.pid1.to_string(),
-            "-m",
-            "-p",
-            "-u",
-            "-i",
-            "-C",
-            "--",
-            support::BIN,
-            "--config-dir",
-        ])
-        .arg(self.root().join("etc"))
-        .args(["update", NAME])
-        .args(args)
-        .env("APPTAINER_CONFIGDIR", self.root().join("apptainer"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        let mut c = self.host.nsenter(false);
+        c.args([support::BIN, "--config-dir"])
+            .arg(self.root().join("etc"))
+            .args(["update", NAME])
+            .args(args)
+            .env("APPTAINER_CONFIGDIR", self.root().join("apptainer"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (k, v) in &self.conf_env {
             c.env(k, v);
         }

@@ -283,21 +283,23 @@ impl HostSystemd {
         PathBuf::from(format!("/proc/{}/root", self.pid1)).join(p.trim_start_matches('/'))
     }
 
+    /// `nsenter` into the host's mount, PID, UTS, IPC and cgroup namespaces, and its network
+    /// namespace with `net` (without: the machine's network, where a test's registry
+    /// listens), up to `--`: the command to run follows.
+    pub fn nsenter(&self, net: bool) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.pid1.to_string(), "-m", "-p", "-u", "-i"]);
+        if net {
+            c.arg("-n");
+        }
+        c.args(["-C", "--"]);
+        c
+    }
+
     /// Runs a command in the host's namespaces. The process itself stays in the test's
     /// cgroup, outside the leaf, so it never shows up in [`HostSystemd::processes`].
     pub fn exec(&self, args: &[&str]) -> Output {
-        Command::new("nsenter")
-            .args([
-                "-t",
-                &self.pid1.to_string(),
-                "-m",
-                "-p",
-                "-u",
-                "-i",
-                "-n",
-                "-C",
-            ])
-            .arg("--")
+        self.nsenter(true)
             .args(args)
             .env("SYSTEMD_COLORS", "0")
             .env("SYSTEMD_PAGER", "")

@@ -499,18 +499,9 @@ impl Hostile {
             .append(true)
             .open(self.peer_dir.join("peer.out"))
             .unwrap();
-        let child = Command::new("nsenter")
-            .args([
-                "-t",
-                &self.host.pid1.to_string(),
-                "-m",
-                "-p",
-                "-u",
-                "-i",
-                "-n",
-                "-C",
-                "--",
-            ])
+        let child = self
+            .host
+            .nsenter(true)
             .args(["nsenter", "-t", &cpid.to_string(), "-p", "--"])
             .arg(std::env::current_exe().expect("current_exe"))
             .args([
